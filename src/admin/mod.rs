@@ -1,0 +1,145 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/api/instances`
+//! (JSON), `/healthz` (the process answers) and `/readyz` (it takes traffic;
+//! 503 once shutdown began). Routing is a plain function of the request so it
+//! is testable without a socket; only [`serve`] touches the network.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mqtt::replicas::{InstanceView, Instances};
+
+/// What the admin handlers read.
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub instances: Arc<Instances>,
+    pub ready: AtomicBool,
+}
+
+#[derive(Serialize)]
+struct InstancesBody<'a> {
+    node_id: &'a str,
+    mode: crate::config::Mode,
+    upstream: String,
+    instances: Vec<InstanceView>,
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Answers one admin request.
+pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+    }
+    match path {
+        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        "/api/instances" => {
+            let body = InstancesBody {
+                node_id: &state.config.node_id,
+                mode: state.config.mqtt.mode,
+                upstream: state.config.mqtt.upstream.to_string(),
+                instances: state.instances.views(),
+            };
+            match serde_json::to_vec_pretty(&body) {
+                Ok(json) => text(StatusCode::OK, "application/json", json),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n"),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// Serves the admin API until `shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let resp = route(&state, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "admin connection error") },
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AdminState {
+        let config = Config::parse(
+            "node_id = \"n\"\n[mqtt]\nupstream = \"mqtt://127.0.0.1:1\"\nmode = \"share\"\n[[instance]]\nname = \"line1\"\nmatch = { client_id = \"x\" }\n",
+            "t",
+        )
+        .expect("valid config");
+        let metrics = Arc::new(Metrics::new());
+        let instances = Arc::new(Instances::new(&config.instances, &metrics));
+        AdminState {
+            config: Arc::new(config),
+            metrics,
+            instances,
+            ready: AtomicBool::new(true),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let s = state();
+        assert_eq!(route(&s, &Method::GET, "/healthz").status(), StatusCode::OK);
+        assert_eq!(route(&s, &Method::GET, "/readyz").status(), StatusCode::OK);
+        s.ready.store(false, Ordering::Relaxed);
+        assert_eq!(route(&s, &Method::GET, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(route(&s, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
+        assert_eq!(route(&s, &Method::POST, "/metrics").status(), StatusCode::METHOD_NOT_ALLOWED);
+        let api = route(&s, &Method::GET, "/api/instances");
+        assert_eq!(api.headers()[CONTENT_TYPE], "application/json");
+        let metrics = route(&s, &Method::GET, "/metrics");
+        assert_eq!(metrics.status(), StatusCode::OK);
+    }
+}

@@ -1,0 +1,229 @@
+//! The config file as written: every key optional, unknown keys refused.
+//! [`FileConfig::validate`] turns it into a [`Config`], collecting every
+//! problem with its path instead of stopping at the first.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::types::{ByteSize, Upstream};
+use super::{AdminConfig, Config, ConfigProblem, InstanceConfig, MatchRule, Mode, MqttConfig};
+use crate::mqtt::topic::TopicFilter;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    node_id: Option<String>,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    mqtt: FileMqtt,
+    #[serde(default)]
+    instance: Vec<FileInstance>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMqtt {
+    listen: Option<String>,
+    upstream: Option<String>,
+    mode: Option<Mode>,
+    connect_timeout: Option<String>,
+    upstream_connect_timeout: Option<String>,
+    max_packet_size: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInstance {
+    name: String,
+    #[serde(rename = "match")]
+    match_rule: FileMatch,
+    #[serde(default)]
+    broadcast: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMatch {
+    client_id: Option<String>,
+    client_id_prefix: Option<String>,
+    username: Option<String>,
+}
+
+/// Collects problems while values are checked one by one.
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The parsed value, or the default after noting the problem.
+    fn check<T>(&mut self, path: &str, result: Result<T, String>, default: T) -> T {
+        result.unwrap_or_else(|message| {
+            self.add(path, message);
+            default
+        })
+    }
+}
+
+fn addr(text: Option<&str>, default: &str) -> Result<SocketAddr, String> {
+    let text = text.unwrap_or(default);
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an address such as \"127.0.0.1:1883\""))
+}
+
+fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
+    match text {
+        None => Ok(default),
+        Some(t) => humantime::parse_duration(t).map_err(|e| format!("{t:?} is not a duration such as \"5s\": {e}")),
+    }
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| valid_node_id(h))
+        .unwrap_or_else(|| "flowgate".to_owned())
+}
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A share name may not contain `/`, `+` or `#`; flowgate also keeps it to
+/// characters safe in client ids and metric labels.
+fn valid_instance_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl FileConfig {
+    pub(super) fn validate(self) -> Result<Config, Vec<ConfigProblem>> {
+        let mut p = Problems::default();
+        let node_id = match self.node_id {
+            Some(id) if !valid_node_id(&id) => {
+                p.add("node_id", format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+                id
+            }
+            Some(id) => id,
+            None => default_node_id(),
+        };
+        let admin = AdminConfig {
+            listen: p.check("admin.listen", addr(self.admin.listen.as_deref(), "127.0.0.1:9090"), ([127, 0, 0, 1], 9090).into()),
+        };
+        let m = self.mqtt;
+        let upstream = p.check(
+            "mqtt.upstream",
+            Upstream::parse(m.upstream.as_deref().unwrap_or("embedded")),
+            Upstream::Embedded,
+        );
+        let mode = m.mode.unwrap_or(Mode::Dispatch);
+        if mode == Mode::Dispatch {
+            p.add("mqtt.mode", "\"dispatch\" is not available in this version yet; set mode = \"share\"");
+        }
+        if upstream == Upstream::Embedded {
+            p.add(
+                "mqtt.upstream",
+                "the embedded broker is not available in this version yet; set upstream = \"mqtt://host:port\"",
+            );
+        }
+        let mqtt = MqttConfig {
+            listen: p.check("mqtt.listen", addr(m.listen.as_deref(), "0.0.0.0:1883"), ([0, 0, 0, 0], 1883).into()),
+            upstream,
+            mode,
+            connect_timeout: p.check(
+                "mqtt.connect_timeout",
+                duration(m.connect_timeout.as_deref(), Duration::from_secs(10)),
+                Duration::from_secs(10),
+            ),
+            upstream_connect_timeout: p.check(
+                "mqtt.upstream_connect_timeout",
+                duration(m.upstream_connect_timeout.as_deref(), Duration::from_secs(5)),
+                Duration::from_secs(5),
+            ),
+            max_packet_size: p.check(
+                "mqtt.max_packet_size",
+                ByteSize::parse(m.max_packet_size.as_deref().unwrap_or("1MiB")),
+                ByteSize(1 << 20),
+            ),
+        };
+        let mut instances = Vec::new();
+        for (i, inst) in self.instance.into_iter().enumerate() {
+            let path = format!("instance[{i}]");
+            if !valid_instance_name(&inst.name) {
+                p.add(
+                    format!("{path}.name"),
+                    format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", inst.name),
+                );
+            } else if instances.iter().any(|o: &InstanceConfig| o.name == inst.name) {
+                p.add(format!("{path}.name"), format!("{:?} is used by an earlier instance", inst.name));
+            }
+            let m = inst.match_rule;
+            let rules: Vec<MatchRule> = [
+                m.client_id.map(MatchRule::ClientId),
+                m.client_id_prefix.map(MatchRule::ClientIdPrefix),
+                m.username.map(MatchRule::Username),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let match_rule = match <[MatchRule; 1]>::try_from(rules) {
+                Ok([rule]) => rule,
+                Err(rules) => {
+                    p.add(
+                        format!("{path}.match"),
+                        format!(
+                            "needs exactly one of client_id, client_id_prefix or username (found {})",
+                            rules.len()
+                        ),
+                    );
+                    MatchRule::ClientId(String::new())
+                }
+            };
+            let mut broadcast = Vec::new();
+            for (j, f) in inst.broadcast.iter().enumerate() {
+                match TopicFilter::new(f) {
+                    Ok(filter) => broadcast.push(filter),
+                    Err(e) => p.add(format!("{path}.broadcast[{j}]"), format!("{f:?}: {e}")),
+                }
+            }
+            instances.push(InstanceConfig {
+                name: inst.name,
+                match_rule,
+                broadcast,
+            });
+        }
+        if p.0.is_empty() {
+            Ok(Config {
+                node_id,
+                admin,
+                mqtt,
+                instances,
+            })
+        } else {
+            Err(p.0)
+        }
+    }
+}

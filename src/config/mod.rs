@@ -1,0 +1,247 @@
+//! Configuration: the TOML file as written (`file` structs, unknown keys
+//! refused) and the validated [`Config`] the rest of flowgate runs on.
+//!
+//! Precedence: built-in defaults, then the file. There is no environment
+//! override yet. Validation reports every problem at once, each with the path
+//! of the key it concerns (`instance[1].match`), so `flowgate check` can list
+//! them all; the binary exits 64 on a bad config.
+
+mod file;
+mod types;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use types::{ByteSize, Upstream};
+
+use crate::mqtt::topic::TopicFilter;
+
+/// The embedded default config, used by `flowgate run` with no arguments.
+pub const DEFAULT_PATH: &str = "config/flowgate.toml";
+
+/// A validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub node_id: String,
+    pub admin: AdminConfig,
+    pub mqtt: MqttConfig,
+    #[serde(rename = "instance")]
+    pub instances: Vec<InstanceConfig>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub mode: Mode,
+    /// Time a new connection has to send its CONNECT.
+    #[serde(with = "types::humantime_ser")]
+    pub connect_timeout: Duration,
+    /// Time to reach the upstream broker for one client.
+    #[serde(with = "types::humantime_ser")]
+    pub upstream_connect_timeout: Duration,
+    /// Largest packet accepted from a replica (remaining length).
+    pub max_packet_size: ByteSize,
+}
+
+/// How an instance's replicas share their MQTT work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The broker distributes: filters become `$share/{instance}~{h}/{filter}`.
+    Share,
+    /// flowgate distributes each message to one replica itself.
+    Dispatch,
+}
+
+/// How a connection is recognised as one of an instance's replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchRule {
+    ClientId(String),
+    ClientIdPrefix(String),
+    Username(String),
+}
+
+impl MatchRule {
+    pub fn matches(&self, client_id: &str, username: Option<&str>) -> bool {
+        match self {
+            Self::ClientId(id) => client_id == id,
+            Self::ClientIdPrefix(prefix) => client_id.starts_with(prefix.as_str()),
+            Self::Username(name) => username == Some(name.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub match_rule: MatchRule,
+    pub broadcast: Vec<TopicFilter>,
+}
+
+/// One problem found in a config, with the path of the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a config could not be used: every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path} has {} problem(s):\n{}", .problems.len(), list(.problems))]
+    Invalid {
+        path: String,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn list(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        raw.validate().map_err(|problems| ConfigError::Invalid {
+            path: origin.to_owned(),
+            problems,
+        })
+    }
+
+    /// The resolved config as TOML, as `flowgate check` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, "test.toml") {
+            Err(ConfigError::Invalid { problems, .. }) => problems.iter().map(ToString::to_string).collect(),
+            other => panic!("expected invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_share_config_resolves_defaults() {
+        let c = Config::parse(
+            r#"
+            node_id = "fg1"
+            [mqtt]
+            upstream = "mqtt://127.0.0.1:1883"
+            mode = "share"
+            [[instance]]
+            name = "line1"
+            match = { client_id = "line1-nodered" }
+            broadcast = ["config/#"]
+            "#,
+            "test.toml",
+        )
+        .expect("valid config");
+        assert_eq!(c.node_id, "fg1");
+        assert_eq!(c.mqtt.mode, Mode::Share);
+        assert_eq!(c.mqtt.listen, "0.0.0.0:1883".parse().expect("addr"));
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().expect("addr"));
+        assert_eq!(c.instances[0].match_rule, MatchRule::ClientId("line1-nodered".into()));
+        assert_eq!(c.mqtt.connect_timeout, Duration::from_secs(10));
+        assert!(c.to_toml().contains("mode = \"share\""));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[mqtt]\nlisen = \"x\"\n", "t.toml").expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains("lisen"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let found = problems(
+            r#"
+            node_id = "bad id"
+            [admin]
+            listen = "nowhere"
+            [mqtt]
+            upstream = "http://x"
+            mode = "share"
+            max_packet_size = "12 parsecs"
+            [[instance]]
+            name = "a/b"
+            match = { client_id = "x", username = "y" }
+            broadcast = ["a/#/b"]
+            [[instance]]
+            name = "a/b"
+            match = { }
+            "#,
+        );
+        let joined = found.join("\n");
+        for needle in [
+            "node_id:",
+            "admin.listen:",
+            "mqtt.upstream:",
+            "mqtt.max_packet_size:",
+            "instance[0].name:",
+            "instance[0].match:",
+            "instance[0].broadcast[0]:",
+            "instance[1].name:",
+            "instance[1].match:",
+        ] {
+            assert!(joined.contains(needle), "missing {needle} in\n{joined}");
+        }
+    }
+
+    #[test]
+    fn match_rules() {
+        assert!(MatchRule::ClientId("a".into()).matches("a", None));
+        assert!(!MatchRule::ClientId("a".into()).matches("ab", None));
+        assert!(MatchRule::ClientIdPrefix("a".into()).matches("ab", None));
+        assert!(MatchRule::Username("u".into()).matches("x", Some("u")));
+        assert!(!MatchRule::Username("u".into()).matches("u", None));
+    }
+}

@@ -1,0 +1,173 @@
+//! Config value types that carry their unit or shape: sizes, upstreams, and the
+//! humantime (de)serialisation of durations.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+/// A size in bytes, written in config as `"1MiB"`, `"512KiB"`, `"64kB"` or a
+/// plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size such as \"1MiB\""))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "kB" | "KB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, kB, MB, GB)")),
+        };
+        n.checked_mul(factor)
+            .map(Self)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+
+    /// The size as a `usize`, saturating on 32-bit targets.
+    pub fn bytes(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n >= 1 << 30 && n % (1 << 30) == 0 {
+            write!(f, "{}GiB", n >> 30)
+        } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+            write!(f, "{}MiB", n >> 20)
+        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+            write!(f, "{}KiB", n >> 10)
+        } else {
+            write!(f, "{n}B")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Where replicas' and clients' sessions go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The broker embedded in this process.
+    Embedded,
+    /// A broker over plain TCP, `mqtt://host:port` (host may be a name).
+    Mqtt { host: String, port: u16 },
+}
+
+impl Upstream {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "embedded" {
+            return Ok(Self::Embedded);
+        }
+        let Some(rest) = text.strip_prefix("mqtt://") else {
+            return Err(format!(
+                "{text:?} is not \"embedded\" or \"mqtt://host:port\""
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port = port
+                    .parse::<u16>()
+                    .map_err(|_| format!("{port:?} is not a port number"))?;
+                (host, port)
+            }
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{text:?} has no host"));
+        }
+        Ok(Self::Mqtt {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// `host:port` to connect to.
+    pub fn authority(&self) -> Option<String> {
+        match self {
+            Self::Embedded => None,
+            Self::Mqtt { host, port } if host.contains(':') => Some(format!("[{host}]:{port}")),
+            Self::Mqtt { host, port } => Some(format!("{host}:{port}")),
+        }
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.authority() {
+            None => f.write_str("embedded"),
+            Some(a) => write!(f, "mqtt://{a}"),
+        }
+    }
+}
+
+impl Serialize for Upstream {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Serialises a `Duration` as a humantime string ("10s").
+pub mod humantime_ser {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("1MiB"), Ok(ByteSize(1 << 20)));
+        assert_eq!(ByteSize::parse("64kB"), Ok(ByteSize(64_000)));
+        assert_eq!(ByteSize::parse("100"), Ok(ByteSize(100)));
+        assert!(ByteSize::parse("1 parsec").is_err());
+        assert!(ByteSize::parse("MiB").is_err());
+        assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
+    }
+
+    #[test]
+    fn upstreams() {
+        assert_eq!(Upstream::parse("embedded"), Ok(Upstream::Embedded));
+        assert_eq!(
+            Upstream::parse("mqtt://broker:1884"),
+            Ok(Upstream::Mqtt { host: "broker".into(), port: 1884 })
+        );
+        assert_eq!(
+            Upstream::parse("mqtt://broker"),
+            Ok(Upstream::Mqtt { host: "broker".into(), port: 1883 })
+        );
+        assert_eq!(
+            Upstream::parse("mqtt://[::1]:1883").map(|u| u.to_string()),
+            Ok("mqtt://[::1]:1883".into())
+        );
+        assert!(Upstream::parse("http://x").is_err());
+        assert!(Upstream::parse("mqtt://:1883").is_err());
+        assert!(Upstream::parse("mqtt://x:99999").is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! flowgate runs one Node-RED instance as N identical replicas that share the
+//! work, without changing the flows.
+//!
+//! ```text
+//!  replica r0 ──MQTT──▶ mqtt::proxy ─▶ instance match (mqtt::replicas) ─▶ share rewrite ─▶ broker
+//!  sensors   ──MQTT──▶   (unmatched clients: byte-exact pass-through) ─────────────────▶ broker
+//!                      admin: /metrics /api/instances /healthz /readyz
+//! ```
+//!
+//! Map of the crate (mirrored in README.md):
+//! - [`config`]: the TOML file, validated into [`config::Config`];
+//! - [`mqtt::codec`]: MQTT framing and the packets flowgate looks inside; bytes only;
+//! - [`mqtt::topic`]: topic filters: validation, matching, coverage;
+//! - [`mqtt::rewrite`]: pure client-id and shared-subscription rewriting;
+//! - [`mqtt::replicas`]: which replica holds which slot of which instance;
+//! - [`mqtt::proxy`], [`mqtt::pump`]: the sockets: listener, per-connection tasks;
+//! - [`metrics`]: the owned Prometheus registry and every metric name;
+//! - [`admin`]: the admin HTTP API;
+//! - [`app`]: starts everything from a config, stops it.
+//!
+//! Glossary: an *instance* is one Node-RED application; a *replica* is one
+//! running copy of it; a *slot* is a replica's number on this flowgate node,
+//! the lowest free one, reused after a reconnect; the *upstream* is the broker.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod mqtt;

@@ -1,0 +1,137 @@
+//! The metrics registry: one per running app (tests run in parallel), passed
+//! around as `Arc<Metrics>`; rendered as Prometheus text by the admin server.
+
+pub mod names;
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use names::*;
+
+pub struct Metrics {
+    registry: Registry,
+    pub replica_messages: IntCounterVec,
+    pub replica_bytes: IntCounterVec,
+    pub instance_replicas: IntGaugeVec,
+    pub mqtt_rewrites: IntCounterVec,
+    pub mqtt_errors: IntCounterVec,
+    pub mqtt_connections: IntCounterVec,
+    pub mqtt_connections_active: IntGaugeVec,
+}
+
+/// Counters of one replica connection, resolved once at connect so the hot
+/// path increments without a label lookup.
+pub struct ReplicaCounters {
+    pub messages_to: IntCounter,
+    pub messages_from: IntCounter,
+    pub bytes_to: IntCounter,
+    pub bytes_from: IntCounter,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("each metric is registered once in a fresh registry");
+    vec
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("each metric is registered once in a fresh registry");
+    vec
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        Self {
+            replica_messages: counter_vec(
+                r,
+                REPLICA_MESSAGES,
+                "MQTT PUBLISH packets to and from each replica",
+                &[LABEL_INSTANCE, LABEL_REPLICA, LABEL_DIRECTION],
+            ),
+            replica_bytes: counter_vec(
+                r,
+                REPLICA_BYTES,
+                "MQTT bytes to and from each replica",
+                &[LABEL_INSTANCE, LABEL_REPLICA, LABEL_DIRECTION],
+            ),
+            instance_replicas: gauge_vec(
+                r,
+                INSTANCE_REPLICAS,
+                "Replicas of each instance with an accepted MQTT session",
+                &[LABEL_INSTANCE],
+            ),
+            mqtt_rewrites: counter_vec(
+                r,
+                MQTT_REWRITES,
+                "Rewrites done for replicas, by kind (client_id, subscribe, unsubscribe filters)",
+                &[LABEL_INSTANCE, LABEL_KIND],
+            ),
+            mqtt_errors: counter_vec(
+                r,
+                MQTT_ERRORS,
+                "MQTT connections ended by an error, by kind",
+                &[LABEL_KIND],
+            ),
+            mqtt_connections: counter_vec(
+                r,
+                MQTT_CONNECTIONS,
+                "MQTT connections accepted, by kind (replica, passthrough)",
+                &[LABEL_KIND],
+            ),
+            mqtt_connections_active: gauge_vec(
+                r,
+                MQTT_CONNECTIONS_ACTIVE,
+                "MQTT connections open, by kind (replica, passthrough)",
+                &[LABEL_KIND],
+            ),
+            registry,
+        }
+    }
+
+    /// Registers an instance so its gauge reads 0 before any replica comes.
+    pub fn declare_instance(&self, instance: &str) {
+        self.instance_replicas.with_label_values(&[instance]).set(0);
+    }
+
+    pub fn replica(&self, instance: &str, slot: u16) -> ReplicaCounters {
+        let slot = slot.to_string();
+        let m = |d| self.replica_messages.with_label_values(&[instance, slot.as_str(), d]);
+        let b = |d| self.replica_bytes.with_label_values(&[instance, slot.as_str(), d]);
+        ReplicaCounters {
+            messages_to: m(TO_REPLICA),
+            messages_from: m(FROM_REPLICA),
+            bytes_to: b(TO_REPLICA),
+            bytes_from: b(FROM_REPLICA),
+        }
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.mqtt_errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn connection_gauge(&self, kind: &str) -> IntGauge {
+        self.mqtt_connections.with_label_values(&[kind]).inc();
+        self.mqtt_connections_active.with_label_values(&[kind])
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

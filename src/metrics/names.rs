@@ -1,0 +1,24 @@
+//! Every metric name and label, in one place. Names follow
+//! `flowgate_<area>_<noun>_<unit>`; labels stay bounded (instance, replica slot,
+//! direction, kind), never topics or client ids.
+
+pub const REPLICA_MESSAGES: &str = "flowgate_replica_messages_total";
+pub const REPLICA_BYTES: &str = "flowgate_replica_bytes_total";
+pub const INSTANCE_REPLICAS: &str = "flowgate_instance_replicas_connected";
+pub const MQTT_REWRITES: &str = "flowgate_mqtt_rewrites_total";
+pub const MQTT_ERRORS: &str = "flowgate_mqtt_errors_total";
+pub const MQTT_CONNECTIONS: &str = "flowgate_mqtt_connections_total";
+pub const MQTT_CONNECTIONS_ACTIVE: &str = "flowgate_mqtt_connections_active";
+
+pub const LABEL_INSTANCE: &str = "instance";
+pub const LABEL_REPLICA: &str = "replica";
+pub const LABEL_DIRECTION: &str = "direction";
+pub const LABEL_KIND: &str = "kind";
+
+/// `direction` values.
+pub const TO_REPLICA: &str = "to_replica";
+pub const FROM_REPLICA: &str = "from_replica";
+
+/// `kind` values of the connection metrics.
+pub const CONN_REPLICA: &str = "replica";
+pub const CONN_PASSTHROUGH: &str = "passthrough";

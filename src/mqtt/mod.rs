@@ -1,0 +1,10 @@
+//! The MQTT bridge: codec (bytes only), topic filters, rewriting (pure), the
+//! replica table, and the proxy that owns the sockets.
+
+pub mod codec;
+pub mod error;
+pub mod proxy;
+pub mod pump;
+pub mod replicas;
+pub mod rewrite;
+pub mod topic;

@@ -1,0 +1,252 @@
+//! The MQTT listener and the per-connection proxy task (share mode and
+//! unmatched clients).
+//!
+//! Each connection: read the CONNECT (with a deadline, size-checked), match it
+//! against the instances; an unmatched client is connected upstream and its
+//! bytes copied both ways untouched, CONNECT included; a replica gets a slot, a
+//! rewritten client id, and two [`pump`]s that rewrite its filters and count
+//! its traffic. One connection failing never touches another.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::codec::{check_header, connack_refusal, Connect, FrameScanner, PacketType, Protocol, MAX_REMAINING_LENGTH};
+use super::error::ConnError;
+use super::pump::{pump, FromReplica, ToReplica};
+use super::replicas::{InstanceState, Instances, NewReplica, SlotGuard};
+use super::rewrite::ShareRules;
+use crate::config::Config;
+use crate::metrics::{names, Metrics};
+
+/// After one direction of a connection ends, how long the other may go on.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// What every connection task shares.
+pub struct ProxyContext {
+    pub config: Arc<Config>,
+    pub instances: Arc<Instances>,
+    pub metrics: Arc<Metrics>,
+    /// `host:port` of the broker.
+    pub upstream: String,
+}
+
+/// Accepts connections until `shutdown`, spawning one task each on `tracker`.
+pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning
+                    tracing::warn!(error = %e, "mqtt accept failed");
+                    ctx.metrics.error("accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let span = tracing::debug_span!("mqtt", %peer);
+        tracker.spawn(
+            async move {
+                if let Err(e) = handle(&ctx, stream, peer, &shutdown).await {
+                    ctx.metrics.error(e.kind());
+                    e.log();
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Reads until one whole frame is buffered; returns the buffer and the frame's
+/// length (bytes after it are the client's next packets).
+async fn read_first_frame(stream: &mut TcpStream, max: usize) -> Result<(BytesMut, usize), ConnError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some(header) = check_header(&buf, max).map_err(ConnError::ClientCodec)? {
+            let packet = header.packet_type().map_err(ConnError::ClientCodec)?;
+            if packet != PacketType::Connect {
+                return Err(ConnError::NotConnect(packet));
+            }
+            if buf.len() >= header.frame_len() {
+                return Ok((buf, header.frame_len()));
+            }
+            buf.reserve(header.frame_len() - buf.len());
+        }
+        if stream.read_buf(&mut buf).await.map_err(ConnError::ClientIo)? == 0 {
+            return Err(ConnError::ClosedBeforeConnect);
+        }
+    }
+}
+
+async fn connect_upstream(ctx: &ProxyContext) -> Result<TcpStream, ConnError> {
+    let timeout = ctx.config.mqtt.upstream_connect_timeout;
+    let fail = |reason: String| ConnError::UpstreamConnect {
+        addr: ctx.upstream.clone(),
+        reason,
+    };
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(&ctx.upstream))
+        .await
+        .map_err(|_| fail(format!("no answer within {timeout:?}")))?
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, shutdown: &CancellationToken) -> Result<(), ConnError> {
+    let _ = client.set_nodelay(true);
+    let max = ctx.config.mqtt.max_packet_size.bytes().min(MAX_REMAINING_LENGTH);
+    let deadline = ctx.config.mqtt.connect_timeout;
+    let (mut buf, frame_len) = tokio::select! {
+        r = tokio::time::timeout(deadline, read_first_frame(&mut client, max)) => {
+            r.map_err(|_| ConnError::ConnectTimeout(deadline))??
+        }
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let connect = Connect::decode(&buf[..frame_len]).map_err(ConnError::ClientCodec)?;
+
+    let Some(instance) = ctx.instances.find(connect.client_id, connect.username) else {
+        tracing::debug!(client_id = connect.client_id, "pass-through client");
+        drop(connect);
+        let _active = ActiveGuard::new(&ctx.metrics, names::CONN_PASSTHROUGH);
+        let mut upstream = connect_upstream(ctx).await?;
+        upstream.write_all(&buf).await.map_err(ConnError::UpstreamIo)?;
+        return tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r.map(|_| ()).map_err(ConnError::ClientIo),
+            () = shutdown.cancelled() => Ok(()),
+        };
+    };
+
+    let instance = instance.clone();
+    let protocol = connect.protocol;
+    let client_id = connect.client_id.to_owned();
+    let (guard, new_id) = instance
+        .claim(NewReplica {
+            client_id: &client_id,
+            peer,
+            protocol,
+            node_id: &ctx.config.node_id,
+        })
+        .ok_or_else(|| ConnError::NoSlot(instance.config.name.clone()))?;
+    if new_id.len() > usize::from(u16::MAX) {
+        return Err(ConnError::ClientIdTooLong(new_id.len()));
+    }
+    let rewritten = connect.encode_with_client_id(&new_id);
+    drop(connect);
+    let _ = buf.split_to(frame_len);
+    let span = tracing::info_span!("replica", instance = %instance.config.name, slot = guard.slot);
+    let replica = Replica {
+        ctx,
+        instance: &instance,
+        guard: &guard,
+        protocol,
+        max,
+    };
+    async move {
+        tracing::info!(%client_id, upstream_client_id = %new_id, ?protocol, "replica connected");
+        let result = replica.run(client, buf, rewritten, shutdown).await;
+        tracing::info!("replica disconnected");
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// A replica's connection once its slot is taken.
+struct Replica<'a> {
+    ctx: &'a ProxyContext,
+    instance: &'a InstanceState,
+    guard: &'a SlotGuard,
+    protocol: Protocol,
+    max: usize,
+}
+
+impl Replica<'_> {
+    async fn run(self, mut client: TcpStream, buf: BytesMut, rewritten: Vec<u8>, shutdown: &CancellationToken) -> Result<(), ConnError> {
+        let ctx = self.ctx;
+        let guard = self.guard;
+        let name = self.instance.config.name.as_str();
+        let _active = ActiveGuard::new(&ctx.metrics, names::CONN_REPLICA);
+        ctx.metrics.mqtt_rewrites.with_label_values(&[name, "client_id"]).inc();
+        let upstream = match connect_upstream(ctx).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = client.write_all(connack_refusal(self.protocol)).await;
+                return Err(e);
+            }
+        };
+        let (client_rd, client_wr) = client.into_split();
+        let (up_rd, mut up_wr) = upstream.into_split();
+        up_wr.write_all(&rewritten).await.map_err(ConnError::UpstreamIo)?;
+        guard.counters.bytes_from.inc_by(rewritten.len() as u64);
+
+        let mut from = FromReplica {
+            rules: ShareRules {
+                instance: name,
+                broadcast: &self.instance.config.broadcast,
+            },
+            protocol: self.protocol,
+            guard,
+            metrics: &ctx.metrics,
+        };
+        let mut to = ToReplica {
+            guard,
+            awaiting_connack: true,
+        };
+        let counters = &guard.counters;
+        let up = pump(client_rd, up_wr, buf, FrameScanner::new(self.max), &mut from, &counters.bytes_from, shutdown, true);
+        let down = pump(
+            up_rd,
+            client_wr,
+            BytesMut::new(),
+            FrameScanner::new(MAX_REMAINING_LENGTH),
+            &mut to,
+            &counters.bytes_to,
+            shutdown,
+            false,
+        );
+        join_directions(up, down).await
+    }
+}
+
+/// Runs both directions; the first error ends both, and after a clean end of
+/// one the other gets [`LINGER`] to finish.
+async fn join_directions(
+    a: impl std::future::Future<Output = Result<(), ConnError>>,
+    b: impl std::future::Future<Output = Result<(), ConnError>>,
+) -> Result<(), ConnError> {
+    tokio::pin!(a, b);
+    let rest = tokio::select! {
+        r = &mut a => { r?; tokio::time::timeout(LINGER, &mut b).await }
+        r = &mut b => { r?; tokio::time::timeout(LINGER, &mut a).await }
+    };
+    rest.unwrap_or(Ok(()))
+}
+
+/// Keeps the active-connections gauge right whatever way a task ends.
+struct ActiveGuard(prometheus::IntGauge);
+
+impl ActiveGuard {
+    fn new(metrics: &Metrics, kind: &str) -> Self {
+        let gauge = metrics.connection_gauge(kind);
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
