@@ -48,44 +48,59 @@ impl App {
     /// Binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let config = Arc::new(config);
-        let upstream = config
-            .mqtt
-            .upstream
-            .authority()
-            .ok_or_else(|| StartError::Unsupported("the embedded broker is not available in this version".into()))?;
+        let upstream = config.mqtt.upstream.authority().ok_or_else(|| {
+            StartError::Unsupported("the embedded broker is not available in this version".into())
+        })?;
         let mqtt_listener = bind("mqtt.listen", config.mqtt.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
-        let mqtt_addr = mqtt_listener.local_addr().map_err(|source| StartError::Bind {
-            key: "mqtt.listen",
-            addr: config.mqtt.listen,
-            source,
-        })?;
-        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-            key: "admin.listen",
-            addr: config.admin.listen,
-            source,
-        })?;
+        let mqtt_addr = mqtt_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                key: "mqtt.listen",
+                addr: config.mqtt.listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                key: "admin.listen",
+                addr: config.admin.listen,
+                source,
+            })?;
 
         let metrics = Arc::new(Metrics::new());
         let instances = Arc::new(Instances::new(&config.instances, &metrics));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        tracker.spawn(probe_upstream(upstream.clone(), config.mqtt.upstream_connect_timeout));
+        tracker.spawn(probe_upstream(
+            upstream.clone(),
+            config.mqtt.upstream_connect_timeout,
+        ));
         let ctx = Arc::new(ProxyContext {
             config: config.clone(),
             instances: instances.clone(),
             metrics: metrics.clone(),
             upstream,
         });
-        tracker.spawn(proxy::serve(mqtt_listener, ctx, shutdown.clone(), tracker.clone()));
+        tracker.spawn(proxy::serve(
+            mqtt_listener,
+            ctx,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         let admin = Arc::new(AdminState {
             config: config.clone(),
             metrics: metrics.clone(),
             instances,
             ready: AtomicBool::new(true),
         });
-        tracker.spawn(admin::serve(admin_listener, admin.clone(), shutdown.clone(), tracker.clone()));
+        tracker.spawn(admin::serve(
+            admin_listener,
+            admin.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         tracing::info!(mqtt = %mqtt_addr, admin = %admin_addr, upstream = %config.mqtt.upstream, mode = ?config.mqtt.mode, node_id = %config.node_id, "flowgate started");
         Ok(Self {
             mqtt_addr,
@@ -103,7 +118,9 @@ impl App {
         self.admin.ready.store(false, Ordering::Relaxed);
         self.shutdown.cancel();
         self.tracker.close();
-        let done = tokio::time::timeout(grace, self.tracker.wait()).await.is_ok();
+        let done = tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok();
         if !done {
             tracing::warn!(?grace, "tasks still running after the grace period");
         }
@@ -116,7 +133,11 @@ impl App {
 async fn probe_upstream(upstream: String, timeout: Duration) {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&upstream)).await {
         Ok(Ok(_)) => tracing::info!(%upstream, "upstream broker reachable"),
-        Ok(Err(e)) => tracing::warn!(%upstream, error = %e, "upstream broker unreachable; clients get CONNACK 'server unavailable' until it answers"),
-        Err(_) => tracing::warn!(%upstream, ?timeout, "upstream broker did not answer; clients get CONNACK 'server unavailable' until it answers"),
+        Ok(Err(e)) => {
+            tracing::warn!(%upstream, error = %e, "upstream broker unreachable; clients get CONNACK 'server unavailable' until it answers")
+        }
+        Err(_) => {
+            tracing::warn!(%upstream, ?timeout, "upstream broker did not answer; clients get CONNACK 'server unavailable' until it answers")
+        }
     }
 }

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "flowgate", version, about = "Run one Node-RED instance as N replicas that share MQTT and HTTP work")]
+#[command(
+    name = "flowgate",
+    version,
+    about = "Run one Node-RED instance as N replicas that share MQTT and HTTP work"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -40,7 +40,11 @@ struct InstancesBody<'a> {
     instances: Vec<InstanceView>,
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -51,10 +55,18 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 /// Answers one admin request.
 pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        );
     }
     match path {
-        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render(),
+        ),
         "/api/instances" => {
             let body = InstancesBody {
                 node_id: &state.config.node_id,
@@ -64,18 +76,33 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             };
             match serde_json::to_vec_pretty(&body) {
                 Ok(json) => text(StatusCode::OK, "application/json", json),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
             }
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n"),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => {
+            text(StatusCode::OK, "text/plain", "ready\n")
+        }
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "shutting down\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
 /// Serves the admin API until `shutdown`.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -134,9 +161,18 @@ mod tests {
         assert_eq!(route(&s, &Method::GET, "/healthz").status(), StatusCode::OK);
         assert_eq!(route(&s, &Method::GET, "/readyz").status(), StatusCode::OK);
         s.ready.store(false, Ordering::Relaxed);
-        assert_eq!(route(&s, &Method::GET, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(route(&s, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
-        assert_eq!(route(&s, &Method::POST, "/metrics").status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            route(&s, &Method::GET, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            route(&s, &Method::GET, "/nope").status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&s, &Method::POST, "/metrics").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
         let api = route(&s, &Method::GET, "/api/instances");
         assert_eq!(api.headers()[CONTENT_TYPE], "application/json");
         let metrics = route(&s, &Method::GET, "/metrics");

@@ -88,7 +88,8 @@ fn addr(text: Option<&str>, default: &str) -> Result<SocketAddr, String> {
 fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
     match text {
         None => Ok(default),
-        Some(t) => humantime::parse_duration(t).map_err(|e| format!("{t:?} is not a duration such as \"5s\": {e}")),
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|e| format!("{t:?} is not a duration such as \"5s\": {e}")),
     }
 }
 
@@ -124,14 +125,21 @@ impl FileConfig {
         let mut p = Problems::default();
         let node_id = match self.node_id {
             Some(id) if !valid_node_id(&id) => {
-                p.add("node_id", format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+                p.add(
+                    "node_id",
+                    format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+                );
                 id
             }
             Some(id) => id,
             None => default_node_id(),
         };
         let admin = AdminConfig {
-            listen: p.check("admin.listen", addr(self.admin.listen.as_deref(), "127.0.0.1:9090"), ([127, 0, 0, 1], 9090).into()),
+            listen: p.check(
+                "admin.listen",
+                addr(self.admin.listen.as_deref(), "127.0.0.1:9090"),
+                ([127, 0, 0, 1], 9090).into(),
+            ),
         };
         let m = self.mqtt;
         let upstream = p.check(
@@ -141,7 +149,10 @@ impl FileConfig {
         );
         let mode = m.mode.unwrap_or(Mode::Dispatch);
         if mode == Mode::Dispatch {
-            p.add("mqtt.mode", "\"dispatch\" is not available in this version yet; set mode = \"share\"");
+            p.add(
+                "mqtt.mode",
+                "\"dispatch\" is not available in this version yet; set mode = \"share\"",
+            );
         }
         if upstream == Upstream::Embedded {
             p.add(
@@ -150,7 +161,11 @@ impl FileConfig {
             );
         }
         let mqtt = MqttConfig {
-            listen: p.check("mqtt.listen", addr(m.listen.as_deref(), "0.0.0.0:1883"), ([0, 0, 0, 0], 1883).into()),
+            listen: p.check(
+                "mqtt.listen",
+                addr(m.listen.as_deref(), "0.0.0.0:1883"),
+                ([0, 0, 0, 0], 1883).into(),
+            ),
             upstream,
             mode,
             connect_timeout: p.check(
@@ -160,7 +175,10 @@ impl FileConfig {
             ),
             upstream_connect_timeout: p.check(
                 "mqtt.upstream_connect_timeout",
-                duration(m.upstream_connect_timeout.as_deref(), Duration::from_secs(5)),
+                duration(
+                    m.upstream_connect_timeout.as_deref(),
+                    Duration::from_secs(5),
+                ),
                 Duration::from_secs(5),
             ),
             max_packet_size: p.check(
@@ -175,10 +193,19 @@ impl FileConfig {
             if !valid_instance_name(&inst.name) {
                 p.add(
                     format!("{path}.name"),
-                    format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", inst.name),
+                    format!(
+                        "{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .",
+                        inst.name
+                    ),
                 );
-            } else if instances.iter().any(|o: &InstanceConfig| o.name == inst.name) {
-                p.add(format!("{path}.name"), format!("{:?} is used by an earlier instance", inst.name));
+            } else if instances
+                .iter()
+                .any(|o: &InstanceConfig| o.name == inst.name)
+            {
+                p.add(
+                    format!("{path}.name"),
+                    format!("{:?} is used by an earlier instance", inst.name),
+                );
             }
             let m = inst.match_rule;
             let rules: Vec<MatchRule> = [

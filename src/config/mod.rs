@@ -162,7 +162,9 @@ mod tests {
 
     fn problems(text: &str) -> Vec<String> {
         match Config::parse(text, "test.toml") {
-            Err(ConfigError::Invalid { problems, .. }) => problems.iter().map(ToString::to_string).collect(),
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(ToString::to_string).collect()
+            }
             other => panic!("expected invalid config, got {other:?}"),
         }
     }
@@ -187,7 +189,10 @@ mod tests {
         assert_eq!(c.mqtt.mode, Mode::Share);
         assert_eq!(c.mqtt.listen, "0.0.0.0:1883".parse().expect("addr"));
         assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().expect("addr"));
-        assert_eq!(c.instances[0].match_rule, MatchRule::ClientId("line1-nodered".into()));
+        assert_eq!(
+            c.instances[0].match_rule,
+            MatchRule::ClientId("line1-nodered".into())
+        );
         assert_eq!(c.mqtt.connect_timeout, Duration::from_secs(10));
         assert!(c.to_toml().contains("mode = \"share\""));
     }

@@ -28,7 +28,11 @@ impl ByteSize {
             "MiB" => 1 << 20,
             "GB" => 1_000_000_000,
             "GiB" => 1 << 30,
-            other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, kB, MB, GB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} (use B, KiB, MiB, GiB, kB, MB, GB)"
+                ))
+            }
         };
         n.checked_mul(factor)
             .map(Self)
@@ -156,11 +160,17 @@ mod tests {
         assert_eq!(Upstream::parse("embedded"), Ok(Upstream::Embedded));
         assert_eq!(
             Upstream::parse("mqtt://broker:1884"),
-            Ok(Upstream::Mqtt { host: "broker".into(), port: 1884 })
+            Ok(Upstream::Mqtt {
+                host: "broker".into(),
+                port: 1884
+            })
         );
         assert_eq!(
             Upstream::parse("mqtt://broker"),
-            Ok(Upstream::Mqtt { host: "broker".into(), port: 1883 })
+            Ok(Upstream::Mqtt {
+                host: "broker".into(),
+                port: 1883
+            })
         );
         assert_eq!(
             Upstream::parse("mqtt://[::1]:1883").map(|u| u.to_string()),

@@ -3,7 +3,9 @@
 
 pub mod names;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use names::*;
 
@@ -28,7 +30,8 @@ pub struct ReplicaCounters {
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("metric names and labels are static and valid");
+    let vec = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
     registry
         .register(Box::new(vec.clone()))
         .expect("each metric is registered once in a fresh registry");
@@ -36,7 +39,8 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric names and labels are static and valid");
+    let vec = IntGaugeVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
     registry
         .register(Box::new(vec.clone()))
         .expect("each metric is registered once in a fresh registry");
@@ -101,8 +105,14 @@ impl Metrics {
 
     pub fn replica(&self, instance: &str, slot: u16) -> ReplicaCounters {
         let slot = slot.to_string();
-        let m = |d| self.replica_messages.with_label_values(&[instance, slot.as_str(), d]);
-        let b = |d| self.replica_bytes.with_label_values(&[instance, slot.as_str(), d]);
+        let m = |d| {
+            self.replica_messages
+                .with_label_values(&[instance, slot.as_str(), d])
+        };
+        let b = |d| {
+            self.replica_bytes
+                .with_label_values(&[instance, slot.as_str(), d])
+        };
         ReplicaCounters {
             messages_to: m(TO_REPLICA),
             messages_from: m(FROM_REPLICA),

@@ -18,9 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::codec::{check_header, connack_refusal, Connect, FrameScanner, PacketType, Protocol, MAX_REMAINING_LENGTH};
+use super::codec::{
+    check_header, connack_refusal, Connect, FrameScanner, PacketType, Protocol,
+    MAX_REMAINING_LENGTH,
+};
 use super::error::ConnError;
-use super::pump::{pump, FromReplica, ToReplica};
+use super::pump::{pump, Direction, FromReplica, ToReplica};
 use super::replicas::{InstanceState, Instances, NewReplica, SlotGuard};
 use super::rewrite::ShareRules;
 use crate::config::Config;
@@ -39,7 +42,12 @@ pub struct ProxyContext {
 }
 
 /// Accepts connections until `shutdown`, spawning one task each on `tracker`.
-pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -71,7 +79,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>, shutdown: Canc
 
 /// Reads until one whole frame is buffered; returns the buffer and the frame's
 /// length (bytes after it are the client's next packets).
-async fn read_first_frame(stream: &mut TcpStream, max: usize) -> Result<(BytesMut, usize), ConnError> {
+async fn read_first_frame(
+    stream: &mut TcpStream,
+    max: usize,
+) -> Result<(BytesMut, usize), ConnError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some(header) = check_header(&buf, max).map_err(ConnError::ClientCodec)? {
@@ -84,7 +95,12 @@ async fn read_first_frame(stream: &mut TcpStream, max: usize) -> Result<(BytesMu
             }
             buf.reserve(header.frame_len() - buf.len());
         }
-        if stream.read_buf(&mut buf).await.map_err(ConnError::ClientIo)? == 0 {
+        if stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(ConnError::ClientIo)?
+            == 0
+        {
             return Err(ConnError::ClosedBeforeConnect);
         }
     }
@@ -104,9 +120,19 @@ async fn connect_upstream(ctx: &ProxyContext) -> Result<TcpStream, ConnError> {
     Ok(stream)
 }
 
-async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, shutdown: &CancellationToken) -> Result<(), ConnError> {
+async fn handle(
+    ctx: &ProxyContext,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError> {
     let _ = client.set_nodelay(true);
-    let max = ctx.config.mqtt.max_packet_size.bytes().min(MAX_REMAINING_LENGTH);
+    let max = ctx
+        .config
+        .mqtt
+        .max_packet_size
+        .bytes()
+        .min(MAX_REMAINING_LENGTH);
     let deadline = ctx.config.mqtt.connect_timeout;
     let (mut buf, frame_len) = tokio::select! {
         r = tokio::time::timeout(deadline, read_first_frame(&mut client, max)) => {
@@ -118,10 +144,12 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, shu
 
     let Some(instance) = ctx.instances.find(connect.client_id, connect.username) else {
         tracing::debug!(client_id = connect.client_id, "pass-through client");
-        drop(connect);
         let _active = ActiveGuard::new(&ctx.metrics, names::CONN_PASSTHROUGH);
         let mut upstream = connect_upstream(ctx).await?;
-        upstream.write_all(&buf).await.map_err(ConnError::UpstreamIo)?;
+        upstream
+            .write_all(&buf)
+            .await
+            .map_err(ConnError::UpstreamIo)?;
         return tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r.map(|_| ()).map_err(ConnError::ClientIo),
             () = shutdown.cancelled() => Ok(()),
@@ -143,7 +171,6 @@ async fn handle(ctx: &ProxyContext, mut client: TcpStream, peer: SocketAddr, shu
         return Err(ConnError::ClientIdTooLong(new_id.len()));
     }
     let rewritten = connect.encode_with_client_id(&new_id);
-    drop(connect);
     let _ = buf.split_to(frame_len);
     let span = tracing::info_span!("replica", instance = %instance.config.name, slot = guard.slot);
     let replica = Replica {
@@ -173,12 +200,21 @@ struct Replica<'a> {
 }
 
 impl Replica<'_> {
-    async fn run(self, mut client: TcpStream, buf: BytesMut, rewritten: Vec<u8>, shutdown: &CancellationToken) -> Result<(), ConnError> {
+    async fn run(
+        self,
+        mut client: TcpStream,
+        buf: BytesMut,
+        rewritten: Vec<u8>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ConnError> {
         let ctx = self.ctx;
         let guard = self.guard;
         let name = self.instance.config.name.as_str();
         let _active = ActiveGuard::new(&ctx.metrics, names::CONN_REPLICA);
-        ctx.metrics.mqtt_rewrites.with_label_values(&[name, "client_id"]).inc();
+        ctx.metrics
+            .mqtt_rewrites
+            .with_label_values(&[name, "client_id"])
+            .inc();
         let upstream = match connect_upstream(ctx).await {
             Ok(s) => s,
             Err(e) => {
@@ -188,7 +224,10 @@ impl Replica<'_> {
         };
         let (client_rd, client_wr) = client.into_split();
         let (up_rd, mut up_wr) = upstream.into_split();
-        up_wr.write_all(&rewritten).await.map_err(ConnError::UpstreamIo)?;
+        up_wr
+            .write_all(&rewritten)
+            .await
+            .map_err(ConnError::UpstreamIo)?;
         guard.counters.bytes_from.inc_by(rewritten.len() as u64);
 
         let mut from = FromReplica {
@@ -205,16 +244,29 @@ impl Replica<'_> {
             awaiting_connack: true,
         };
         let counters = &guard.counters;
-        let up = pump(client_rd, up_wr, buf, FrameScanner::new(self.max), &mut from, &counters.bytes_from, shutdown, true);
+        let up = pump(
+            client_rd,
+            up_wr,
+            buf,
+            Direction {
+                scanner: FrameScanner::new(self.max),
+                bytes: &counters.bytes_from,
+                from_client: true,
+            },
+            &mut from,
+            shutdown,
+        );
         let down = pump(
             up_rd,
             client_wr,
             BytesMut::new(),
-            FrameScanner::new(MAX_REMAINING_LENGTH),
+            Direction {
+                scanner: FrameScanner::new(MAX_REMAINING_LENGTH),
+                bytes: &counters.bytes_to,
+                from_client: false,
+            },
             &mut to,
-            &counters.bytes_to,
             shutdown,
-            false,
         );
         join_directions(up, down).await
     }

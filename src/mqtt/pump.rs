@@ -13,8 +13,8 @@ use super::codec::{
     CodecError, ConnectReturn, FrameScanner, PacketType, Protocol, Scan, Subscribe, Unsubscribe,
 };
 use super::error::ConnError;
-use super::rewrite::ShareRules;
 use super::replicas::SlotGuard;
+use super::rewrite::ShareRules;
 use crate::metrics::Metrics;
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -26,29 +26,48 @@ pub trait Handler {
     /// A frame of this type starts passing through unchanged.
     fn on_start(&mut self, packet: PacketType);
     /// A whole frame asked for: append what to send in its place to `out`.
-    fn on_whole(&mut self, packet: PacketType, frame: BytesMut, out: &mut BytesMut) -> Result<(), ConnError>;
+    fn on_whole(
+        &mut self,
+        packet: PacketType,
+        frame: BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<(), ConnError>;
 }
 
+/// How one direction frames and counts its bytes.
+pub struct Direction<'a> {
+    pub scanner: FrameScanner,
+    /// Bytes written by this direction.
+    pub bytes: &'a IntCounter,
+    /// Whether the reader is the client's socket (so errors name the side
+    /// that failed).
+    pub from_client: bool,
+}
+
+type IoError = fn(std::io::Error) -> ConnError;
+
 /// Moves bytes from `rd` to `wr` until `rd` ends (then shuts `wr` down), an
-/// error, or `shutdown`. `inbuf` holds bytes already read; `from_client` says
-/// whether `rd` is the client's socket (so errors name the side that failed).
+/// error, or `shutdown`. `inbuf` holds bytes already read.
 pub async fn pump<R, W, H>(
     mut rd: R,
     mut wr: W,
     mut inbuf: BytesMut,
-    mut scanner: FrameScanner,
+    dir: Direction<'_>,
     handler: &mut H,
-    bytes: &IntCounter,
     shutdown: &CancellationToken,
-    from_client: bool,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
     H: Handler,
 {
+    let Direction {
+        mut scanner,
+        bytes,
+        from_client,
+    } = dir;
     // which side failed picks the log level and the metric label
-    let (read_err, write_err): (fn(std::io::Error) -> ConnError, fn(std::io::Error) -> ConnError) = if from_client {
+    let (read_err, write_err): (IoError, IoError) = if from_client {
         (ConnError::ClientIo, ConnError::UpstreamIo)
     } else {
         (ConnError::UpstreamIo, ConnError::ClientIo)
@@ -93,7 +112,9 @@ where
         };
         if n == 0 {
             if !scanner.at_boundary() || !inbuf.is_empty() {
-                let e = CodecError::Truncated { field: "packet (connection closed mid-packet)" };
+                let e = CodecError::Truncated {
+                    field: "packet (connection closed mid-packet)",
+                };
                 tracing::debug!(error = %e, "peer closed mid-packet");
             }
             let _ = wr.shutdown().await;
@@ -125,16 +146,23 @@ impl Handler for FromReplica<'_> {
         }
     }
 
-    fn on_whole(&mut self, packet: PacketType, frame: BytesMut, out: &mut BytesMut) -> Result<(), ConnError> {
+    fn on_whole(
+        &mut self,
+        packet: PacketType,
+        frame: BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<(), ConnError> {
         let rewritten = match packet {
             PacketType::Subscribe => {
-                let sub = Subscribe::decode(&frame, self.protocol).map_err(ConnError::ClientCodec)?;
+                let sub =
+                    Subscribe::decode(&frame, self.protocol).map_err(ConnError::ClientCodec)?;
                 self.rules
                     .subscribe(&sub, self.protocol)
                     .map(|r| (r, "subscribe"))
             }
             PacketType::Unsubscribe => {
-                let unsub = Unsubscribe::decode(&frame, self.protocol).map_err(ConnError::ClientCodec)?;
+                let unsub =
+                    Unsubscribe::decode(&frame, self.protocol).map_err(ConnError::ClientCodec)?;
                 self.rules.unsubscribe(&unsub).map(|r| (r, "unsubscribe"))
             }
             _ => return Err(ConnError::SecondConnect),
@@ -171,7 +199,12 @@ impl Handler for ToReplica<'_> {
         }
     }
 
-    fn on_whole(&mut self, _packet: PacketType, frame: BytesMut, out: &mut BytesMut) -> Result<(), ConnError> {
+    fn on_whole(
+        &mut self,
+        _packet: PacketType,
+        frame: BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<(), ConnError> {
         self.awaiting_connack = false;
         match ConnectReturn::decode(&frame) {
             Ok(ConnectReturn::Accepted) => self.guard.mark_accepted(),

@@ -244,7 +244,12 @@ mod tests {
     fn connected_gauge_follows_accepted_sessions() {
         let (instances, metrics) = instances();
         let inst = instances.find("nr", None).expect("match").clone();
-        let gauge = || metrics.instance_replicas.with_label_values(&["line1"]).get();
+        let gauge = || {
+            metrics
+                .instance_replicas
+                .with_label_values(&["line1"])
+                .get()
+        };
         let (a, _) = inst.claim(new_replica()).expect("slot");
         assert_eq!(gauge(), 0);
         a.mark_accepted();

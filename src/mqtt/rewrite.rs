@@ -12,7 +12,11 @@ use super::topic::{covers, TopicFilter};
 /// The client id a replica gets upstream: `{client_id}-{node_id}-{slot}`. An
 /// empty client id takes the instance name in its place.
 pub fn replica_client_id(client_id: &str, instance: &str, node_id: &str, slot: u16) -> String {
-    let base = if client_id.is_empty() { instance } else { client_id };
+    let base = if client_id.is_empty() {
+        instance
+    } else {
+        client_id
+    };
     format!("{base}-{node_id}-{slot}")
 }
 
@@ -54,7 +58,11 @@ impl ShareRules<'_> {
                 if self.shares(e.filter) {
                     changed += 1;
                     // no-local is a protocol error on a shared subscription
-                    let options = if protocol.is_v5() { e.options & !NO_LOCAL } else { e.options };
+                    let options = if protocol.is_v5() {
+                        e.options & !NO_LOCAL
+                    } else {
+                        e.options
+                    };
                     (shared_filter(self.instance, e.filter), options)
                 } else {
                     (e.filter.to_owned(), e.options)
@@ -101,7 +109,10 @@ mod tests {
 
     #[test]
     fn client_ids_carry_node_and_slot() {
-        assert_eq!(replica_client_id("line1-nodered", "line1", "fg1", 0), "line1-nodered-fg1-0");
+        assert_eq!(
+            replica_client_id("line1-nodered", "line1", "fg1", 0),
+            "line1-nodered-fg1-0"
+        );
         assert_eq!(replica_client_id("", "line1", "fg1", 3), "line1-fg1-3");
     }
 
@@ -116,7 +127,10 @@ mod tests {
     #[test]
     fn shares_only_plain_non_broadcast_filters() {
         let b = broadcast();
-        let rules = ShareRules { instance: "line1", broadcast: &b };
+        let rules = ShareRules {
+            instance: "line1",
+            broadcast: &b,
+        };
         assert!(rules.shares("jobs/#"));
         assert!(!rules.shares("config/#"));
         assert!(!rules.shares("config/a/b"));
@@ -127,10 +141,25 @@ mod tests {
     #[test]
     fn v5_subscribe_rewrite_clears_no_local_and_keeps_the_rest() {
         let b = broadcast();
-        let rules = ShareRules { instance: "i", broadcast: &b };
+        let rules = ShareRules {
+            instance: "i",
+            broadcast: &b,
+        };
         // packet id 5, no properties, "j" options 0b0010_1101, "config/x" options 0b0000_0101
         let frame = [
-            &[0x82, 18, 0x00, 0x05, 0x00, 0x00, 0x01, b'j', 0b0010_1101, 0x00, 0x08][..],
+            &[
+                0x82,
+                18,
+                0x00,
+                0x05,
+                0x00,
+                0x00,
+                0x01,
+                b'j',
+                0b0010_1101,
+                0x00,
+                0x08,
+            ][..],
             b"config/x",
             &[0b0000_0101],
         ]
@@ -148,18 +177,26 @@ mod tests {
 
     #[test]
     fn nothing_to_share_means_no_rewrite() {
-        let rules = ShareRules { instance: "i", broadcast: &[] };
+        let rules = ShareRules {
+            instance: "i",
+            broadcast: &[],
+        };
         let frame = [0x82, 8, 0x00, 0x01, 0x00, 0x03, b'$', b'a', b'b', 0x01];
         let sub = Subscribe::decode(&frame, Protocol::V311).expect("valid");
         assert!(rules.subscribe(&sub, Protocol::V311).is_none());
-        let unsub = Unsubscribe::decode(&[0xa2, 7, 0, 1, 0, 3, b'$', b'a', b'b'], Protocol::V311).expect("valid");
+        let unsub = Unsubscribe::decode(&[0xa2, 7, 0, 1, 0, 3, b'$', b'a', b'b'], Protocol::V311)
+            .expect("valid");
         assert!(rules.unsubscribe(&unsub).is_none());
     }
 
     #[test]
     fn unsubscribe_matches_subscribe_rewrite() {
-        let rules = ShareRules { instance: "i", broadcast: &[] };
-        let unsub = Unsubscribe::decode(&[0xa2, 5, 0, 1, 0, 1, b'j'], Protocol::V311).expect("valid");
+        let rules = ShareRules {
+            instance: "i",
+            broadcast: &[],
+        };
+        let unsub =
+            Unsubscribe::decode(&[0xa2, 5, 0, 1, 0, 1, b'j'], Protocol::V311).expect("valid");
         let (out, n) = rules.unsubscribe(&unsub).expect("rewritten");
         assert_eq!(n, 1);
         let back = Unsubscribe::decode(&out, Protocol::V311).expect("valid output");

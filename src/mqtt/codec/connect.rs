@@ -4,7 +4,9 @@
 use std::fmt;
 use std::ops::Range;
 
-use super::{check_header, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader};
+use super::{
+    check_header, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader,
+};
 
 /// A decoded CONNECT that borrows its frame. Only the client id can be
 /// changed on encode; every other byte is copied from the frame.
@@ -119,9 +121,7 @@ impl<'a> Connect<'a> {
         let will_qos = (flags >> 3) & 0x03;
         let will = if flags & FLAG_WILL != 0 {
             if will_qos == 3 {
-                return Err(CodecError::ReservedBit {
-                    field: "will qos",
-                });
+                return Err(CodecError::ReservedBit { field: "will qos" });
             }
             let properties = if protocol.is_v5() {
                 r.properties("will properties")?
@@ -239,16 +239,34 @@ mod tests {
     /// will "w"/"x" at QoS 1, username "u", password "p".
     fn v311_full() -> Vec<u8> {
         vec![
-            0x10, 26, // CONNECT, remaining length 26
-            0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name
-            0x04, // level 4 = 3.1.1
+            0x10,
+            26, // CONNECT, remaining length 26
+            0x00,
+            0x04,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',        // protocol name
+            0x04,        // level 4 = 3.1.1
             0b1100_1110, // username, password, will qos 1, will, clean
-            0x00, 0x3c, // keep alive 60
-            0x00, 0x02, b'a', b'b', // client id
-            0x00, 0x01, b'w', // will topic
-            0x00, 0x01, b'x', // will payload
-            0x00, 0x01, b'u', // username
-            0x00, 0x01, b'p', // password
+            0x00,
+            0x3c, // keep alive 60
+            0x00,
+            0x02,
+            b'a',
+            b'b', // client id
+            0x00,
+            0x01,
+            b'w', // will topic
+            0x00,
+            0x01,
+            b'x', // will payload
+            0x00,
+            0x01,
+            b'u', // username
+            0x00,
+            0x01,
+            b'p', // password
         ]
     }
 
@@ -256,16 +274,42 @@ mod tests {
     /// will properties (will delay 0x18 = 5), client id "c", no credentials.
     fn v5_with_properties() -> Vec<u8> {
         vec![
-            0x10, 34, // CONNECT, remaining length 34
-            0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name
-            0x05, // level 5
+            0x10,
+            34, // CONNECT, remaining length 34
+            0x00,
+            0x04,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',        // protocol name
+            0x05,        // level 5
             0b0010_0100, // will retain, will qos 0, will
-            0x00, 0x0a, // keep alive 10
-            0x05, 0x11, 0x00, 0x00, 0x00, 0x78, // properties: session expiry 120
-            0x00, 0x01, b'c', // client id
-            0x05, 0x18, 0x00, 0x00, 0x00, 0x05, // will properties: will delay 5
-            0x00, 0x03, b'l', b'/', b'w', // will topic
-            0x00, 0x02, b'g', b'o', // will payload
+            0x00,
+            0x0a, // keep alive 10
+            0x05,
+            0x11,
+            0x00,
+            0x00,
+            0x00,
+            0x78, // properties: session expiry 120
+            0x00,
+            0x01,
+            b'c', // client id
+            0x05,
+            0x18,
+            0x00,
+            0x00,
+            0x00,
+            0x05, // will properties: will delay 5
+            0x00,
+            0x03,
+            b'l',
+            b'/',
+            b'w', // will topic
+            0x00,
+            0x02,
+            b'g',
+            b'o', // will payload
         ]
     }
 
@@ -280,7 +324,10 @@ mod tests {
         assert!(c.has_password);
         assert!(c.clean_start());
         let will = c.will.as_ref().expect("will");
-        assert_eq!((will.topic, will.payload, will.qos, will.retain), ("w", &b"x"[..], 1, false));
+        assert_eq!(
+            (will.topic, will.payload, will.qos, will.retain),
+            ("w", &b"x"[..], 1, false)
+        );
     }
 
     #[test]
@@ -309,8 +356,8 @@ mod tests {
     #[test]
     fn decodes_mqtt_31() {
         let frame = [
-            0x10, 14, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03, 0x02, 0x00, 0x3c,
-            0x00, 0x00,
+            0x10, 14, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03, 0x02, 0x00, 0x3c, 0x00,
+            0x00,
         ];
         let c = Connect::decode(&frame).expect("3.1 connect");
         assert_eq!(c.protocol, Protocol::V31);
@@ -321,7 +368,10 @@ mod tests {
     fn rejects_reserved_flag_and_unknown_protocol() {
         let mut frame = v311_full();
         frame[9] |= 0x01;
-        assert!(matches!(Connect::decode(&frame), Err(CodecError::ReservedBit { .. })));
+        assert!(matches!(
+            Connect::decode(&frame),
+            Err(CodecError::ReservedBit { .. })
+        ));
         let mut frame = v311_full();
         frame[8] = 6;
         assert!(matches!(
@@ -334,11 +384,17 @@ mod tests {
     fn rejects_truncated_strings_and_trailing_bytes() {
         let mut frame = v311_full();
         frame[13] = 0x09; // client id claims 9 bytes
-        assert!(matches!(Connect::decode(&frame), Err(CodecError::Truncated { .. })));
+        assert!(matches!(
+            Connect::decode(&frame),
+            Err(CodecError::Truncated { .. })
+        ));
         let mut frame = v311_full();
         frame[1] += 1;
         frame.push(0);
-        assert_eq!(Connect::decode(&frame).err(), Some(CodecError::TrailingBytes(1)));
+        assert_eq!(
+            Connect::decode(&frame).err(),
+            Some(CodecError::TrailingBytes(1))
+        );
     }
 
     #[test]
@@ -371,7 +427,10 @@ mod tests {
 
     #[test]
     fn connack_codes() {
-        assert_eq!(ConnectReturn::decode(&[0x20, 0x02, 0x00, 0x00]), Ok(ConnectReturn::Accepted));
+        assert_eq!(
+            ConnectReturn::decode(&[0x20, 0x02, 0x00, 0x00]),
+            Ok(ConnectReturn::Accepted)
+        );
         assert_eq!(
             ConnectReturn::decode(&[0x20, 0x03, 0x00, 0x87, 0x00]),
             Ok(ConnectReturn::Refused(0x87))

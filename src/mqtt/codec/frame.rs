@@ -41,7 +41,11 @@ impl FrameScanner {
     /// Decides what to do with the front of `buf`; the caller then consumes
     /// exactly the `len` bytes named (or reads more on `NeedMore`).
     /// `whole(packet)` says which packets the caller wants whole.
-    pub fn scan(&mut self, buf: &[u8], whole: impl Fn(PacketType) -> bool) -> Result<Scan, CodecError> {
+    pub fn scan(
+        &mut self,
+        buf: &[u8],
+        whole: impl Fn(PacketType) -> bool,
+    ) -> Result<Scan, CodecError> {
         if buf.is_empty() {
             return Ok(Scan::NeedMore);
         }
@@ -129,11 +133,19 @@ mod tests {
         let whole = run(&input, input.len(), 1024).expect("valid stream");
         assert_eq!(
             whole.starts,
-            vec![PacketType::Publish, PacketType::Pingreq, PacketType::Publish]
+            vec![
+                PacketType::Publish,
+                PacketType::Pingreq,
+                PacketType::Publish
+            ]
         );
         assert_eq!(whole.wholes, vec![input[7..15].to_vec()]);
         for chunk in [1, 2, 3, 7, 8, 9, 64] {
-            assert_eq!(run(&input, chunk, 1024).as_ref(), Ok(&whole), "chunk {chunk}");
+            assert_eq!(
+                run(&input, chunk, 1024).as_ref(),
+                Ok(&whole),
+                "chunk {chunk}"
+            );
         }
     }
 
@@ -142,13 +154,19 @@ mod tests {
         let input = [0x30, 0xff, 0x7f];
         assert_eq!(
             run(&input, 1, 1024).err(),
-            Some(CodecError::TooLarge { len: 16_383, max: 1024 })
+            Some(CodecError::TooLarge {
+                len: 16_383,
+                max: 1024
+            })
         );
     }
 
     #[test]
     fn reserved_type_is_an_error() {
-        assert_eq!(run(&[0x00, 0x00], 2, 10).err(), Some(CodecError::ReservedPacketType));
+        assert_eq!(
+            run(&[0x00, 0x00], 2, 10).err(),
+            Some(CodecError::ReservedPacketType)
+        );
     }
 
     proptest! {

@@ -319,7 +319,16 @@ mod tests {
 
     #[test]
     fn remaining_length_round_trips_at_boundaries() {
-        for len in [0, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, MAX_REMAINING_LENGTH] {
+        for len in [
+            0,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            MAX_REMAINING_LENGTH,
+        ] {
             let mut out = vec![0x30];
             write_remaining_length(&mut out, len);
             let header = check_header(&out, usize::MAX)

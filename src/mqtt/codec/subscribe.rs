@@ -2,7 +2,9 @@
 //! replaced. The packet id, v5 properties and every subscription options byte
 //! are kept as sent, except where the caller asks to change them.
 
-use super::{check_header, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader};
+use super::{
+    check_header, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader,
+};
 
 /// One filter of a SUBSCRIBE and its options byte (QoS in 3.x; QoS, no-local,
 /// retain-as-published and retain handling in 5.0).
@@ -56,7 +58,11 @@ fn body_of(frame: &[u8], expected: PacketType) -> Result<&[u8], CodecError> {
 }
 
 /// Reads the packet id and, for v5, the properties; returns the raw head.
-fn read_head<'a>(r: &mut Reader<'a>, body: &'a [u8], protocol: Protocol) -> Result<(u16, &'a [u8]), CodecError> {
+fn read_head<'a>(
+    r: &mut Reader<'a>,
+    body: &'a [u8],
+    protocol: Protocol,
+) -> Result<(u16, &'a [u8]), CodecError> {
     let packet_id = r.u16("packet id")?;
     if protocol.is_v5() {
         r.properties("properties")?;
@@ -158,10 +164,16 @@ mod tests {
     /// v5 SUBSCRIBE, packet id 1, subscription identifier 7, "x" with no-local,
     /// retain-as-published, retain handling 2 and QoS 1 (0b0010_1101).
     const V5_SUB: &[u8] = &[
-        0x82, 9, // SUBSCRIBE, remaining length 9
-        0x00, 0x01, // packet id 1
-        0x02, 0x0b, 0x07, // properties: subscription identifier 7
-        0x00, 0x01, b'x', // "x"
+        0x82,
+        9, // SUBSCRIBE, remaining length 9
+        0x00,
+        0x01, // packet id 1
+        0x02,
+        0x0b,
+        0x07, // properties: subscription identifier 7
+        0x00,
+        0x01,
+        b'x',        // "x"
         0b0010_1101, // options
     ];
 
@@ -183,8 +195,14 @@ mod tests {
         assert_eq!(
             s.entries,
             vec![
-                SubscribeEntry { filter: "a/+", options: 1 },
-                SubscribeEntry { filter: "b/#", options: 2 }
+                SubscribeEntry {
+                    filter: "a/+",
+                    options: 1
+                },
+                SubscribeEntry {
+                    filter: "b/#",
+                    options: 2
+                }
             ]
         );
     }

@@ -1,0 +1,130 @@
+//! The real binary: `check` and `run` as a user types them.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rumqttc::QoS;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
+
+#[test]
+fn check_lists_every_problem_and_exits_64() {
+    let dir = temp_dir("check");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[mqtt]\nupstream = \"tcp://x\"\nmode = \"share\"\nlisten = \"1883\"\n[[instance]]\nname = \"a b\"\nmatch = {}\n",
+    )
+    .expect("write config");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "mqtt.upstream",
+        "mqtt.listen",
+        "instance[0].name",
+        "instance[0].match",
+    ] {
+        assert!(err.contains(path), "{path} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn check_prints_the_resolved_config() {
+    let dir = temp_dir("check-ok");
+    let path = dir.join("ok.toml");
+    std::fs::write(
+        &path,
+        "node_id = \"n1\"\n[mqtt]\nupstream = \"mqtt://127.0.0.1:1884\"\nmode = \"share\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("connect_timeout = \"10s\""), "{text}");
+    assert!(
+        text.contains("upstream = \"mqtt://127.0.0.1:1884\""),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
+    let broker = Mosquitto::start().await;
+    let dir = temp_dir("run");
+    let config = dir.join("flowgate.toml");
+    let ready = dir.join("ready.json");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"bin\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"mqtt://{}\"\nmode = \"share\"\n[[instance]]\nname = \"line1\"\n\
+             match = {{ client_id = \"line1-nodered\" }}\n",
+            broker.addr
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("flowgate starts");
+    let start = Instant::now();
+    let announced: serde_json::Value = loop {
+        assert!(start.elapsed() < DEADLINE, "no ready file");
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                break v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mqtt: std::net::SocketAddr = announced["mqtt"]
+        .as_str()
+        .expect("mqtt addr")
+        .parse()
+        .expect("addr");
+    let mut c = Client3::connect(mqtt, "line1-nodered", true);
+    c.subscribe("jobs/#", QoS::AtLeastOnce).await;
+    assert!(broker.log_text().contains("line1-nodered-bin-0"));
+
+    let pid = child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let start = Instant::now();
+    let code = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s.code();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "flowgate did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+}

@@ -1,0 +1,9 @@
+//! Integration tests: real Mosquitto, real rumqttc clients, flowgate on
+//! loopback port 0. One binary so the support code is built once.
+
+mod support;
+
+mod admin;
+mod binary;
+mod hostile;
+mod share_mode;
