@@ -339,3 +339,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;
