@@ -10,9 +10,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::collections::HashMap;
+
+use tokio::sync::mpsc;
+
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::broker;
+use crate::config::{Config, InstanceConfig, Mode};
 use crate::metrics::Metrics;
+use crate::mqtt::dispatch::upstream::UpstreamSession;
+use crate::mqtt::dispatch::{DispatchSettings, Dispatcher, Handle};
 use crate::mqtt::proxy::{self, ProxyContext};
 use crate::mqtt::replicas::Instances;
 
@@ -24,8 +31,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Unsupported(String),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
 }
 
 /// A running flowgate.
@@ -48,9 +55,13 @@ impl App {
     /// Binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let config = Arc::new(config);
-        let upstream = config.mqtt.upstream.authority().ok_or_else(|| {
-            StartError::Unsupported("the embedded broker is not available in this version".into())
-        })?;
+        let (upstream_v3, upstream_v5) = match config.mqtt.upstream.authority() {
+            Some(a) => (a.clone(), a),
+            None => {
+                let b = broker::start(config.mqtt.max_packet_size.bytes()).await?;
+                (b.v4.to_string(), b.v5.to_string())
+            }
+        };
         let mqtt_listener = bind("mqtt.listen", config.mqtt.listen).await?;
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let mqtt_addr = mqtt_listener
@@ -74,14 +85,24 @@ impl App {
         let tracker = TaskTracker::new();
 
         tracker.spawn(probe_upstream(
-            upstream.clone(),
+            upstream_v3.clone(),
             config.mqtt.upstream_connect_timeout,
         ));
+        let mut dispatchers = HashMap::new();
+        if config.mqtt.mode == Mode::Dispatch {
+            for inst in &config.instances {
+                let handle =
+                    start_dispatcher(&config, inst, &upstream_v3, &metrics, &shutdown, &tracker);
+                dispatchers.insert(inst.name.clone(), handle);
+            }
+        }
         let ctx = Arc::new(ProxyContext {
             config: config.clone(),
             instances: instances.clone(),
             metrics: metrics.clone(),
-            upstream,
+            upstream_v3,
+            upstream_v5,
+            dispatchers,
         });
         tracker.spawn(proxy::serve(
             mqtt_listener,
@@ -140,4 +161,40 @@ async fn probe_upstream(upstream: String, timeout: Duration) {
             tracing::warn!(%upstream, ?timeout, "upstream broker did not answer; clients get CONNACK 'server unavailable' until it answers")
         }
     }
+}
+
+/// Starts one instance's upstream session and dispatcher; returns the handle
+/// replica sessions talk to.
+fn start_dispatcher(
+    config: &Config,
+    inst: &InstanceConfig,
+    upstream: &str,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Handle {
+    let (replica_tx, replica_rx) = mpsc::channel(4096);
+    let (up_cmd_tx, up_cmd_rx) = mpsc::channel(65_536);
+    let (up_ev_tx, up_ev_rx) = mpsc::channel(1024);
+    let session = UpstreamSession {
+        addr: upstream.to_owned(),
+        client_id: format!("flowgate-{}-{}", config.node_id, inst.name),
+        keep_alive: config.mqtt.upstream_keep_alive,
+        connect_timeout: config.mqtt.upstream_connect_timeout,
+        will: None,
+    };
+    tracker.spawn(session.run(up_cmd_rx, up_ev_tx, shutdown.clone()));
+    let settings = DispatchSettings {
+        instance: inst.name.clone(),
+        strategy: inst.strategy,
+        key_level: inst.key_level,
+        broadcast: inst.broadcast.clone(),
+        ack_timeout: inst.ack_timeout,
+        max_inflight: inst.max_inflight,
+        queue_limit: config.mqtt.queue_limit,
+        upstream_share: config.mqtt.upstream_share,
+    };
+    let dispatcher = Dispatcher::new(settings, up_cmd_tx, metrics.clone());
+    tracker.spawn(dispatcher.run(replica_rx, up_ev_rx, shutdown.clone()));
+    Handle { tx: replica_tx }
 }

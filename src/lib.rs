@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod metrics;

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::types::{ByteSize, Upstream};
 use super::{AdminConfig, Config, ConfigProblem, InstanceConfig, MatchRule, Mode, MqttConfig};
+use crate::mqtt::dispatch::strategy::Strategy;
 use crate::mqtt::topic::TopicFilter;
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,6 +39,9 @@ struct FileMqtt {
     connect_timeout: Option<String>,
     upstream_connect_timeout: Option<String>,
     max_packet_size: Option<String>,
+    queue_limit: Option<usize>,
+    upstream_share: Option<bool>,
+    upstream_keep_alive: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +52,10 @@ struct FileInstance {
     match_rule: FileMatch,
     #[serde(default)]
     broadcast: Vec<String>,
+    strategy: Option<Strategy>,
+    key_level: Option<usize>,
+    ack_timeout: Option<String>,
+    max_inflight: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,16 +156,10 @@ impl FileConfig {
             Upstream::Embedded,
         );
         let mode = m.mode.unwrap_or(Mode::Dispatch);
-        if mode == Mode::Dispatch {
+        if mode == Mode::Share && upstream == Upstream::Embedded {
             p.add(
                 "mqtt.mode",
-                "\"dispatch\" is not available in this version yet; set mode = \"share\"",
-            );
-        }
-        if upstream == Upstream::Embedded {
-            p.add(
-                "mqtt.upstream",
-                "the embedded broker is not available in this version yet; set upstream = \"mqtt://host:port\"",
+                "share mode needs an external broker (the embedded rumqttd loses messages in shared groups); use mode = \"dispatch\" or set upstream = \"mqtt://host:port\"",
             );
         }
         let mqtt = MqttConfig {
@@ -186,7 +188,22 @@ impl FileConfig {
                 ByteSize::parse(m.max_packet_size.as_deref().unwrap_or("1MiB")),
                 ByteSize(1 << 20),
             ),
+            queue_limit: m.queue_limit.unwrap_or(10_000),
+            upstream_share: m.upstream_share.unwrap_or(false),
+            upstream_keep_alive: p.check(
+                "mqtt.upstream_keep_alive",
+                duration(m.upstream_keep_alive.as_deref(), Duration::from_secs(30)),
+                Duration::from_secs(30),
+            ),
         };
+        if mqtt.queue_limit == 0 {
+            p.add("mqtt.queue_limit", "must be at least 1");
+        }
+        if mqtt.upstream_keep_alive < Duration::from_secs(1)
+            || mqtt.upstream_keep_alive > Duration::from_secs(65535)
+        {
+            p.add("mqtt.upstream_keep_alive", "must be between 1s and 65535s");
+        }
         let mut instances = Vec::new();
         for (i, inst) in self.instance.into_iter().enumerate() {
             let path = format!("instance[{i}]");
@@ -236,10 +253,26 @@ impl FileConfig {
                     Err(e) => p.add(format!("{path}.broadcast[{j}]"), format!("{f:?}: {e}")),
                 }
             }
+            let ack_timeout = p.check(
+                &format!("{path}.ack_timeout"),
+                duration(inst.ack_timeout.as_deref(), Duration::from_secs(30)),
+                Duration::from_secs(30),
+            );
+            let max_inflight = inst.max_inflight.unwrap_or(100);
+            if max_inflight == 0 || max_inflight > 65_000 {
+                p.add(
+                    format!("{path}.max_inflight"),
+                    "must be between 1 and 65000",
+                );
+            }
             instances.push(InstanceConfig {
                 name: inst.name,
                 match_rule,
                 broadcast,
+                strategy: inst.strategy.unwrap_or_default(),
+                key_level: inst.key_level,
+                ack_timeout,
+                max_inflight,
             });
         }
         if p.0.is_empty() {

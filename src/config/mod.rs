@@ -18,6 +18,7 @@ use serde::Serialize;
 
 pub use types::{ByteSize, Upstream};
 
+use crate::mqtt::dispatch::strategy::Strategy;
 use crate::mqtt::topic::TopicFilter;
 
 /// The embedded default config, used by `flowgate run` with no arguments.
@@ -51,6 +52,15 @@ pub struct MqttConfig {
     pub upstream_connect_timeout: Duration,
     /// Largest packet accepted from a replica (remaining length).
     pub max_packet_size: ByteSize,
+    /// Dispatch mode: messages waiting for a replica, per instance, before
+    /// flowgate stops reading from the broker.
+    pub queue_limit: usize,
+    /// Dispatch mode: subscribe upstream as `$share/{instance}/{filter}` so
+    /// several flowgate nodes split one instance's stream.
+    pub upstream_share: bool,
+    /// Dispatch mode: keep-alive of the upstream sessions.
+    #[serde(with = "types::humantime_ser")]
+    pub upstream_keep_alive: Duration,
 }
 
 /// How an instance's replicas share their MQTT work.
@@ -88,6 +98,18 @@ pub struct InstanceConfig {
     #[serde(rename = "match")]
     pub match_rule: MatchRule,
     pub broadcast: Vec<TopicFilter>,
+    /// Dispatch mode: how messages are spread over the replicas.
+    pub strategy: Strategy,
+    /// Dispatch mode, key-hash: the topic level (0-based) used as the key;
+    /// the whole topic when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_level: Option<usize>,
+    /// Dispatch mode: a replica that leaves a message unacknowledged this long
+    /// has its unacknowledged messages handed to another replica.
+    #[serde(with = "types::humantime_ser")]
+    pub ack_timeout: Duration,
+    /// Dispatch mode: unacknowledged QoS 1/2 messages per replica.
+    pub max_inflight: usize,
 }
 
 /// One problem found in a config, with the path of the key.
@@ -195,6 +217,33 @@ mod tests {
         );
         assert_eq!(c.mqtt.connect_timeout, Duration::from_secs(10));
         assert!(c.to_toml().contains("mode = \"share\""));
+    }
+
+    #[test]
+    fn empty_config_is_dispatch_on_the_embedded_broker() {
+        let c = Config::parse("", "t").expect("defaults are valid");
+        assert_eq!(c.mqtt.mode, Mode::Dispatch);
+        assert_eq!(c.mqtt.upstream, Upstream::Embedded);
+        assert!(c.instances.is_empty());
+    }
+
+    #[test]
+    fn dispatch_options_parse() {
+        let c = Config::parse(
+            "[[instance]]\nname = \"a\"\nmatch = { client_id = \"x\" }\nstrategy = \"key-hash\"\nkey_level = 1\nack_timeout = \"2s\"\nmax_inflight = 8\n",
+            "t",
+        )
+        .expect("valid");
+        let i = &c.instances[0];
+        assert_eq!(i.strategy, Strategy::KeyHash);
+        assert_eq!(i.key_level, Some(1));
+        assert_eq!(i.ack_timeout, Duration::from_secs(2));
+        assert_eq!(i.max_inflight, 8);
+        assert!(Config::parse(
+            "[[instance]]\nname = \"a\"\nmatch = { client_id = \"x\" }\nstrategy = \"random\"\n",
+            "t"
+        )
+        .is_err());
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub mqtt_errors: IntCounterVec,
     pub mqtt_connections: IntCounterVec,
     pub mqtt_connections_active: IntGaugeVec,
+    pub replica_inflight: IntGaugeVec,
+    pub dispatch_queued: IntGaugeVec,
+    pub dispatch_redeliveries: IntCounterVec,
+    pub dispatch_dropped: IntCounterVec,
 }
 
 /// Counters of one replica connection, resolved once at connect so the hot
@@ -94,6 +98,30 @@ impl Metrics {
                 "MQTT connections open, by kind (replica, passthrough)",
                 &[LABEL_KIND],
             ),
+            replica_inflight: gauge_vec(
+                r,
+                REPLICA_INFLIGHT,
+                "Messages delivered to a replica and not yet acknowledged (dispatch mode)",
+                &[LABEL_INSTANCE, LABEL_REPLICA],
+            ),
+            dispatch_queued: gauge_vec(
+                r,
+                DISPATCH_QUEUED,
+                "Messages waiting for a replica (dispatch mode)",
+                &[LABEL_INSTANCE],
+            ),
+            dispatch_redeliveries: counter_vec(
+                r,
+                DISPATCH_REDELIVERIES,
+                "Messages handed to another replica after the first left or stopped acknowledging",
+                &[LABEL_INSTANCE],
+            ),
+            dispatch_dropped: counter_vec(
+                r,
+                DISPATCH_DROPPED,
+                "Messages dropped because a limit forced it, by reason",
+                &[LABEL_INSTANCE, LABEL_REASON],
+            ),
             registry,
         }
     }
@@ -101,6 +129,7 @@ impl Metrics {
     /// Registers an instance so its gauge reads 0 before any replica comes.
     pub fn declare_instance(&self, instance: &str) {
         self.instance_replicas.with_label_values(&[instance]).set(0);
+        self.dispatch_redeliveries.with_label_values(&[instance]);
     }
 
     pub fn replica(&self, instance: &str, slot: u16) -> ReplicaCounters {

@@ -9,11 +9,16 @@ pub const MQTT_REWRITES: &str = "flowgate_mqtt_rewrites_total";
 pub const MQTT_ERRORS: &str = "flowgate_mqtt_errors_total";
 pub const MQTT_CONNECTIONS: &str = "flowgate_mqtt_connections_total";
 pub const MQTT_CONNECTIONS_ACTIVE: &str = "flowgate_mqtt_connections_active";
+pub const REPLICA_INFLIGHT: &str = "flowgate_replica_inflight_messages";
+pub const DISPATCH_QUEUED: &str = "flowgate_dispatch_queued_messages";
+pub const DISPATCH_REDELIVERIES: &str = "flowgate_dispatch_redeliveries_total";
+pub const DISPATCH_DROPPED: &str = "flowgate_dispatch_dropped_total";
 
 pub const LABEL_INSTANCE: &str = "instance";
 pub const LABEL_REPLICA: &str = "replica";
 pub const LABEL_DIRECTION: &str = "direction";
 pub const LABEL_KIND: &str = "kind";
+pub const LABEL_REASON: &str = "reason";
 
 /// `direction` values.
 pub const TO_REPLICA: &str = "to_replica";

@@ -33,6 +33,12 @@ pub enum ConnError {
     ClientIdTooLong(usize),
     #[error("no free replica slot in instance {0}")]
     NoSlot(String),
+    #[error("client sent an invalid packet: {0}")]
+    ClientWire(String),
+    #[error("no packet from the client within {0:?} (1.5 x keep-alive)")]
+    KeepAliveTimeout(Duration),
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl ConnError {
@@ -49,6 +55,9 @@ impl ConnError {
             Self::UpstreamConnect { .. } => "upstream_unreachable",
             Self::ClientIdTooLong(_) => "client_id_too_long",
             Self::NoSlot(_) => "no_slot",
+            Self::ClientWire(_) => "malformed_packet",
+            Self::KeepAliveTimeout(_) => "keep_alive_timeout",
+            Self::Internal(_) => "internal",
         }
     }
 
@@ -58,6 +67,9 @@ impl ConnError {
         match self {
             Self::ClientIo(_) | Self::ClosedBeforeConnect => {
                 tracing::debug!(error = %self, kind = self.kind(), "connection closed")
+            }
+            Self::Internal(_) => {
+                tracing::error!(error = %self, kind = self.kind(), "connection closed")
             }
             _ => tracing::warn!(error = %self, kind = self.kind(), "connection closed"),
         }

@@ -2,6 +2,7 @@
 //! replica table, and the proxy that owns the sockets.
 
 pub mod codec;
+pub mod dispatch;
 pub mod error;
 pub mod proxy;
 pub mod pump;

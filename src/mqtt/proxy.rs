@@ -7,6 +7,7 @@
 //! rewritten client id, and two [`pump`]s that rewrite its filters and count
 //! its traffic. One connection failing never touches another.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,10 @@ use tracing::Instrument;
 use super::codec::{
     check_header, connack_refusal, Connect, FrameScanner, PacketType, Protocol,
     MAX_REMAINING_LENGTH,
+};
+use super::dispatch::{
+    self,
+    session::{self, Session},
 };
 use super::error::ConnError;
 use super::pump::{pump, Direction, FromReplica, ToReplica};
@@ -37,8 +42,13 @@ pub struct ProxyContext {
     pub config: Arc<Config>,
     pub instances: Arc<Instances>,
     pub metrics: Arc<Metrics>,
-    /// `host:port` of the broker.
-    pub upstream: String,
+    /// `host:port` of the broker for 3.x clients.
+    pub upstream_v3: String,
+    /// `host:port` of the broker for 5.0 clients (the embedded broker has
+    /// one listener per version).
+    pub upstream_v5: String,
+    /// Dispatch mode: each instance's dispatcher, by instance name.
+    pub dispatchers: HashMap<String, dispatch::Handle>,
 }
 
 /// Accepts connections until `shutdown`, spawning one task each on `tracker`.
@@ -106,13 +116,18 @@ async fn read_first_frame(
     }
 }
 
-async fn connect_upstream(ctx: &ProxyContext) -> Result<TcpStream, ConnError> {
+async fn connect_upstream(ctx: &ProxyContext, protocol: Protocol) -> Result<TcpStream, ConnError> {
     let timeout = ctx.config.mqtt.upstream_connect_timeout;
+    let addr = if protocol.is_v5() {
+        &ctx.upstream_v5
+    } else {
+        &ctx.upstream_v3
+    };
     let fail = |reason: String| ConnError::UpstreamConnect {
-        addr: ctx.upstream.clone(),
+        addr: addr.clone(),
         reason,
     };
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(&ctx.upstream))
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| fail(format!("no answer within {timeout:?}")))?
         .map_err(|e| fail(e.to_string()))?;
@@ -145,7 +160,7 @@ async fn handle(
     let Some(instance) = ctx.instances.find(connect.client_id, connect.username) else {
         tracing::debug!(client_id = connect.client_id, "pass-through client");
         let _active = ActiveGuard::new(&ctx.metrics, names::CONN_PASSTHROUGH);
-        let mut upstream = connect_upstream(ctx).await?;
+        let mut upstream = connect_upstream(ctx, connect.protocol).await?;
         upstream
             .write_all(&buf)
             .await
@@ -171,8 +186,30 @@ async fn handle(
         return Err(ConnError::ClientIdTooLong(new_id.len()));
     }
     let rewritten = connect.encode_with_client_id(&new_id);
+    let will = session::will_of(&connect);
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
     let _ = buf.split_to(frame_len);
     let span = tracing::info_span!("replica", instance = %instance.config.name, slot = guard.slot);
+    if let Some(handle) = ctx.dispatchers.get(&instance.config.name) {
+        let session = Session {
+            protocol,
+            keep_alive,
+            max_packet: max,
+            max_inflight: instance.config.max_inflight,
+            guard: &guard,
+            handle: handle.clone(),
+            will,
+        };
+        return async move {
+            tracing::info!(%client_id, session_id = %new_id, ?protocol, "replica connected (dispatch)");
+            let _active = ActiveGuard::new(&ctx.metrics, names::CONN_REPLICA);
+            let result = session.run(client, buf, shutdown).await;
+            tracing::info!("replica disconnected");
+            result
+        }
+        .instrument(span)
+        .await;
+    }
     let replica = Replica {
         ctx,
         instance: &instance,
@@ -215,7 +252,7 @@ impl Replica<'_> {
             .mqtt_rewrites
             .with_label_values(&[name, "client_id"])
             .inc();
-        let upstream = match connect_upstream(ctx).await {
+        let upstream = match connect_upstream(ctx, self.protocol).await {
             Ok(s) => s,
             Err(e) => {
                 let _ = client.write_all(connack_refusal(self.protocol)).await;

@@ -206,15 +206,16 @@ impl Drop for SlotGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MatchRule;
 
     fn instances() -> (Instances, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
-        let config = InstanceConfig {
-            name: "line1".into(),
-            match_rule: MatchRule::ClientId("nr".into()),
-            broadcast: vec![],
-        };
+        let config = crate::config::Config::parse(
+            "[[instance]]\nname = \"line1\"\nmatch = { client_id = \"nr\" }\n",
+            "t",
+        )
+        .expect("valid config")
+        .instances
+        .remove(0);
         (Instances::new(&[config], &metrics), metrics)
     }
 

@@ -1,0 +1,81 @@
+//! The embedded broker (rumqttd), behind flowgate's own config.
+//!
+//! rumqttd runs on threads of its own with its own runtimes and has no stop
+//! signal: it lives until the process exits. It cannot report the ports it
+//! bound, so flowgate picks free loopback ports, starts it there, and waits
+//! until both listeners (3.1.1 and 5.0) answer. It listens on 127.0.0.1 only:
+//! clients reach it through flowgate's MQTT listener, never directly.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("cannot find a free loopback port for the embedded broker: {0}")]
+    Port(std::io::Error),
+    #[error("embedded broker config rejected: {0}")]
+    Config(String),
+    #[error("cannot start the embedded broker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the embedded broker did not answer on {0} within {1:?}")]
+    NotListening(SocketAddr, Duration),
+}
+
+/// Where the embedded broker listens, per protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedBroker {
+    pub v4: SocketAddr,
+    pub v5: SocketAddr,
+}
+
+fn free_port() -> Result<u16, BrokerError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(BrokerError::Port)
+}
+
+fn settings(name: &str, addr: SocketAddr, max_packet: usize) -> String {
+    format!(
+        "[{name}.1]\nname = \"{name}\"\nlisten = \"{addr}\"\nnext_connection_delay_ms = 0\n\
+         [{name}.1.connections]\nconnection_timeout_ms = 60000\nmax_payload_size = {max_packet}\n\
+         max_inflight_count = 500\ndynamic_filters = true\n"
+    )
+}
+
+/// Starts rumqttd on two free loopback ports and waits until it answers.
+pub async fn start(max_packet: usize) -> Result<EmbeddedBroker, BrokerError> {
+    let v4: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let v5: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let text = format!(
+        "id = 0\n[router]\nmax_connections = 100010\nmax_outgoing_packet_count = 1000\n\
+         max_segment_size = 104857600\nmax_segment_count = 10\n{}{}",
+        settings("v4", v4, max_packet),
+        settings("v5", v5, max_packet)
+    );
+    let config: rumqttd::Config =
+        toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("embedded-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    let limit = Duration::from_secs(10);
+    for addr in [v4, v5] {
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if start.elapsed() > limit {
+                return Err(BrokerError::NotListening(addr, limit));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tracing::info!(v4 = %v4, v5 = %v5, "embedded broker listening on loopback");
+    Ok(EmbeddedBroker { v4, v5 })
+}

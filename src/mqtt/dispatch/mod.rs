@@ -1,0 +1,24 @@
+//! Dispatch mode: flowgate terminates the replicas' MQTT sessions and hands
+//! each message from the instance's one upstream session to exactly one
+//! replica.
+//!
+//! One [`Dispatcher`] task per instance owns all the state (no locks): the
+//! replicas with their filters and unacknowledged messages, the queue of
+//! messages waiting for a replica, and the upstream session's packet ids. The
+//! replica sessions ([`session`]) and the upstream session ([`upstream`]) only
+//! move packets and report to it over channels.
+//!
+//! Guarantees: a QoS 1/2 message is acknowledged upstream only after a replica
+//! acknowledged it; a replica that disconnects, or leaves a message
+//! unacknowledged past `ack_timeout`, has its unacknowledged messages handed
+//! to another replica, oldest first; with no replica able to take a message it
+//! waits in a queue of at most `queue_limit`, and past that the dispatcher
+//! stops reading from the broker (back-pressure: the broker holds them).
+
+mod core;
+pub mod session;
+pub mod strategy;
+pub mod upstream;
+pub mod wire;
+
+pub use self::core::{DispatchSettings, Dispatcher, Handle, ReplicaEvent};

@@ -1,0 +1,160 @@
+//! A replica's MQTT session, terminated by flowgate (dispatch mode): answers
+//! CONNECT, PINGREQ and keep-alive itself, passes every other packet to the
+//! dispatcher, and writes what the dispatcher sends, coalescing writes.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::core::{Handle, ReplicaEvent};
+use super::wire::{self, Incoming, Message, Outgoing};
+use crate::mqtt::codec::{Connect, Protocol};
+use crate::mqtt::error::ConnError;
+use crate::mqtt::replicas::SlotGuard;
+
+/// Capacity of a replica's outgoing channel beyond its in-flight window.
+const OUT_SLACK: usize = 256;
+
+/// The will of a CONNECT as a message.
+pub fn will_of(connect: &Connect<'_>) -> Option<Message> {
+    connect.will.as_ref().map(|w| Message {
+        topic: w.topic.to_owned(),
+        payload: bytes::Bytes::copy_from_slice(w.payload),
+        qos: w.qos,
+        retain: w.retain,
+        properties: None,
+    })
+}
+
+pub struct Session<'a> {
+    pub protocol: Protocol,
+    pub keep_alive: Duration,
+    pub max_packet: usize,
+    pub max_inflight: usize,
+    pub guard: &'a SlotGuard,
+    pub handle: Handle,
+    pub will: Option<Message>,
+}
+
+impl Session<'_> {
+    /// Serves the replica until it disconnects; always tells the dispatcher
+    /// it left, and whether cleanly.
+    pub async fn run(
+        self,
+        stream: TcpStream,
+        inbuf: BytesMut,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ConnError> {
+        let (tx, rx) = mpsc::channel(self.max_inflight + OUT_SLACK);
+        let slot = self.guard.slot;
+        let joined = ReplicaEvent::Joined {
+            slot,
+            tx,
+            will: self.will.clone(),
+            counters: self.guard.counters.clone(),
+        };
+        if self.handle.tx.send(joined).await.is_err() {
+            return Ok(());
+        }
+        let mut clean = false;
+        let result = self.serve(stream, inbuf, rx, &mut clean, shutdown).await;
+        let _ = self
+            .handle
+            .tx
+            .send(ReplicaEvent::Left { slot, clean })
+            .await;
+        result
+    }
+
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        mut inbuf: BytesMut,
+        mut rx: mpsc::Receiver<Outgoing>,
+        clean: &mut bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ConnError> {
+        let (mut rd, mut wr) = stream.into_split();
+        let counters = &self.guard.counters;
+        let mut out = BytesMut::new();
+        wire::encode(self.protocol, &Outgoing::ConnAck, &mut out)
+            .map_err(|e| ConnError::Internal(e.0))?;
+        wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
+        counters.bytes_to.inc_by(out.len() as u64);
+        self.guard.mark_accepted();
+        // MQTT: the server may close after 1.5 x keep-alive of silence
+        let silence = if self.keep_alive.is_zero() {
+            Duration::from_secs(u64::from(u32::MAX))
+        } else {
+            self.keep_alive * 3 / 2
+        };
+        let mut deadline = tokio::time::Instant::now() + silence;
+        loop {
+            // everything complete in the buffer goes to the dispatcher first
+            loop {
+                let before = inbuf.len();
+                let packet = wire::decode(self.protocol, &mut inbuf, self.max_packet)
+                    .map_err(|e| ConnError::ClientWire(e.0))?;
+                let Some(packet) = packet else { break };
+                counters.bytes_from.inc_by((before - inbuf.len()) as u64);
+                match packet {
+                    Incoming::PingReq => {
+                        out.clear();
+                        wire::encode(self.protocol, &Outgoing::PingResp, &mut out)
+                            .map_err(|e| ConnError::Internal(e.0))?;
+                        wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
+                    }
+                    Incoming::Disconnect => {
+                        *clean = true;
+                        return Ok(());
+                    }
+                    Incoming::Ignored => {}
+                    packet => {
+                        if matches!(packet, Incoming::Publish { .. }) {
+                            counters.messages_from.inc();
+                        }
+                        let ev = ReplicaEvent::Packet {
+                            slot: self.guard.slot,
+                            packet,
+                        };
+                        if self.handle.tx.send(ev).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            inbuf.reserve(16 * 1024);
+            tokio::select! {
+                r = rd.read_buf(&mut inbuf) => {
+                    if r.map_err(ConnError::ClientIo)? == 0 {
+                        return Ok(());
+                    }
+                    deadline = tokio::time::Instant::now() + silence;
+                }
+                first = rx.recv() => {
+                    let Some(first) = first else { return Ok(()) };
+                    out.clear();
+                    let mut next = Some(first);
+                    while let Some(p) = next.take() {
+                        wire::encode(self.protocol, &p, &mut out).map_err(|e| ConnError::Internal(e.0))?;
+                        if out.len() < 64 * 1024 {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    counters.bytes_to.inc_by(out.len() as u64);
+                    wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
+                }
+                () = tokio::time::sleep_until(deadline) => return Err(ConnError::KeepAliveTimeout(silence)),
+                () = shutdown.cancelled() => {
+                    // flowgate stopping is no death of the instance: no will
+                    *clean = true;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Picking the replica for a message: pure functions over the candidates, so
+//! each strategy is tested without sockets.
+
+use serde::{Deserialize, Serialize};
+
+/// How an instance's messages are spread over its replicas (dispatch mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Each replica in turn.
+    RoundRobin,
+    /// The replica with the fewest unacknowledged messages (ties in turn).
+    #[default]
+    LeastInflight,
+    /// Rendezvous hashing of the topic (or one topic level): a key stays on
+    /// one replica, and a replica joining or leaving moves only its share.
+    KeyHash,
+}
+
+/// A replica that could take the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub slot: u16,
+    pub inflight: usize,
+}
+
+/// The hashing key of a topic: the whole topic, or its level `level` (0-based)
+/// when the topic has that many levels.
+pub fn key_of(topic: &str, level: Option<usize>) -> &str {
+    level.and_then(|l| topic.split('/').nth(l)).unwrap_or(topic)
+}
+
+fn mix(mut h: u64) -> u64 {
+    // splitmix64 finaliser: spreads similar inputs over the whole range
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Chooses among `candidates` (never empty when called; `None` if it is).
+/// `turn` is the instance's rotating counter, advanced by the caller.
+pub fn pick(strategy: Strategy, candidates: &[Candidate], turn: usize, key: &str) -> Option<u16> {
+    if candidates.is_empty() {
+        return None;
+    }
+    let slot = match strategy {
+        Strategy::RoundRobin => candidates[turn % candidates.len()].slot,
+        Strategy::LeastInflight => {
+            let least = candidates.iter().map(|c| c.inflight).min().unwrap_or(0);
+            let tied: Vec<u16> = candidates
+                .iter()
+                .filter(|c| c.inflight == least)
+                .map(|c| c.slot)
+                .collect();
+            tied[turn % tied.len()]
+        }
+        Strategy::KeyHash => {
+            let key_hash = fnv1a64(key.as_bytes());
+            candidates
+                .iter()
+                .max_by_key(|c| (mix(key_hash ^ mix(u64::from(c.slot) + 1)), c.slot))
+                .map(|c| c.slot)?
+        }
+    };
+    Some(slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cands(slots: &[u16]) -> Vec<Candidate> {
+        slots
+            .iter()
+            .map(|&slot| Candidate { slot, inflight: 0 })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let c = cands(&[0, 1, 2]);
+        let picks: Vec<_> = (0..6)
+            .map(|t| pick(Strategy::RoundRobin, &c, t, ""))
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2].map(Some));
+    }
+
+    #[test]
+    fn least_inflight_prefers_the_idle_replica() {
+        let c = vec![
+            Candidate {
+                slot: 0,
+                inflight: 5,
+            },
+            Candidate {
+                slot: 1,
+                inflight: 1,
+            },
+            Candidate {
+                slot: 2,
+                inflight: 1,
+            },
+        ];
+        assert_eq!(pick(Strategy::LeastInflight, &c, 0, ""), Some(1));
+        assert_eq!(pick(Strategy::LeastInflight, &c, 1, ""), Some(2));
+    }
+
+    #[test]
+    fn key_hash_is_stable_and_moves_only_the_leavers_keys() {
+        let all = cands(&[0, 1, 2, 3]);
+        let without_2 = cands(&[0, 1, 3]);
+        let keys: Vec<String> = (0..2000).map(|i| format!("sensors/dev{i}/temp")).collect();
+        let mut per = [0usize; 4];
+        for k in &keys {
+            let before = pick(Strategy::KeyHash, &all, 0, k).expect("pick");
+            assert_eq!(
+                pick(Strategy::KeyHash, &all, 7, k),
+                Some(before),
+                "same key, same replica"
+            );
+            per[usize::from(before)] += 1;
+            let after = pick(Strategy::KeyHash, &without_2, 0, k).expect("pick");
+            if before != 2 {
+                assert_eq!(after, before, "a key not on the leaver moved");
+            }
+        }
+        assert!(per.iter().all(|&n| n > 350), "uneven spread {per:?}");
+    }
+
+    #[test]
+    fn key_of_picks_a_level() {
+        assert_eq!(key_of("a/b/c", Some(1)), "b");
+        assert_eq!(key_of("a/b/c", Some(5)), "a/b/c");
+        assert_eq!(key_of("a/b/c", None), "a/b/c");
+    }
+}

@@ -1,0 +1,258 @@
+//! The instance's one upstream MQTT session (3.1.1, persistent): connects and
+//! reconnects with back-off, keeps the session alive, writes what the
+//! dispatcher asks and reports what the broker sends. It decides nothing.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, Incoming, Message};
+use crate::mqtt::codec::Protocol;
+
+/// What the dispatcher asks of the upstream session.
+#[derive(Debug)]
+pub enum UpCmd {
+    Publish {
+        msg: Message,
+        pkid: u16,
+        dup: bool,
+    },
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    /// Reconnect with this will (the session is kept).
+    SetWill(Option<Message>),
+}
+
+/// What the upstream session reports.
+#[derive(Debug)]
+pub enum UpEvent {
+    Up { session_present: bool },
+    Down,
+    Packet(Incoming),
+}
+
+pub struct UpstreamSession {
+    pub addr: String,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+    pub will: Option<Message>,
+}
+
+fn qos4(q: u8) -> rumqttc::mqttbytes::QoS {
+    match q {
+        0 => rumqttc::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+fn encode(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
+    let packet = match cmd {
+        UpCmd::Publish { msg, pkid, dup } => {
+            let mut p = v4::Publish::from_bytes(&msg.topic, qos4(msg.qos), msg.payload.clone());
+            p.pkid = *pkid;
+            p.dup = *dup;
+            p.retain = msg.retain;
+            v4::Packet::Publish(p)
+        }
+        UpCmd::PubAck(id) => v4::Packet::PubAck(v4::PubAck::new(*id)),
+        UpCmd::PubRec(id) => v4::Packet::PubRec(v4::PubRec::new(*id)),
+        UpCmd::PubRel(id) => v4::Packet::PubRel(v4::PubRel::new(*id)),
+        UpCmd::PubComp(id) => v4::Packet::PubComp(v4::PubComp::new(*id)),
+        UpCmd::Subscribe { pkid, filters } => {
+            let mut s = v4::Subscribe::new_many(
+                filters
+                    .iter()
+                    .map(|(f, q)| v4::SubscribeFilter::new(f.clone(), qos4(*q))),
+            );
+            s.pkid = *pkid;
+            v4::Packet::Subscribe(s)
+        }
+        UpCmd::Unsubscribe { pkid, filters } => {
+            let mut u = v4::Unsubscribe::new(filters.first().cloned().unwrap_or_default());
+            u.topics = filters.clone();
+            u.pkid = *pkid;
+            v4::Packet::Unsubscribe(u)
+        }
+        UpCmd::SetWill(_) => return Ok(()),
+    };
+    packet
+        .write(out, usize::MAX)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+impl UpstreamSession {
+    fn connect_packet(&self) -> Result<BytesMut, String> {
+        let mut c = v4::Connect::new(self.client_id.clone());
+        c.clean_session = false;
+        c.keep_alive = u16::try_from(self.keep_alive.as_secs()).unwrap_or(u16::MAX);
+        c.last_will = self
+            .will
+            .as_ref()
+            .map(|w| v4::LastWill::new(w.topic.clone(), w.payload.clone(), qos4(w.qos), w.retain));
+        let mut out = BytesMut::new();
+        v4::Packet::Connect(c)
+            .write(&mut out, usize::MAX)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    /// Runs until `shutdown`: connect, serve, reconnect.
+    pub async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<UpCmd>,
+        events: mpsc::Sender<UpEvent>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let started = tokio::select! {
+                r = self.connect() => r,
+                () = shutdown.cancelled() => return,
+            };
+            let (stream, buf, session_present) = match started {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(addr = %self.addr, client_id = %self.client_id, error = %e, retry_in = ?backoff, "upstream session cannot connect");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            tracing::info!(addr = %self.addr, client_id = %self.client_id, session_present, "upstream session up");
+            if events.send(UpEvent::Up { session_present }).await.is_err() {
+                return;
+            }
+            let end = self.serve(stream, buf, &mut cmds, &events, &shutdown).await;
+            match end {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(addr = %self.addr, error = %e, "upstream session lost"),
+            }
+            if events.send(UpEvent::Down).await.is_err() || shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(TcpStream, BytesMut, bool), String> {
+        let mut stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.connect_timeout))?
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .write_all(&self.connect_packet()?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        loop {
+            match wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())? {
+                Some(Incoming::ConnAck {
+                    accepted: true,
+                    session_present,
+                    ..
+                }) => return Ok((stream, buf, session_present)),
+                Some(Incoming::ConnAck { code, .. }) => {
+                    return Err(format!("broker refused the session (code {code})"))
+                }
+                Some(other) => return Err(format!("expected CONNACK, got {other:?}")),
+                None => {}
+            }
+            let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
+                .await
+                .map_err(|_| "no CONNACK in time".to_owned())?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before CONNACK".into());
+            }
+        }
+    }
+
+    /// One connected period. Returns `Ok` when asked to reconnect or stop.
+    async fn serve(
+        &mut self,
+        stream: TcpStream,
+        mut buf: BytesMut,
+        cmds: &mut mpsc::Receiver<UpCmd>,
+        events: &mpsc::Sender<UpEvent>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let (mut rd, mut wr) = stream.into_split();
+        let mut ping = tokio::time::interval(self.keep_alive / 2);
+        ping.tick().await;
+        let mut last_read = tokio::time::Instant::now();
+        loop {
+            while let Some(p) =
+                wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())?
+            {
+                if p != Incoming::PingResp && events.send(UpEvent::Packet(p)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            buf.reserve(16 * 1024);
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => {
+                    if r.map_err(|e| e.to_string())? == 0 {
+                        return Err("broker closed the connection".into());
+                    }
+                    last_read = tokio::time::Instant::now();
+                }
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { return Ok(()) };
+                    let mut out = BytesMut::new();
+                    let mut next = Some(cmd);
+                    // coalesce what is already queued into one write
+                    while let Some(cmd) = next.take() {
+                        if let UpCmd::SetWill(will) = cmd {
+                            self.will = will;
+                            let _ = wr.write_all(&out).await;
+                            let _ = wr.write_all(&[0xe0, 0x00]).await;
+                            return Ok(());
+                        }
+                        encode(&cmd, &mut out)?;
+                        if out.len() < 64 * 1024 {
+                            next = cmds.try_recv().ok();
+                        }
+                    }
+                    wr.write_all(&out).await.map_err(|e| e.to_string())?;
+                }
+                _ = ping.tick() => {
+                    if last_read.elapsed() > self.keep_alive * 3 / 2 {
+                        return Err("broker silent past keep-alive".into());
+                    }
+                    wr.write_all(&[0xc0, 0x00]).await.map_err(|e| e.to_string())?;
+                }
+                () = shutdown.cancelled() => {
+                    // a clean DISCONNECT: the broker keeps the session, drops the will
+                    let _ = wr.write_all(&[0xe0, 0x00]).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
