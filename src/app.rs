@@ -176,9 +176,10 @@ fn start_dispatcher(
     let (replica_tx, replica_rx) = mpsc::channel(4096);
     let (up_cmd_tx, up_cmd_rx) = mpsc::channel(65_536);
     let (up_ev_tx, up_ev_rx) = mpsc::channel(1024);
+    let client_id = format!("flowgate-{}-{}", config.node_id, inst.name);
     let session = UpstreamSession {
         addr: upstream.to_owned(),
-        client_id: format!("flowgate-{}-{}", config.node_id, inst.name),
+        client_id: client_id.clone(),
         keep_alive: config.mqtt.upstream_keep_alive,
         connect_timeout: config.mqtt.upstream_connect_timeout,
         will: None,
@@ -193,6 +194,9 @@ fn start_dispatcher(
         max_inflight: inst.max_inflight,
         queue_limit: config.mqtt.queue_limit,
         upstream_share: config.mqtt.upstream_share,
+        upstream_addr: upstream.to_owned(),
+        upstream_client_id: client_id,
+        retained_timeout: config.mqtt.upstream_connect_timeout,
     };
     let dispatcher = Dispatcher::new(settings, up_cmd_tx, metrics.clone());
     tracker.spawn(dispatcher.run(replica_rx, up_ev_rx, shutdown.clone()));

@@ -5,5 +5,6 @@ mod support;
 
 mod admin;
 mod binary;
+mod dispatch;
 mod hostile;
 mod share_mode;

@@ -124,6 +124,7 @@ pub async fn flowgate(upstream: SocketAddr, mode: &str, extra_mqtt: &str, instan
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          upstream = \"mqtt://{upstream}\"\nmode = \"{mode}\"\n{extra_mqtt}\n{instances}\n"
     );
+    init_logs();
     let config = Config::parse(&text, "test config").expect("test config is valid");
     App::start(config).await.expect("flowgate starts")
 }
@@ -278,4 +279,14 @@ pub async fn publish_numbered(addr: SocketAddr, topic: &str, n: usize) {
     let client = sender.await.expect("sender task");
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+}
+
+/// Logs to the test's output when RUST_LOG is set (`RUST_LOG=flowgate=debug`).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
 }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::strategy::{self, Candidate, Strategy};
-use super::upstream::{UpCmd, UpEvent};
+use super::upstream::{RetainedFetch, UpCmd, UpEvent};
 use super::wire::{Incoming, Message, Outgoing};
 use crate::metrics::{Metrics, ReplicaCounters};
 use crate::mqtt::topic::TopicFilter;
@@ -26,6 +26,12 @@ pub struct DispatchSettings {
     pub queue_limit: usize,
     /// Subscribe upstream as `$share/{instance}/{filter}` (several nodes).
     pub upstream_share: bool,
+    /// The broker, for side sessions fetching retained messages.
+    pub upstream_addr: String,
+    /// The main upstream session's client id (side sessions derive theirs).
+    pub upstream_client_id: String,
+    /// How long a side session waits for retained messages.
+    pub retained_timeout: Duration,
 }
 
 /// What replica sessions tell the dispatcher.
@@ -116,16 +122,20 @@ struct OutPub {
     received: bool,
 }
 
-/// Retained messages a new subscription should bring to one replica.
-struct RetainedTarget {
-    filter: TopicFilter,
-    slot: u16,
-    since: Instant,
-    delivered: HashSet<String>,
+struct PendingAck {
+    pkid: u16,
+    qos: u8,
+    ready: bool,
 }
 
-/// How long retained messages are expected after a SUBSCRIBE.
-const RETAINED_WINDOW: Duration = Duration::from_secs(10);
+/// A replica's SUBACK waiting for the broker's.
+struct SubAckLater {
+    slot: u16,
+    pkid: u16,
+    granted: Vec<u8>,
+    /// Filters whose retained messages the replica gets after its SUBACK.
+    fetch: Vec<String>,
+}
 
 pub struct Dispatcher {
     cfg: DispatchSettings,
@@ -136,11 +146,20 @@ pub struct Dispatcher {
     upstream_up: bool,
     /// Filters subscribed upstream, with the QoS asked.
     filters: BTreeMap<String, u8>,
+    /// Filters asked for while the upstream session was down.
+    unsent: Vec<(String, u8)>,
     next_up_pkid: u16,
     /// Upstream packet ids of messages held (queued or in flight).
     held: HashSet<u16>,
+    /// Upstream QoS 1/2 messages in the order received: MQTT wants their
+    /// PUBACK/PUBREC in that order (rumqttd drops a session otherwise), so an
+    /// ack waits until those before it are done.
+    ack_order: VecDeque<PendingAck>,
     out: HashMap<u16, OutPub>,
-    retained: Vec<RetainedTarget>,
+    pending_subacks: HashMap<u16, Vec<SubAckLater>>,
+    /// Replica SUBACKs held while the upstream session is down.
+    waiting_for_up: Vec<SubAckLater>,
+    fetches: u64,
     will: Option<Message>,
     metrics: Arc<Metrics>,
     queued_gauge: IntGauge,
@@ -163,10 +182,14 @@ impl Dispatcher {
             up,
             upstream_up: false,
             filters: BTreeMap::new(),
+            unsent: Vec::new(),
             next_up_pkid: 0,
             held: HashSet::new(),
+            ack_order: VecDeque::new(),
             out: HashMap::new(),
-            retained: Vec::new(),
+            pending_subacks: HashMap::new(),
+            waiting_for_up: Vec::new(),
+            fetches: 0,
             will: None,
             metrics,
             queued_gauge,
@@ -225,9 +248,15 @@ impl Dispatcher {
         }
     }
 
-    fn subscribe_up(&mut self, filters: Vec<(String, u8)>) {
-        if filters.is_empty() || !self.upstream_up {
-            return;
+    /// Subscribes upstream; the packet id of the SUBSCRIBE sent, if one was.
+    fn subscribe_up(&mut self, filters: Vec<(String, u8)>) -> Option<u16> {
+        if !self.upstream_up {
+            // sent when the session is up again
+            self.unsent.extend(filters);
+            return None;
+        }
+        if filters.is_empty() {
+            return None;
         }
         let pkid = self.alloc_up_pkid();
         let filters = filters
@@ -235,6 +264,7 @@ impl Dispatcher {
             .map(|(f, q)| (self.upstream_filter(&f), q))
             .collect();
         self.send_up(UpCmd::Subscribe { pkid, filters });
+        Some(pkid)
     }
 
     fn is_broadcast(&self, topic: &str) -> bool {
@@ -249,13 +279,26 @@ impl Dispatcher {
     }
 
     fn ack_upstream(&mut self, origin: Origin) {
-        if let Origin::Upstream { pkid, qos } = origin {
-            if qos == 2 {
+        let Origin::Upstream { pkid, .. } = origin else {
+            return;
+        };
+        if let Some(p) = self
+            .ack_order
+            .iter_mut()
+            .find(|p| p.pkid == pkid && !p.ready)
+        {
+            p.ready = true;
+        }
+        while self.ack_order.front().is_some_and(|p| p.ready) {
+            let Some(p) = self.ack_order.pop_front() else {
+                break;
+            };
+            if p.qos == 2 {
                 // held until the broker's PUBREL
-                self.send_up(UpCmd::PubRec(pkid));
+                self.send_up(UpCmd::PubRec(p.pkid));
             } else {
-                self.held.remove(&pkid);
-                self.send_up(UpCmd::PubAck(pkid));
+                self.held.remove(&p.pkid);
+                self.send_up(UpCmd::PubAck(p.pkid));
             }
         }
     }
@@ -307,7 +350,6 @@ impl Dispatcher {
             return;
         };
         replica.inflight_gauge.set(0);
-        self.retained.retain(|t| t.slot != slot);
         let moved = self.requeue(replica.inflight);
         if moved > 0 {
             tracing::info!(instance = %self.cfg.instance, slot, moved, "unacknowledged messages of a departed replica go to others");
@@ -436,7 +478,7 @@ impl Dispatcher {
     fn on_subscribe(&mut self, slot: u16, pkid: u16, filters: Vec<(String, u8)>) {
         let mut granted = Vec::with_capacity(filters.len());
         let mut new_up = Vec::new();
-        let mut resend = Vec::new();
+        let mut fetch = Vec::new();
         for (text, qos) in filters {
             let Ok(filter) = TopicFilter::new(&text) else {
                 granted.push(0x80);
@@ -451,28 +493,82 @@ impl Dispatcher {
             granted.push(qos);
             if let Some(r) = self.replicas.get_mut(&slot) {
                 r.subs.retain(|(f, _)| f.as_str() != text);
-                r.subs.push((filter.clone(), qos));
+                r.subs.push((filter, qos));
             }
-            match self.filters.get(&text) {
-                Some(&q) if q >= qos => resend.push((text.clone(), q)),
-                _ => {
-                    self.filters.insert(text.clone(), qos);
-                    new_up.push((text.clone(), qos));
+            if self.filters.get(&text).is_none_or(|&q| q < qos) {
+                self.filters.insert(text.clone(), qos);
+                new_up.push((text.clone(), qos));
+            }
+            fetch.push(text);
+        }
+        let ack = SubAckLater {
+            slot,
+            pkid,
+            granted,
+            fetch,
+        };
+        // the replica hears SUBACK once the broker's subscription is live
+        if !self.upstream_up {
+            self.unsent.extend(new_up);
+            self.waiting_for_up.push(ack);
+        } else {
+            match self.subscribe_up(new_up) {
+                Some(up_pkid) => self.pending_subacks.entry(up_pkid).or_default().push(ack),
+                None => self.finish_subscribe(ack),
+            }
+        }
+        self.pump();
+    }
+
+    /// Sends the replica its SUBACK, then its retained messages, which a
+    /// side session fetches: the main session's subscription exists already
+    /// and brokers do not all resend retained messages on a repeated SUBSCRIBE.
+    fn finish_subscribe(&mut self, ack: SubAckLater) {
+        let SubAckLater {
+            slot,
+            pkid,
+            granted,
+            fetch,
+        } = ack;
+        if !self.to_replica(slot, Outgoing::SubAck { pkid, granted }) || fetch.is_empty() {
+            return;
+        }
+        let Some(r) = self.replicas.get(&slot) else {
+            return;
+        };
+        self.fetches = self.fetches.wrapping_add(1);
+        let fetcher = RetainedFetch {
+            addr: self.cfg.upstream_addr.clone(),
+            client_id: format!("{}-r{}", self.cfg.upstream_client_id, self.fetches),
+            filters: fetch,
+            timeout: self.cfg.retained_timeout,
+        };
+        let tx = r.tx.clone();
+        let counters = r.counters.clone();
+        let instance = self.cfg.instance.clone();
+        tokio::spawn(async move {
+            match fetcher.run().await {
+                Ok(messages) => {
+                    for msg in messages {
+                        if tx
+                            .send(Outgoing::Publish {
+                                msg,
+                                pkid: 0,
+                                dup: false,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        counters.messages_to.inc();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%instance, slot, error = %e, "cannot fetch retained messages")
                 }
             }
-            self.retained.push(RetainedTarget {
-                filter,
-                slot,
-                since: Instant::now(),
-                delivered: HashSet::new(),
-            });
-        }
-        self.to_replica(slot, Outgoing::SubAck { pkid, granted });
-        // a SUBSCRIBE of a filter already held makes the broker send its
-        // retained messages again: this replica gets them
-        new_up.extend(resend);
-        self.subscribe_up(new_up);
-        self.pump();
+        });
     }
 
     fn on_unsubscribe(&mut self, slot: u16, pkid: u16, filters: Vec<String>) {
@@ -511,11 +607,27 @@ impl Dispatcher {
         match ev {
             UpEvent::Up { session_present } => {
                 self.upstream_up = true;
-                if !session_present {
+                let unsent = std::mem::take(&mut self.unsent);
+                let sent = if session_present {
+                    // the broker kept the session's subscriptions
+                    self.subscribe_up(unsent)
+                } else {
                     self.held.clear();
+                    self.ack_order.clear();
                     let all: Vec<(String, u8)> =
                         self.filters.iter().map(|(f, q)| (f.clone(), *q)).collect();
-                    self.subscribe_up(all);
+                    self.subscribe_up(all)
+                };
+                let waiting = std::mem::take(&mut self.waiting_for_up);
+                match sent {
+                    Some(pkid) => self
+                        .pending_subacks
+                        .entry(pkid)
+                        .or_default()
+                        .extend(waiting),
+                    None => waiting
+                        .into_iter()
+                        .for_each(|ack| self.finish_subscribe(ack)),
                 }
                 // publishes not yet acknowledged go again
                 let mut again: Vec<(u16, Message, bool)> = self
@@ -536,7 +648,13 @@ impl Dispatcher {
                     }
                 }
             }
-            UpEvent::Down => self.upstream_up = false,
+            UpEvent::Down => {
+                self.upstream_up = false;
+                // no SUBACK will come on this connection: the replicas wait
+                // for the subscriptions made when the session is back
+                let waiting = self.pending_subacks.drain().flat_map(|(_, v)| v);
+                self.waiting_for_up.extend(waiting.collect::<Vec<_>>());
+            }
             UpEvent::Packet(p) => self.on_upstream_packet(p),
         }
     }
@@ -564,37 +682,36 @@ impl Dispatcher {
             Incoming::PubComp(pkid) => {
                 self.out.remove(&pkid);
             }
+            Incoming::SubAck(pkid) => {
+                for ack in self.pending_subacks.remove(&pkid).unwrap_or_default() {
+                    self.finish_subscribe(ack);
+                }
+            }
             _ => {}
         }
     }
 
     fn on_upstream_publish(&mut self, msg: Message, pkid: u16) {
+        tracing::trace!(pkid, qos = msg.qos, topic = %msg.topic, "upstream publish");
         let origin = if msg.qos > 0 {
             if !self.held.insert(pkid) {
                 return; // the broker resent a message we already hold
             }
+            self.ack_order.push_back(PendingAck {
+                pkid,
+                qos: msg.qos,
+                ready: false,
+            });
             Origin::Upstream { pkid, qos: msg.qos }
         } else {
             Origin::None
         };
-        let now = Instant::now();
-        self.retained
-            .retain(|t| now.duration_since(t.since) < RETAINED_WINDOW);
         if msg.retain {
-            let mut targets: Vec<u16> = Vec::new();
-            for t in &mut self.retained {
-                if t.filter.matches(&msg.topic)
-                    && t.delivered.insert(msg.topic.clone())
-                    && !targets.contains(&t.slot)
-                {
-                    targets.push(t.slot);
-                }
-            }
-            if !targets.is_empty() {
-                self.fan_out(&msg, &targets);
-                self.ack_upstream(origin);
-                return;
-            }
+            // sent because the main session (re)subscribed: replicas get
+            // retained messages from a side session when they subscribe
+            tracing::trace!(topic = %msg.topic, "retained message on the main session: acknowledged, not dispatched");
+            self.ack_upstream(origin);
+            return;
         }
         if self.is_broadcast(&msg.topic) {
             let targets: Vec<u16> = self
@@ -658,6 +775,7 @@ impl Dispatcher {
             return false;
         }
         r.counters.messages_to.inc();
+        tracing::trace!(slot, pkid, topic = %queued.msg.topic, "delivered");
         if qos > 0 {
             r.inflight.insert(
                 pkid,

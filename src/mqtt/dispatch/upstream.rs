@@ -99,9 +99,9 @@ fn encode(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
 }
 
 impl UpstreamSession {
-    fn connect_packet(&self) -> Result<BytesMut, String> {
+    fn connect_packet(&self, clean: bool) -> Result<BytesMut, String> {
         let mut c = v4::Connect::new(self.client_id.clone());
-        c.clean_session = false;
+        c.clean_session = clean;
         c.keep_alive = u16::try_from(self.keep_alive.as_secs()).unwrap_or(u16::MAX);
         c.last_will = self
             .will
@@ -159,13 +159,22 @@ impl UpstreamSession {
     }
 
     async fn connect(&self) -> Result<(TcpStream, BytesMut, bool), String> {
+        self.handshake(false).await
+    }
+
+    /// A clean session, for short-lived side sessions.
+    async fn connect_clean(&self) -> Result<(TcpStream, BytesMut, bool), String> {
+        self.handshake(true).await
+    }
+
+    async fn handshake(&self, clean: bool) -> Result<(TcpStream, BytesMut, bool), String> {
         let mut stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| format!("no answer within {:?}", self.connect_timeout))?
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
         stream
-            .write_all(&self.connect_packet()?)
+            .write_all(&self.connect_packet(clean)?)
             .await
             .map_err(|e| e.to_string())?;
         let mut buf = BytesMut::with_capacity(4096);
@@ -254,5 +263,75 @@ impl UpstreamSession {
                 }
             }
         }
+    }
+}
+
+/// A short-lived clean session that subscribes to filters and collects the
+/// retained messages the broker sends for them, for one replica.
+pub struct RetainedFetch {
+    pub addr: String,
+    pub client_id: String,
+    pub filters: Vec<String>,
+    /// Upper bound on the whole fetch.
+    pub timeout: Duration,
+}
+
+/// After the SUBACK (and a PINGRESP behind the retained messages of brokers
+/// that queue them in order), the fetch ends once the broker stays quiet this
+/// long: some brokers (rumqttd) send retained messages from another thread.
+const RETAINED_QUIET: Duration = Duration::from_millis(150);
+
+impl RetainedFetch {
+    pub async fn run(self) -> Result<Vec<Message>, String> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let session = UpstreamSession {
+            addr: self.addr.clone(),
+            client_id: self.client_id.clone(),
+            keep_alive: Duration::from_secs(30),
+            connect_timeout: self.timeout,
+            will: None,
+        };
+        let fetch = async {
+            let (stream, mut buf, _) = session.connect_clean().await?;
+            let (mut rd, mut wr) = stream.into_split();
+            let mut out = BytesMut::new();
+            let sub = UpCmd::Subscribe {
+                pkid: 1,
+                filters: self.filters.iter().map(|f| (f.clone(), 0)).collect(),
+            };
+            encode(&sub, &mut out)?;
+            out.extend_from_slice(&[0xc0, 0x00]); // PINGREQ
+            wr.write_all(&out).await.map_err(|e| e.to_string())?;
+            let mut messages = Vec::new();
+            let mut answered = false;
+            loop {
+                while let Some(p) =
+                    wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())?
+                {
+                    match p {
+                        Incoming::Publish { msg, .. } if msg.retain => messages.push(msg),
+                        Incoming::PingResp => answered = true,
+                        _ => {}
+                    }
+                }
+                let wait = if answered {
+                    RETAINED_QUIET
+                } else {
+                    self.timeout
+                };
+                match tokio::time::timeout(wait, rd.read_buf(&mut buf)).await {
+                    Ok(Ok(0)) => return Err("broker closed the retained fetch".to_owned()),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) if answered => break,
+                    Err(_) => return Err("no answer to the retained fetch".to_owned()),
+                }
+            }
+            let _ = wr.write_all(&[0xe0, 0x00]).await;
+            Ok(messages)
+        };
+        tokio::time::timeout_at(deadline, fetch)
+            .await
+            .map_err(|_| format!("retained fetch took over {:?}", self.timeout))?
     }
 }

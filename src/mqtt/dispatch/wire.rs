@@ -16,7 +16,7 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
-    pub properties: Option<v5::PublishProperties>,
+    pub properties: Option<Box<v5::PublishProperties>>,
 }
 
 /// Packets a peer sends that a session handles.
@@ -161,7 +161,7 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
                 payload: p.payload,
                 qos: p.qos as u8,
                 retain: p.retain,
-                properties: p.properties,
+                properties: p.properties.map(Box::new),
             },
             pkid: p.pkid,
             dup: p.dup,
@@ -250,7 +250,7 @@ fn to_v5(p: &Outgoing) -> v5::Packet {
                 msg.topic.as_str(),
                 qos5(msg.qos),
                 msg.payload.clone(),
-                msg.properties.clone(),
+                msg.properties.as_deref().cloned(),
             );
             publish.pkid = *pkid;
             publish.dup = *dup;

@@ -1,0 +1,531 @@
+//! Dispatch mode, each test against the embedded broker and a real Mosquitto.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use flowgate::app::App;
+use flowgate::config::Config;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use crate::support::*;
+
+/// Where the broker is: the embedded one, or a Mosquitto the test keeps alive.
+enum Upstream {
+    Embedded,
+    Mosquitto(Mosquitto),
+}
+
+impl Upstream {
+    async fn both() -> Vec<Upstream> {
+        vec![
+            Upstream::Embedded,
+            Upstream::Mosquitto(Mosquitto::start().await),
+        ]
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Upstream::Embedded => "embedded",
+            Upstream::Mosquitto(_) => "mosquitto",
+        }
+    }
+
+    fn config_value(&self) -> String {
+        match self {
+            Upstream::Embedded => "embedded".into(),
+            Upstream::Mosquitto(m) => format!("mqtt://{}", m.addr),
+        }
+    }
+}
+
+async fn start(upstream: &Upstream, instance_extra: &str) -> App {
+    init_logs();
+    let text = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"{}\"\nmode = \"dispatch\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\nbroadcast = [\"config/#\"]\n{instance_extra}\n",
+        upstream.config_value()
+    );
+    App::start(Config::parse(&text, "test").expect("valid config"))
+        .await
+        .expect("flowgate starts")
+}
+
+/// A replica: a rumqttc client with manual acks whose "flow" takes `delay`
+/// per message, one at a time, and acks only if `ack` says so.
+struct Replica {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+enum Got {
+    Msg {
+        replica: usize,
+        payload: String,
+        retain: bool,
+    },
+    SubAck(usize),
+    Down(usize),
+}
+
+fn replica(
+    addr: SocketAddr,
+    n: usize,
+    delay: Duration,
+    ack: bool,
+    tx: mpsc::UnboundedSender<Got>,
+) -> Replica {
+    let mut opts = MqttOptions::new("line1-nodered", addr.ip().to_string(), addr.port());
+    opts.set_manual_acks(true);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    let (work_tx, mut work_rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
+    let acker = client.clone();
+    let worker_tx = tx.clone();
+    tokio::spawn(async move {
+        while let Some(p) = work_rx.recv().await {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let _ = worker_tx.send(Got::Msg {
+                replica: n,
+                payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                retain: p.retain,
+            });
+            if ack {
+                let _ = acker.ack(&p).await;
+            }
+        }
+    });
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = work_tx.send(p);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = tx.send(Got::SubAck(n));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = tx.send(Got::Down(n));
+                    return;
+                }
+            }
+        }
+    });
+    Replica { client, task }
+}
+
+/// Starts `count` replicas subscribed to `filter` and waits for their SUBACKs.
+async fn replicas(
+    addr: SocketAddr,
+    specs: &[(Duration, bool)],
+    filter: &str,
+) -> (Vec<Replica>, mpsc::UnboundedReceiver<Got>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut out = Vec::new();
+    for (n, &(delay, ack)) in specs.iter().enumerate() {
+        let r = replica(addr, n, delay, ack, tx.clone());
+        r.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        loop {
+            match tokio::time::timeout(DEADLINE, rx.recv()).await {
+                Ok(Some(Got::SubAck(m))) if m == n => break,
+                Ok(Some(Got::Down(m))) => panic!("replica {m} went down"),
+                Ok(Some(_)) => {}
+                _ => panic!("no SUBACK for replica {n}"),
+            }
+        }
+        out.push(r);
+    }
+    (out, rx)
+}
+
+/// Collects messages until `done(per-replica payloads)` or the deadline.
+async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<Got>,
+    n: usize,
+    mut done: impl FnMut(&[Vec<String>]) -> bool,
+) -> Vec<Vec<String>> {
+    let mut per = vec![Vec::new(); n];
+    let start = Instant::now();
+    while !done(&per) {
+        let left = DEADLINE.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(Got::Msg {
+                replica, payload, ..
+            })) => per[replica].push(payload),
+            Ok(Some(_)) => {}
+            _ => panic!(
+                "timed out; got {:?}",
+                per.iter().map(Vec::len).collect::<Vec<_>>()
+            ),
+        }
+    }
+    per
+}
+
+/// What a publisher sends through flowgate (an unmatched client) or direct.
+async fn publish(app: &App, topic: &str, n: usize) {
+    publish_numbered(app.mqtt_addr, topic, n).await;
+}
+
+#[tokio::test]
+async fn each_message_reaches_exactly_one_of_2_and_4_replicas() {
+    for upstream in Upstream::both().await {
+        for count in [2usize, 4] {
+            let app = start(&upstream, "").await;
+            let specs = vec![(Duration::ZERO, true); count];
+            let (reps, mut rx) = replicas(app.mqtt_addr, &specs, "jobs/#").await;
+            const N: usize = 1000;
+            publish(&app, "jobs", N).await;
+            let per = collect(&mut rx, count, |p| {
+                p.iter().map(Vec::len).sum::<usize>() >= N
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut all: Vec<String> = per.into_iter().flatten().collect();
+            while let Ok(Got::Msg { payload, .. }) = rx.try_recv() {
+                all.push(payload);
+            }
+            let unique: HashSet<&String> = all.iter().collect();
+            assert_eq!(
+                all.len(),
+                N,
+                "{}: {count} replicas, duplicates ({} unique)",
+                upstream.name(),
+                unique.len()
+            );
+            assert_eq!(
+                unique.len(),
+                N,
+                "{}: {count} replicas, missing",
+                upstream.name()
+            );
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            let to = metric_sum(
+                &m,
+                "flowgate_replica_messages_total",
+                &[("instance", "line1"), ("direction", "to_replica")],
+            );
+            assert_eq!(to, N as f64);
+            for slot in 0..count {
+                let got = metric_sum(
+                    &m,
+                    "flowgate_replica_messages_total",
+                    &[
+                        ("instance", "line1"),
+                        ("replica", &slot.to_string()),
+                        ("direction", "to_replica"),
+                    ],
+                );
+                assert!(
+                    got >= (N / count / 3) as f64,
+                    "{}: slot {slot} got {got}",
+                    upstream.name()
+                );
+            }
+            drop(reps);
+            app.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn unacked_messages_move_to_the_surviving_replica() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "ack_timeout = \"500ms\"\nmax_inflight = 20").await;
+        // replica 0 takes messages and never acknowledges; replica 1 works
+        let (reps, mut rx) = replicas(
+            app.mqtt_addr,
+            &[(Duration::ZERO, false), (Duration::ZERO, true)],
+            "jobs/#",
+        )
+        .await;
+        const N: usize = 200;
+        publish(&app, "jobs", N).await;
+        let per = collect(&mut rx, 2, |p| {
+            p[1].iter().collect::<HashSet<_>>().len() >= N
+        })
+        .await;
+        assert!(
+            !per[0].is_empty(),
+            "{}: the silent replica got nothing: test proves nothing",
+            upstream.name()
+        );
+        // then the silent replica disconnects
+        reps[0].task.abort();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut acked = per[1].clone();
+        while let Ok(Got::Msg {
+            replica: 1,
+            payload,
+            ..
+        }) = rx.try_recv()
+        {
+            acked.push(payload);
+        }
+        let unique: HashSet<&String> = acked.iter().collect();
+        assert_eq!(
+            unique.len(),
+            N,
+            "{}: every message reached the working replica",
+            upstream.name()
+        );
+        assert_eq!(
+            acked.len(),
+            N,
+            "{}: none twice to the replica that acknowledged",
+            upstream.name()
+        );
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        assert!(
+            metric_sum(
+                &m,
+                "flowgate_dispatch_redeliveries_total",
+                &[("instance", "line1")]
+            ) >= per[0].len() as f64
+        );
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn key_hash_keeps_each_key_on_one_replica_and_moves_only_the_leavers() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "strategy = \"key-hash\"\nkey_level = 1").await;
+        let (mut reps, mut rx) =
+            replicas(app.mqtt_addr, &[(Duration::ZERO, true); 3], "sensors/#").await;
+        let owners = |per: &[Vec<String>]| {
+            let mut owner: HashMap<String, HashSet<usize>> = HashMap::new();
+            for (r, msgs) in per.iter().enumerate() {
+                for m in msgs {
+                    owner.entry(m.clone()).or_default().insert(r);
+                }
+            }
+            owner
+        };
+        // 20 devices x 5 messages: payload = device name
+        let send = |app: &App| {
+            let addr = app.mqtt_addr;
+            async move {
+                let mut opts = MqttOptions::new("sensor-pub", "127.0.0.1", addr.port());
+                opts.set_inflight(100);
+                let (c, mut el) = AsyncClient::new(opts, 1000);
+                for round in 0..5 {
+                    for d in 0..20 {
+                        c.publish(
+                            format!("sensors/dev{d}/t"),
+                            QoS::AtLeastOnce,
+                            false,
+                            format!("dev{d}"),
+                        )
+                        .await
+                        .expect("queued");
+                    }
+                    let _ = round;
+                }
+                let mut acks = 0;
+                while acks < 100 {
+                    if let Ok(Event::Incoming(Packet::PubAck(_))) = el.poll().await {
+                        acks += 1;
+                    }
+                }
+            }
+        };
+        send(&app).await;
+        let per = collect(&mut rx, 3, |p| p.iter().map(Vec::len).sum::<usize>() >= 100).await;
+        let before = owners(&per);
+        assert_eq!(before.len(), 20);
+        assert!(
+            before.values().all(|o| o.len() == 1),
+            "{}: a key on two replicas: {before:?}",
+            upstream.name()
+        );
+        let used: HashSet<usize> = before.values().flatten().copied().collect();
+        assert!(
+            used.len() >= 2,
+            "{}: all keys on one replica",
+            upstream.name()
+        );
+        // replica 2 leaves
+        let leaver = reps.remove(2);
+        let _ = leaver.client.disconnect().await;
+        let start_wait = Instant::now();
+        loop {
+            let (_, body) = http_get(app.admin_addr, "/api/instances").await;
+            if body.matches("\"slot\"").count() == 2 {
+                break;
+            }
+            assert!(start_wait.elapsed() < DEADLINE, "replica 2 never left");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        send(&app).await;
+        let per = collect(&mut rx, 3, |p| p.iter().map(Vec::len).sum::<usize>() >= 100).await;
+        let after = owners(&per);
+        for (key, owner) in &after {
+            assert_eq!(owner.len(), 1, "{}: {key} split", upstream.name());
+            let was = before[key].iter().next().copied();
+            if was != Some(2) {
+                assert_eq!(
+                    owner.iter().next().copied(),
+                    was,
+                    "{}: {key} moved though its replica stayed",
+                    upstream.name()
+                );
+            }
+        }
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn least_inflight_gives_a_slow_replica_fewer_messages() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "max_inflight = 4").await;
+        let (_reps, mut rx) = replicas(
+            app.mqtt_addr,
+            &[
+                (Duration::from_millis(2), true),
+                (Duration::from_millis(8), true),
+            ],
+            "jobs/#",
+        )
+        .await;
+        const N: usize = 500;
+        publish(&app, "jobs", N).await;
+        let per = collect(&mut rx, 2, |p| p.iter().map(Vec::len).sum::<usize>() >= N).await;
+        let ratio = per[0].len() as f64 / per[1].len().max(1) as f64;
+        assert!(
+            (2.5..=6.0).contains(&ratio),
+            "{}: fast/slow = {ratio:.2} ({} vs {})",
+            upstream.name(),
+            per[0].len(),
+            per[1].len()
+        );
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_will_is_published_once_when_the_last_replica_dies() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "").await;
+        let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+        observer.subscribe("line1/status", QoS::AtLeastOnce).await;
+        let mut reps = Vec::new();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        for n in 0..2 {
+            let mut opts = MqttOptions::new("line1-nodered", "127.0.0.1", app.mqtt_addr.port());
+            opts.set_last_will(rumqttc::LastWill::new(
+                "line1/status",
+                "offline",
+                QoS::AtLeastOnce,
+                false,
+            ));
+            let (client, mut el) = AsyncClient::new(opts, 100);
+            client
+                .subscribe("jobs/#", QoS::AtLeastOnce)
+                .await
+                .expect("queued");
+            let tx = tx.clone();
+            let task = tokio::spawn(async move {
+                while el.poll().await.is_ok() {}
+                let _ = tx.send(n);
+            });
+            reps.push((client, task));
+        }
+        eventually("both replicas connected", || async {
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            metric_sum(
+                &m,
+                "flowgate_instance_replicas_connected",
+                &[("instance", "line1")],
+            ) == 2.0
+        })
+        .await;
+        // one replica dies without DISCONNECT: no will
+        reps[0].1.abort();
+        eventually("first replica gone", || async {
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            metric_sum(
+                &m,
+                "flowgate_instance_replicas_connected",
+                &[("instance", "line1")],
+            ) == 1.0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            observer.events.try_recv().is_err(),
+            "{}: will published while a replica lives",
+            upstream.name()
+        );
+        // the last one dies: the will, once
+        reps[1].1.abort();
+        let mut wills = 0;
+        let start_wait = Instant::now();
+        while start_wait.elapsed() < Duration::from_secs(2) {
+            if let Ok(Some(Seen::Message(p))) =
+                tokio::time::timeout(Duration::from_millis(100), observer.events.recv()).await
+            {
+                assert_eq!(p, b"offline");
+                wills += 1;
+            }
+        }
+        assert_eq!(wills, 1, "{}: will count", upstream.name());
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn retained_messages_reach_each_subscribing_replica() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "").await;
+        // a retained message published before any replica exists
+        let mut opts = MqttOptions::new("retainer", "127.0.0.1", app.mqtt_addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (c, mut el) = AsyncClient::new(opts, 10);
+        c.publish("settings/mode", QoS::AtLeastOnce, true, "auto")
+            .await
+            .expect("queued");
+        loop {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) =
+                tokio::time::timeout(DEADLINE, el.poll())
+                    .await
+                    .expect("puback")
+            {
+                break;
+            }
+        }
+        let (_reps, mut rx) =
+            replicas(app.mqtt_addr, &[(Duration::ZERO, true); 2], "settings/#").await;
+        let mut got = [false; 2];
+        let start_wait = Instant::now();
+        while !(got[0] && got[1]) {
+            assert!(
+                start_wait.elapsed() < DEADLINE,
+                "{}: retained reached {got:?}",
+                upstream.name()
+            );
+            if let Ok(Some(Got::Msg {
+                replica,
+                payload,
+                retain,
+            })) = tokio::time::timeout(DEADLINE, rx.recv()).await
+            {
+                assert_eq!(payload, "auto");
+                assert!(retain, "delivered as retained");
+                got[replica] = true;
+            }
+        }
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
