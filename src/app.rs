@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::admin::{self, AdminState};
 use crate::broker;
-use crate::config::{Config, InstanceConfig, Mode};
+use crate::config::{Config, InstanceConfig, Mode, Upstream};
 use crate::metrics::Metrics;
 use crate::mqtt::dispatch::upstream::UpstreamSession;
 use crate::mqtt::dispatch::{DispatchSettings, Dispatcher, Handle};
@@ -84,10 +84,12 @@ impl App {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        tracker.spawn(probe_upstream(
-            upstream_v3.clone(),
-            config.mqtt.upstream_connect_timeout,
-        ));
+        if config.mqtt.upstream != Upstream::Embedded {
+            tracker.spawn(probe_upstream(
+                upstream_v3.clone(),
+                config.mqtt.upstream_connect_timeout,
+            ));
+        }
         let mut dispatchers = HashMap::new();
         if config.mqtt.mode == Mode::Dispatch {
             for inst in &config.instances {

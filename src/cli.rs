@@ -26,7 +26,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Default, clap::Args)]
+#[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Config file [default: config/flowgate.toml when it exists, else built-in defaults]
     #[arg(long, short)]
@@ -37,4 +37,15 @@ pub struct RunArgs {
     /// How long to wait for connections to finish on SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: std::time::Duration,
+}
+
+impl Default for RunArgs {
+    /// `flowgate` with no subcommand: the same as `flowgate run`.
+    fn default() -> Self {
+        Self {
+            config: None,
+            ready_file: None,
+            grace: std::time::Duration::from_secs(10),
+        }
+    }
 }

@@ -11,11 +11,16 @@ use flowgate::config::{self, Config, ConfigError};
 
 const EXIT_CONFIG: u8 = 64;
 
+/// Default log filter. The embedded broker (rumqttd) logs routine disconnects
+/// as errors, so it is silent unless asked for (`RUST_LOG=info,rumqttd=info`).
+const DEFAULT_LOG: &str = "info,rumqttd=off";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -45,6 +45,28 @@ fn settings(name: &str, addr: SocketAddr, max_packet: usize) -> String {
     )
 }
 
+/// CONNECT, clean session, client id "flowgate-probe", 3.1.1 and 5.0.
+const CONNECT_V4: &[u8] = b"\x10\x1a\x00\x04MQTT\x04\x02\x00\x0a\x00\x0eflowgate-probe";
+const CONNECT_V5: &[u8] = b"\x10\x1b\x00\x04MQTT\x05\x02\x00\x0a\x00\x00\x0eflowgate-probe";
+
+/// A whole MQTT handshake (a bare TCP connect makes rumqttd log an error):
+/// CONNECT, a CONNACK back, DISCONNECT.
+async fn answers(addr: SocketAddr, connect: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(connect).await.ok()?;
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).await.ok()?;
+        let _ = s.write_all(&[0xe0, 0x00]).await;
+        (first[0] == 0x20).then_some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(()))
+    )
+}
+
 /// Starts rumqttd on two free loopback ports and waits until it answers.
 pub async fn start(max_packet: usize) -> Result<EmbeddedBroker, BrokerError> {
     let v4: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
@@ -67,9 +89,9 @@ pub async fn start(max_packet: usize) -> Result<EmbeddedBroker, BrokerError> {
         })
         .map_err(BrokerError::Thread)?;
     let limit = Duration::from_secs(10);
-    for addr in [v4, v5] {
+    for (addr, connect) in [(v4, CONNECT_V4), (v5, CONNECT_V5)] {
         let start = Instant::now();
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+        while !answers(addr, connect).await {
             if start.elapsed() > limit {
                 return Err(BrokerError::NotListening(addr, limit));
             }

@@ -128,3 +128,50 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
     };
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn run_without_arguments_uses_the_default_config_and_serves_a_replica() {
+    // the repository's default config, in a fresh directory, on free ports
+    let dir = temp_dir("default");
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/flowgate.toml"))
+            .expect("default config exists")
+            .replace("127.0.0.1:1883", "127.0.0.1:0")
+            .replace("127.0.0.1:9090", "127.0.0.1:0");
+    assert!(text.contains("upstream = \"embedded\"") && text.contains("mode = \"dispatch\""));
+    std::fs::create_dir_all(dir.join("config")).expect("mkdir");
+    std::fs::write(dir.join("config/flowgate.toml"), text).expect("write config");
+    let mut child = tokio::process::Command::new(BIN)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("flowgate starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("flowgate announces its listeners")
+        .expect("read")
+        .expect("a line");
+    let announced: serde_json::Value = serde_json::from_str(&line).expect("json line");
+    let mqtt: std::net::SocketAddr = announced["mqtt"]
+        .as_str()
+        .expect("mqtt")
+        .parse()
+        .expect("addr");
+    let mut replica = Client3::connect(mqtt, "line1-nodered", true);
+    replica.subscribe("jobs/#", QoS::AtLeastOnce).await;
+    publish_numbered(mqtt, "jobs", 3).await;
+    let mut got = 0;
+    while got < 3 {
+        match tokio::time::timeout(DEADLINE, replica.events.recv()).await {
+            Ok(Some(Seen::Message(_))) => got += 1,
+            Ok(Some(Seen::Disconnected(e))) => panic!("replica disconnected: {e}"),
+            Ok(Some(Seen::SubAck)) => {}
+            _ => panic!("replica got {got} of 3"),
+        }
+    }
+    let _ = child.kill().await;
+}
