@@ -529,3 +529,89 @@ async fn retained_messages_reach_each_subscribing_replica() {
         app.shutdown(Duration::from_secs(5)).await;
     }
 }
+
+#[tokio::test]
+async fn v5_replicas_get_each_message_once_and_their_publishes_go_upstream() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient as C5, Event as E5, MqttOptions as O5};
+
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "").await;
+        let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+        observer.subscribe("results/#", QoS::AtLeastOnce).await;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, String)>();
+        let mut clients = Vec::new();
+        for n in 0..2 {
+            let opts = O5::new("line1-nodered", "127.0.0.1", app.mqtt_addr.port());
+            let (client, mut el) = C5::new(opts, 1000);
+            let tx = tx.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    match el.poll().await {
+                        Ok(E5::Incoming(P5::Publish(p))) => {
+                            let _ = tx.send((n, String::from_utf8_lossy(&p.payload).into_owned()));
+                        }
+                        Ok(E5::Incoming(P5::SubAck(_))) => {
+                            let _ = tx.send((n, "suback".into()));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = tx.send((n, format!("error {e}")));
+                            return;
+                        }
+                    }
+                }
+            });
+            client
+                .subscribe("jobs/#", Q5::AtLeastOnce)
+                .await
+                .expect("queued");
+            loop {
+                let (_, ev) = tokio::time::timeout(DEADLINE, rx.recv())
+                    .await
+                    .expect("suback")
+                    .expect("open");
+                assert!(!ev.starts_with("error"), "{}: {ev}", upstream.name());
+                if ev == "suback" {
+                    break;
+                }
+            }
+            clients.push((client, task));
+        }
+        const N: usize = 200;
+        publish(&app, "jobs", N).await;
+        let mut seen = HashSet::new();
+        let mut per = [0usize; 2];
+        while seen.len() < N {
+            let (n, ev) = tokio::time::timeout(DEADLINE, rx.recv())
+                .await
+                .expect("message")
+                .expect("open");
+            assert!(!ev.starts_with("error"), "{}: {ev}", upstream.name());
+            assert!(seen.insert(ev), "{}: duplicate", upstream.name());
+            per[n] += 1;
+        }
+        assert!(per.iter().all(|&c| c > 0), "{}: {per:?}", upstream.name());
+        // a replica's own publish reaches other clients
+        clients[0]
+            .0
+            .publish("results/1", Q5::AtLeastOnce, false, "done")
+            .await
+            .expect("queued");
+        let got = loop {
+            match tokio::time::timeout(DEADLINE, observer.events.recv()).await {
+                Ok(Some(Seen::Message(p))) => break p,
+                Ok(Some(Seen::Disconnected(e))) => panic!("observer lost: {e}"),
+                Ok(Some(_)) => {}
+                _ => panic!("{}: replica publish never arrived", upstream.name()),
+            }
+        };
+        assert_eq!(got, b"done");
+        for (c, t) in clients {
+            let _ = c.disconnect().await;
+            t.abort();
+        }
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}

@@ -224,3 +224,85 @@ async fn broker_death_ends_replica_sessions_and_flowgate_keeps_accepting() {
     assert_eq!(status, 200);
     app.shutdown(Duration::from_secs(5)).await;
 }
+
+/// CONNECT 3.1.1 for the line1 replica with a 1 s keep-alive.
+fn replica_connect_keep_alive_1s() -> Vec<u8> {
+    [
+        &[0x10, 25, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 1, 0, 13][..],
+        b"line1-nodered",
+    ]
+    .concat()
+}
+
+#[tokio::test]
+async fn dispatch_mode_closes_bad_or_silent_replicas_and_serves_the_rest() {
+    let app = flowgate::app::App::start(
+        flowgate::config::Config::parse(
+            &format!("node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n{LINE1}"),
+            "test",
+        )
+        .expect("valid config"),
+    )
+    .await
+    .expect("flowgate starts");
+    let mut good = Client3::connect(app.mqtt_addr, "line1-nodered", true);
+    good.subscribe("jobs/#", QoS::AtLeastOnce).await;
+
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>, &str)> = vec![
+        (
+            "bad subscribe flags",
+            replica_connect(),
+            vec![0x80, 6, 0, 1, 0, 1, b'x', 0],
+            "malformed_packet",
+        ),
+        (
+            "oversized",
+            replica_connect(),
+            vec![0x30, 0xff, 0xff, 0xff, 0x7f],
+            "packet_too_large",
+        ),
+        (
+            "second connect",
+            replica_connect(),
+            replica_connect(),
+            "malformed_packet",
+        ),
+        (
+            "truncated filter",
+            replica_connect(),
+            vec![0x82, 6, 0, 1, 0, 9, b'x', 0],
+            "malformed_packet",
+        ),
+        (
+            "silent past keep-alive",
+            replica_connect_keep_alive_1s(),
+            vec![],
+            "keep_alive_timeout",
+        ),
+    ];
+    for (name, connect, bytes, kind) in cases {
+        let before = errors(&app, kind).await;
+        let mut s = TcpStream::connect(app.mqtt_addr).await.expect("connect");
+        s.write_all(&connect).await.expect("write");
+        s.write_all(&bytes).await.expect("write");
+        let got = read_until_closed(&mut s).await;
+        // flowgate answered the CONNECT itself
+        assert!(got.starts_with(&[0x20, 2, 0, 0]), "{name}: {got:?}");
+        eventually(&format!("{name}: one {kind} error counted"), || async {
+            errors(&app, kind).await == before + 1.0
+        })
+        .await;
+    }
+    // the healthy replica still gets its work
+    publish_numbered(app.mqtt_addr, "jobs", 5).await;
+    let mut n = 0;
+    while n < 5 {
+        match tokio::time::timeout(DEADLINE, good.events.recv()).await {
+            Ok(Some(Seen::Message(_))) => n += 1,
+            Ok(Some(Seen::Disconnected(e))) => panic!("healthy replica lost its session: {e}"),
+            Ok(Some(_)) => {}
+            _ => panic!("healthy replica got {n} of 5"),
+        }
+    }
+    app.shutdown(Duration::from_secs(5)).await;
+}

@@ -183,6 +183,27 @@ pub fn check_header(buf: &[u8], max: usize) -> Result<Option<FixedHeader>, Codec
     Err(CodecError::MalformedLength)
 }
 
+/// Checks the fixed-header flags MQTT fixes for each packet type: 0b0010
+/// for PUBREL, SUBSCRIBE and UNSUBSCRIBE, 0 for the others, and for PUBLISH a
+/// QoS of 0-2 (with DUP clear at QoS 0).
+pub fn check_flags(first_byte: u8) -> Result<PacketType, CodecError> {
+    let packet = PacketType::from_first_byte(first_byte)?;
+    let flags = first_byte & 0x0f;
+    let ok = match packet {
+        PacketType::Publish => {
+            let qos = (flags >> 1) & 0x03;
+            qos != 3 && !(qos == 0 && flags & 0x08 != 0)
+        }
+        PacketType::Pubrel | PacketType::Subscribe | PacketType::Unsubscribe => flags == 0b0010,
+        _ => flags == 0,
+    };
+    if ok {
+        Ok(packet)
+    } else {
+        Err(CodecError::BadFlags { packet, flags })
+    }
+}
+
 /// Appends `len` as an MQTT variable byte integer.
 pub fn write_remaining_length(out: &mut Vec<u8>, mut len: usize) {
     loop {
@@ -315,6 +336,17 @@ mod tests {
                 max: 1024
             })
         );
+    }
+
+    #[test]
+    fn fixed_header_flags() {
+        assert_eq!(check_flags(0x82), Ok(PacketType::Subscribe));
+        assert!(check_flags(0x80).is_err());
+        assert_eq!(check_flags(0x3d), Ok(PacketType::Publish)); // DUP, QoS 2, retain
+        assert!(check_flags(0x36).is_err()); // QoS 3
+        assert!(check_flags(0x38).is_err()); // DUP at QoS 0
+        assert!(check_flags(0xc1).is_err());
+        assert_eq!(check_flags(0x62), Ok(PacketType::Pubrel));
     }
 
     #[test]

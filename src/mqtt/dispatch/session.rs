@@ -2,6 +2,7 @@
 //! CONNECT, PINGREQ and keep-alive itself, passes every other packet to the
 //! dispatcher, and writes what the dispatcher sends, coalescing writes.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::core::{Handle, ReplicaEvent};
 use super::wire::{self, Incoming, Message, Outgoing};
-use crate::mqtt::codec::{Connect, Protocol};
+use crate::mqtt::codec::{check_flags, check_header, Connect, Protocol};
 use crate::mqtt::error::ConnError;
 use crate::mqtt::replicas::SlotGuard;
 
@@ -93,10 +94,19 @@ impl Session<'_> {
             self.keep_alive * 3 / 2
         };
         let mut deadline = tokio::time::Instant::now() + silence;
+        // v5 topic aliases the replica set on this connection
+        let mut aliases: HashMap<u16, String> = HashMap::new();
         loop {
             // everything complete in the buffer goes to the dispatcher first
             loop {
                 let before = inbuf.len();
+                // the size limit holds from the fixed header, before the body is buffered
+                if check_header(&inbuf, self.max_packet)
+                    .map_err(ConnError::ClientCodec)?
+                    .is_some()
+                {
+                    check_flags(inbuf[0]).map_err(ConnError::ClientCodec)?;
+                }
                 let packet = wire::decode(self.protocol, &mut inbuf, self.max_packet)
                     .map_err(|e| ConnError::ClientWire(e.0))?;
                 let Some(packet) = packet else { break };
@@ -113,9 +123,10 @@ impl Session<'_> {
                         return Ok(());
                     }
                     Incoming::Ignored => {}
-                    packet => {
-                        if matches!(packet, Incoming::Publish { .. }) {
+                    mut packet => {
+                        if let Incoming::Publish { msg, .. } = &mut packet {
                             counters.messages_from.inc();
+                            resolve_alias(&mut aliases, msg)?;
                         }
                         let ev = ReplicaEvent::Packet {
                             slot: self.guard.slot,
@@ -156,5 +167,65 @@ impl Session<'_> {
                 }
             }
         }
+    }
+}
+
+/// Most topic aliases a replica may set (MQTT 5 allows 65535; a bound keeps
+/// a hostile client from growing the map).
+const MAX_ALIASES: usize = 1024;
+
+/// Replaces a v5 topic alias by its topic (recording a new one), so the
+/// message goes on with its full topic and no alias.
+fn resolve_alias(aliases: &mut HashMap<u16, String>, msg: &mut Message) -> Result<(), ConnError> {
+    let Some(alias) = msg.properties.as_mut().and_then(|p| p.topic_alias.take()) else {
+        return Ok(());
+    };
+    if alias == 0 {
+        return Err(ConnError::ClientWire("topic alias 0".into()));
+    }
+    if msg.topic.is_empty() {
+        msg.topic = aliases
+            .get(&alias)
+            .cloned()
+            .ok_or_else(|| ConnError::ClientWire(format!("unknown topic alias {alias}")))?;
+    } else if aliases.len() < MAX_ALIASES || aliases.contains_key(&alias) {
+        aliases.insert(alias, msg.topic.clone());
+    } else {
+        return Err(ConnError::ClientWire(format!(
+            "more than {MAX_ALIASES} topic aliases"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+    fn msg(topic: &str, alias: Option<u16>) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::new(),
+            qos: 0,
+            retain: false,
+            properties: Some(Box::new(PublishProperties {
+                topic_alias: alias,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn topic_aliases_are_resolved_and_stripped() {
+        let mut aliases = HashMap::new();
+        let mut first = msg("jobs/7", Some(3));
+        resolve_alias(&mut aliases, &mut first).expect("sets alias");
+        assert_eq!(first.properties.as_ref().and_then(|p| p.topic_alias), None);
+        let mut second = msg("", Some(3));
+        resolve_alias(&mut aliases, &mut second).expect("uses alias");
+        assert_eq!(second.topic, "jobs/7");
+        assert!(resolve_alias(&mut aliases, &mut msg("", Some(4))).is_err());
+        assert!(resolve_alias(&mut aliases, &mut msg("x", Some(0))).is_err());
     }
 }
