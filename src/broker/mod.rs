@@ -45,9 +45,32 @@ fn settings(name: &str, addr: SocketAddr, max_packet: usize) -> String {
     )
 }
 
-/// CONNECT, clean session, client id "flowgate-probe", 3.1.1 and 5.0.
-const CONNECT_V4: &[u8] = b"\x10\x1a\x00\x04MQTT\x04\x02\x00\x0a\x00\x0eflowgate-probe";
-const CONNECT_V5: &[u8] = b"\x10\x1b\x00\x04MQTT\x05\x02\x00\x0a\x00\x00\x0eflowgate-probe";
+/// A CONNECT, clean session, with a client id used once: rumqttd 0.20
+/// panics (and poisons its listener for good) when a client id comes back
+/// while a half-set-up connection of that id is still registered.
+fn probe_connect(v5: bool, attempt: u32) -> Vec<u8> {
+    let id = format!("flowgate-probe-{}-{attempt}", std::process::id());
+    let mut body = vec![
+        0x00,
+        0x04,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        if v5 { 5 } else { 4 },
+        0x02,
+        0x00,
+        0x0a,
+    ];
+    if v5 {
+        body.push(0x00); // no properties
+    }
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut frame = vec![0x10, body.len() as u8];
+    frame.extend(body);
+    frame
+}
 
 /// A whole MQTT handshake (a bare TCP connect makes rumqttd log an error):
 /// CONNECT, a CONNACK back, DISCONNECT.
@@ -89,9 +112,14 @@ pub async fn start(max_packet: usize) -> Result<EmbeddedBroker, BrokerError> {
         })
         .map_err(BrokerError::Thread)?;
     let limit = Duration::from_secs(10);
-    for (addr, connect) in [(v4, CONNECT_V4), (v5, CONNECT_V5)] {
+    let mut attempt = 0;
+    for (addr, v5) in [(v4, false), (v5, true)] {
         let start = Instant::now();
-        while !answers(addr, connect).await {
+        loop {
+            attempt += 1;
+            if answers(addr, &probe_connect(v5, attempt)).await {
+                break;
+            }
             if start.elapsed() > limit {
                 return Err(BrokerError::NotListening(addr, limit));
             }
