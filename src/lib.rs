@@ -2,8 +2,9 @@
 //! work, without changing the flows.
 //!
 //! ```text
-//!  replica r0 ──MQTT──▶ mqtt::proxy ─▶ instance match (mqtt::replicas) ─▶ share rewrite ─▶ broker
-//!  sensors   ──MQTT──▶   (unmatched clients: byte-exact pass-through) ─────────────────▶ broker
+//!  replica r0 ──MQTT──▶ mqtt::proxy ─▶ instance match ─▶ mqtt::dispatch (default) ─▶ broker
+//!  replica r1 ──MQTT──▶   (mqtt::replicas: slots)     | mqtt::rewrite (share mode)   (broker/: embedded
+//!  sensors   ──MQTT──▶   (unmatched clients: byte-exact pass-through) ───────────▶   rumqttd, or external)
 //!                      admin: /metrics /api/instances /healthz /readyz
 //! ```
 //!
@@ -13,7 +14,11 @@
 //! - [`mqtt::topic`]: topic filters: validation, matching, coverage;
 //! - [`mqtt::rewrite`]: pure client-id and shared-subscription rewriting;
 //! - [`mqtt::replicas`]: which replica holds which slot of which instance;
-//! - [`mqtt::proxy`], [`mqtt::pump`]: the sockets: listener, per-connection tasks;
+//! - [`mqtt::proxy`], [`mqtt::pump`]: the sockets: listener, per-connection tasks,
+//!   share-mode and pass-through forwarding;
+//! - [`mqtt::dispatch`]: dispatch mode: terminated replica sessions, the upstream
+//!   session per instance, strategies, acknowledgement tracking;
+//! - [`broker`]: the embedded rumqttd;
 //! - [`metrics`]: the owned Prometheus registry and every metric name;
 //! - [`admin`]: the admin HTTP API;
 //! - [`app`]: starts everything from a config, stops it.

@@ -615,3 +615,185 @@ async fn v5_replicas_get_each_message_once_and_their_publishes_go_upstream() {
         app.shutdown(Duration::from_secs(5)).await;
     }
 }
+
+#[tokio::test]
+async fn messages_wait_for_a_replica_and_broadcasts_reach_all() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "").await;
+        // a replica subscribes, then leaves: flowgate keeps the subscription
+        let (first, mut rx) = replicas(app.mqtt_addr, &[(Duration::ZERO, true)], "jobs/#").await;
+        let _ = first[0].client.disconnect().await;
+        eventually("the replica left", || async {
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            metric_sum(
+                &m,
+                "flowgate_instance_replicas_connected",
+                &[("instance", "line1")],
+            ) == 0.0
+        })
+        .await;
+        drop(first);
+        while rx.try_recv().is_ok() {}
+        // jobs published with no replica wait in flowgate's queue
+        const N: usize = 50;
+        publish(&app, "jobs", N).await;
+        eventually("jobs queued", || async {
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            metric_sum(
+                &m,
+                "flowgate_dispatch_queued_messages",
+                &[("instance", "line1")],
+            ) == N as f64
+        })
+        .await;
+        // one replica comes back: the queued jobs go to it, once each
+        let (back, mut rx) = replicas(app.mqtt_addr, &[(Duration::ZERO, true)], "jobs/#").await;
+        let per = collect(&mut rx, 1, |p| p[0].len() >= N).await;
+        let unique: HashSet<&String> = per.iter().flatten().collect();
+        assert_eq!(
+            unique.len(),
+            N,
+            "{}: queued jobs delivered once each",
+            upstream.name()
+        );
+        drop(back);
+        // broadcast filters: every subscribed replica gets each message
+        let (_reps, mut rx) =
+            replicas(app.mqtt_addr, &[(Duration::ZERO, true); 2], "config/#").await;
+        publish(&app, "config", 5).await;
+        let per = collect(&mut rx, 2, |p| p.iter().all(|m| m.len() >= 5)).await;
+        assert!(
+            per.iter().all(|m| m.len() == 5),
+            "{}: broadcast {per:?}",
+            upstream.name()
+        );
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn qos2_messages_go_through_once_both_ways() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "").await;
+        let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+        observer.subscribe("results/#", QoS::ExactlyOnce).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let r = replica(app.mqtt_addr, 0, Duration::ZERO, true, tx);
+        r.client
+            .subscribe("jobs/#", QoS::ExactlyOnce)
+            .await
+            .expect("queued");
+        loop {
+            if let Ok(Some(Got::SubAck(_))) = tokio::time::timeout(DEADLINE, rx.recv()).await {
+                break;
+            }
+        }
+        let mut opts = MqttOptions::new("q2-pub", "127.0.0.1", app.mqtt_addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (c, mut el) = AsyncClient::new(opts, 100);
+        for i in 0..20 {
+            c.publish(format!("jobs/{i}"), QoS::ExactlyOnce, false, i.to_string())
+                .await
+                .expect("queued");
+        }
+        let pubs = tokio::spawn(async move {
+            let mut done = 0;
+            while done < 20 {
+                if let Ok(Event::Incoming(Packet::PubComp(_))) = el.poll().await {
+                    done += 1;
+                }
+            }
+        });
+        let per = collect(&mut rx, 1, |p| p[0].len() >= 20).await;
+        tokio::time::timeout(DEADLINE, pubs)
+            .await
+            .expect("publisher completes")
+            .expect("task");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut all = per[0].clone();
+        while let Ok(Got::Msg { payload, .. }) = rx.try_recv() {
+            all.push(payload);
+        }
+        assert_eq!(
+            all.len(),
+            20,
+            "{}: each QoS 2 message once",
+            upstream.name()
+        );
+        // and a replica's QoS 2 publish reaches the observer once
+        r.client
+            .publish("results/x", QoS::ExactlyOnce, false, "ok")
+            .await
+            .expect("queued");
+        let mut got = 0;
+        let start_wait = Instant::now();
+        while start_wait.elapsed() < Duration::from_millis(1500) {
+            if let Ok(Some(Seen::Message(p))) =
+                tokio::time::timeout(Duration::from_millis(100), observer.events.recv()).await
+            {
+                assert_eq!(p, b"ok");
+                got += 1;
+            }
+        }
+        assert_eq!(got, 1, "{}: replica QoS 2 publish", upstream.name());
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_flowgate_nodes_with_upstream_share_split_one_instance() {
+    let broker = Mosquitto::start().await;
+    let mut apps = Vec::new();
+    for node in ["fga", "fgb"] {
+        let text = format!(
+            "node_id = \"{node}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"mqtt://{}\"\nmode = \"dispatch\"\nupstream_share = true\n[[instance]]\nname = \"line1\"\n\
+             match = {{ client_id = \"line1-nodered\" }}\n",
+            broker.addr
+        );
+        apps.push(
+            App::start(Config::parse(&text, "test").expect("valid"))
+                .await
+                .expect("starts"),
+        );
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut reps = Vec::new();
+    for (n, app) in apps.iter().enumerate() {
+        let r = replica(app.mqtt_addr, n, Duration::ZERO, true, tx.clone());
+        r.client
+            .subscribe("jobs/#", QoS::AtLeastOnce)
+            .await
+            .expect("queued");
+        loop {
+            if let Ok(Some(Got::SubAck(m))) = tokio::time::timeout(DEADLINE, rx.recv()).await {
+                if m == n {
+                    break;
+                }
+            }
+        }
+        reps.push(r);
+    }
+    const N: usize = 400;
+    publish_numbered(broker.addr, "jobs", N).await;
+    let per = collect(&mut rx, 2, |p| p.iter().map(Vec::len).sum::<usize>() >= N).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut all: Vec<String> = per.iter().flatten().cloned().collect();
+    while let Ok(Got::Msg { payload, .. }) = rx.try_recv() {
+        all.push(payload);
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(
+        (all.len(), unique.len()),
+        (N, N),
+        "each job once across both nodes"
+    );
+    assert!(
+        per.iter().all(|p| p.len() * 10 >= N * 3),
+        "both nodes took a share: {:?}",
+        per.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    for app in apps {
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
