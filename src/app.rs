@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::admin::{self, AdminState};
 use crate::broker;
 use crate::config::{Config, InstanceConfig, Mode, Upstream};
+use crate::http::{self, backend::Pool};
 use crate::metrics::Metrics;
 use crate::mqtt::dispatch::upstream::UpstreamSession;
 use crate::mqtt::dispatch::{DispatchSettings, Dispatcher, Handle};
@@ -39,6 +40,8 @@ pub enum StartError {
 pub struct App {
     pub mqtt_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Each HTTP listener's bound address, by its configured address.
+    pub http_addrs: Vec<(SocketAddr, SocketAddr)>,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -112,10 +115,38 @@ impl App {
             shutdown.clone(),
             tracker.clone(),
         ));
+        let pools: Vec<Arc<Pool>> = config
+            .instances
+            .iter()
+            .filter_map(|i| {
+                let cfg = i.http.clone()?;
+                Some(Arc::new(Pool::new(&i.name, cfg, metrics.clone())))
+            })
+            .collect();
+        let mut http_addrs = Vec::new();
+        for (addr, site) in http::sites(&pools) {
+            let listener = bind("instance.http.listen", addr).await?;
+            let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                key: "instance.http.listen",
+                addr,
+                source,
+            })?;
+            http_addrs.push((addr, bound));
+            tracker.spawn(http::serve(
+                listener,
+                Arc::new(site),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        for pool in &pools {
+            tracker.spawn(pool.clone().probe_loop(shutdown.clone()));
+        }
         let admin = Arc::new(AdminState {
             config: config.clone(),
             metrics: metrics.clone(),
             instances,
+            pools,
             ready: AtomicBool::new(true),
         });
         tracker.spawn(admin::serve(
@@ -128,6 +159,7 @@ impl App {
         Ok(Self {
             mqtt_addr,
             admin_addr,
+            http_addrs,
             metrics,
             shutdown,
             tracker,

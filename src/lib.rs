@@ -32,5 +32,6 @@ pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod mqtt;

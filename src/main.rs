@@ -79,9 +79,15 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let http: Vec<String> = app
+            .http_addrs
+            .iter()
+            .map(|(_, bound)| bound.to_string())
+            .collect();
         let ready = serde_json::json!({
             "mqtt": app.mqtt_addr.to_string(),
             "admin": app.admin_addr.to_string(),
+            "http": http,
         });
         println!("{ready}");
         if let Some(path) = &args.ready_file {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::http::backend::Pool;
 use crate::metrics::Metrics;
 use crate::mqtt::replicas::{InstanceView, Instances};
 
@@ -29,6 +30,8 @@ pub struct AdminState {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub instances: Arc<Instances>,
+    /// The instances' HTTP replica pools.
+    pub pools: Vec<Arc<Pool>>,
     pub ready: AtomicBool,
 }
 
@@ -37,7 +40,79 @@ struct InstancesBody<'a> {
     node_id: &'a str,
     mode: crate::config::Mode,
     upstream: String,
-    instances: Vec<InstanceView>,
+    instances: Vec<InstanceBody>,
+}
+
+#[derive(Serialize)]
+struct InstanceBody {
+    #[serde(flatten)]
+    mqtt: InstanceView,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    http: Vec<HttpReplicaView>,
+}
+
+#[derive(Serialize)]
+struct HttpReplicaView {
+    replica: String,
+    addr: String,
+    up: bool,
+    draining: bool,
+    inflight: usize,
+}
+
+fn http_views(pool: &Pool) -> Vec<HttpReplicaView> {
+    pool.backends
+        .iter()
+        .map(|b| HttpReplicaView {
+            replica: b.label.clone(),
+            addr: b.addr.clone(),
+            up: b.is_up(),
+            draining: b.is_draining(),
+            inflight: b.inflight.load(Ordering::Relaxed),
+        })
+        .collect()
+}
+
+/// `POST /api/instances/{name}/replicas/{r}/drain` (or `/undrain`).
+fn drain(state: &AdminState, path: &str) -> Option<Response<Full<Bytes>>> {
+    let rest = path.strip_prefix("/api/instances/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [name, "replicas", replica, action] = parts.as_slice() else {
+        return None;
+    };
+    let draining = match *action {
+        "drain" => true,
+        "undrain" => false,
+        _ => return None,
+    };
+    let Some(pool) = state.pools.iter().find(|p| p.instance == *name) else {
+        return Some(text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such instance with http replicas\n",
+        ));
+    };
+    let Some(backend) = pool.backends.iter().find(|b| b.label == *replica) else {
+        return Some(text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such replica\n",
+        ));
+    };
+    backend.set_draining(draining);
+    tracing::info!(
+        instance = name,
+        replica,
+        draining,
+        "http replica drain changed through the admin API"
+    );
+    let body = serde_json::json!({
+        "instance": name,
+        "replica": replica,
+        "draining": draining,
+        "inflight": backend.inflight.load(Ordering::Relaxed),
+    });
+    Some(text(StatusCode::OK, "application/json", body.to_string()))
 }
 
 fn text(
@@ -54,6 +129,10 @@ fn text(
 
 /// Answers one admin request.
 pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method == Method::POST {
+        return drain(state, path)
+            .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "text/plain", "not found\n"));
+    }
     if method != Method::GET && method != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -72,7 +151,20 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                 node_id: &state.config.node_id,
                 mode: state.config.mqtt.mode,
                 upstream: state.config.mqtt.upstream.to_string(),
-                instances: state.instances.views(),
+                instances: state
+                    .instances
+                    .views()
+                    .into_iter()
+                    .map(|mqtt| InstanceBody {
+                        http: state
+                            .pools
+                            .iter()
+                            .find(|p| p.instance == mqtt.name)
+                            .map(|p| http_views(p))
+                            .unwrap_or_default(),
+                        mqtt,
+                    })
+                    .collect(),
             };
             match serde_json::to_vec_pretty(&body) {
                 Ok(json) => text(StatusCode::OK, "application/json", json),
@@ -151,6 +243,7 @@ mod tests {
             config: Arc::new(config),
             metrics,
             instances,
+            pools: Vec::new(),
             ready: AtomicBool::new(true),
         }
     }
@@ -170,8 +263,12 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            route(&s, &Method::POST, "/metrics").status(),
+            route(&s, &Method::PUT, "/metrics").status(),
             StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            route(&s, &Method::POST, "/metrics").status(),
+            StatusCode::NOT_FOUND
         );
         let api = route(&s, &Method::GET, "/api/instances");
         assert_eq!(api.headers()[CONTENT_TYPE], "application/json");

@@ -56,6 +56,7 @@ struct FileInstance {
     key_level: Option<usize>,
     ack_timeout: Option<String>,
     max_inflight: Option<usize>,
+    http: Option<super::http::FileHttp>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -265,7 +266,16 @@ impl FileConfig {
                     "must be between 1 and 65000",
                 );
             }
+            let http = inst.http.map(|h| {
+                let mut found = Vec::new();
+                let http = h.validate(&format!("{path}.http"), &inst.name, &mut found);
+                for (path, message) in found {
+                    p.add(path, message);
+                }
+                http
+            });
             instances.push(InstanceConfig {
+                http,
                 name: inst.name,
                 match_rule,
                 broadcast,

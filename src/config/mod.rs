@@ -7,7 +7,10 @@
 //! them all; the binary exits 64 on a bad config.
 
 mod file;
+mod http;
 mod types;
+
+pub use http::{Balance, HttpConfig};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -110,6 +113,9 @@ pub struct InstanceConfig {
     pub ack_timeout: Duration,
     /// Dispatch mode: unacknowledged QoS 1/2 messages per replica.
     pub max_inflight: usize,
+    /// The replicas' web traffic, balanced by flowgate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpConfig>,
 }
 
 /// One problem found in a config, with the path of the key.

@@ -4,7 +4,8 @@
 pub mod names;
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use names::*;
@@ -22,6 +23,11 @@ pub struct Metrics {
     pub dispatch_queued: IntGaugeVec,
     pub dispatch_redeliveries: IntCounterVec,
     pub dispatch_dropped: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub http_inflight: IntGaugeVec,
+    pub http_replica_up: IntGaugeVec,
+    pub http_retries: IntCounterVec,
 }
 
 /// Counters of one replica connection, resolved once at connect so the hot
@@ -121,6 +127,43 @@ impl Metrics {
                 DISPATCH_DROPPED,
                 "Messages dropped because a limit forced it, by reason",
                 &[LABEL_INSTANCE, LABEL_REASON],
+            ),
+            http_requests: counter_vec(
+                r,
+                HTTP_REQUESTS,
+                "HTTP requests answered, by replica and status class",
+                &[LABEL_INSTANCE, LABEL_REPLICA, LABEL_CODE],
+            ),
+            http_duration: {
+                let opts =
+                    HistogramOpts::new(HTTP_DURATION, "Time to the replica's response headers")
+                        .buckets(vec![
+                            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                            10.0,
+                        ]);
+                let vec = HistogramVec::new(opts, &[LABEL_INSTANCE, LABEL_REPLICA])
+                    .expect("metric names and labels are static and valid");
+                r.register(Box::new(vec.clone()))
+                    .expect("each metric is registered once in a fresh registry");
+                vec
+            },
+            http_inflight: gauge_vec(
+                r,
+                HTTP_INFLIGHT,
+                "HTTP requests (and spliced connections) in flight per replica",
+                &[LABEL_INSTANCE, LABEL_REPLICA],
+            ),
+            http_replica_up: gauge_vec(
+                r,
+                HTTP_REPLICA_UP,
+                "1 while a replica passes its health checks",
+                &[LABEL_INSTANCE, LABEL_REPLICA],
+            ),
+            http_retries: counter_vec(
+                r,
+                HTTP_RETRIES,
+                "HTTP requests sent to another replica after the first could not take them",
+                &[LABEL_INSTANCE],
             ),
             registry,
         }

@@ -13,12 +13,18 @@ pub const REPLICA_INFLIGHT: &str = "flowgate_replica_inflight_messages";
 pub const DISPATCH_QUEUED: &str = "flowgate_dispatch_queued_messages";
 pub const DISPATCH_REDELIVERIES: &str = "flowgate_dispatch_redeliveries_total";
 pub const DISPATCH_DROPPED: &str = "flowgate_dispatch_dropped_total";
+pub const HTTP_REQUESTS: &str = "flowgate_http_requests_total";
+pub const HTTP_DURATION: &str = "flowgate_http_request_duration_seconds";
+pub const HTTP_INFLIGHT: &str = "flowgate_http_inflight_requests";
+pub const HTTP_REPLICA_UP: &str = "flowgate_http_replica_up";
+pub const HTTP_RETRIES: &str = "flowgate_http_retries_total";
 
 pub const LABEL_INSTANCE: &str = "instance";
 pub const LABEL_REPLICA: &str = "replica";
 pub const LABEL_DIRECTION: &str = "direction";
 pub const LABEL_KIND: &str = "kind";
 pub const LABEL_REASON: &str = "reason";
+pub const LABEL_CODE: &str = "code";
 
 /// `direction` values.
 pub const TO_REPLICA: &str = "to_replica";

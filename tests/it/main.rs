@@ -7,4 +7,5 @@ mod admin;
 mod binary;
 mod dispatch;
 mod hostile;
+mod http;
 mod share_mode;

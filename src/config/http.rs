@@ -1,0 +1,233 @@
+//! The `http` table of an instance: its replicas' web traffic.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{humantime_ser, ByteSize};
+
+/// How requests are spread over an instance's HTTP replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Two random healthy replicas, the one with fewer requests in flight.
+    #[default]
+    LeastInflight,
+    RoundRobin,
+}
+
+/// A validated `http` table.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Serve only requests for this `Host` (several instances on one listener).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `host:port` of each replica; the index is the replica's label.
+    pub replicas: Vec<String>,
+    pub balance: Balance,
+    pub health_path: String,
+    pub health_status: u16,
+    pub health_tcp_only: bool,
+    #[serde(with = "humantime_ser")]
+    pub health_interval: Duration,
+    #[serde(with = "humantime_ser")]
+    pub health_timeout: Duration,
+    pub health_rise: u32,
+    pub health_fall: u32,
+    pub sticky: bool,
+    pub sticky_paths: Vec<String>,
+    pub sticky_cookie: String,
+    pub block_admin: bool,
+    pub admin_paths: Vec<String>,
+    pub replica_header: bool,
+    pub max_body: ByteSize,
+    #[serde(with = "humantime_ser")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_ser")]
+    pub connect_timeout: Duration,
+    /// Idle pooled connections to replicas close after this; shorter than
+    /// Node.js's 5 s keep-alive so a reused connection is never one Node closes.
+    #[serde(with = "humantime_ser")]
+    pub idle_timeout: Duration,
+    /// Retries allowed as a share of requests (0.2 = one retry per five).
+    pub retry_budget: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileHttp {
+    listen: Option<String>,
+    host: Option<String>,
+    #[serde(default)]
+    replicas: Vec<String>,
+    balance: Option<Balance>,
+    health_path: Option<String>,
+    health_status: Option<u16>,
+    health_tcp_only: Option<bool>,
+    health_interval: Option<String>,
+    health_timeout: Option<String>,
+    health_rise: Option<u32>,
+    health_fall: Option<u32>,
+    sticky: Option<bool>,
+    sticky_paths: Option<Vec<String>>,
+    sticky_cookie: Option<String>,
+    block_admin: Option<bool>,
+    admin_paths: Option<Vec<String>>,
+    replica_header: Option<bool>,
+    max_body: Option<String>,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    retry_budget: Option<f64>,
+}
+
+fn dur(
+    p: &mut Vec<(String, String)>,
+    path: &str,
+    key: &str,
+    v: Option<String>,
+    default: Duration,
+) -> Duration {
+    match v {
+        None => default,
+        Some(t) => humantime::parse_duration(&t).unwrap_or_else(|e| {
+            p.push((
+                format!("{path}.{key}"),
+                format!("{t:?} is not a duration such as \"5s\": {e}"),
+            ));
+            default
+        }),
+    }
+}
+
+impl FileHttp {
+    /// Validates; problems are (path, message) pairs.
+    pub(super) fn validate(
+        self,
+        path: &str,
+        instance: &str,
+        p: &mut Vec<(String, String)>,
+    ) -> HttpConfig {
+        let listen = match self.listen.as_deref().map(str::parse::<SocketAddr>) {
+            Some(Ok(a)) => a,
+            Some(Err(_)) => {
+                p.push((
+                    format!("{path}.listen"),
+                    "is not an address such as \"0.0.0.0:1880\"".into(),
+                ));
+                ([0, 0, 0, 0], 1880).into()
+            }
+            None => {
+                p.push((format!("{path}.listen"), "is required".into()));
+                ([0, 0, 0, 0], 1880).into()
+            }
+        };
+        if self.replicas.is_empty() {
+            p.push((
+                format!("{path}.replicas"),
+                "needs at least one \"host:port\"".into(),
+            ));
+        }
+        for (i, r) in self.replicas.iter().enumerate() {
+            let ok = r
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                p.push((
+                    format!("{path}.replicas[{i}]"),
+                    format!("{r:?} is not \"host:port\""),
+                ));
+            }
+        }
+        let max_body = match ByteSize::parse(self.max_body.as_deref().unwrap_or("10MiB")) {
+            Ok(b) => b,
+            Err(e) => {
+                p.push((format!("{path}.max_body"), e));
+                ByteSize(10 << 20)
+            }
+        };
+        let retry_budget = self.retry_budget.unwrap_or(0.2);
+        if !(0.0..=1.0).contains(&retry_budget) {
+            p.push((
+                format!("{path}.retry_budget"),
+                "must be between 0 and 1".into(),
+            ));
+        }
+        let health_rise = self.health_rise.unwrap_or(2);
+        let health_fall = self.health_fall.unwrap_or(2);
+        if health_rise == 0 || health_fall == 0 {
+            p.push((
+                format!("{path}.health_rise"),
+                "health_rise and health_fall must be at least 1".into(),
+            ));
+        }
+        HttpConfig {
+            listen,
+            host: self.host.map(|h| h.to_ascii_lowercase()),
+            replicas: self.replicas,
+            balance: self.balance.unwrap_or_default(),
+            health_path: self.health_path.unwrap_or_else(|| "/flows/state".into()),
+            health_status: self.health_status.unwrap_or(200),
+            health_tcp_only: self.health_tcp_only.unwrap_or(false),
+            health_interval: dur(
+                p,
+                path,
+                "health_interval",
+                self.health_interval,
+                Duration::from_secs(1),
+            ),
+            health_timeout: dur(
+                p,
+                path,
+                "health_timeout",
+                self.health_timeout,
+                Duration::from_secs(1),
+            ),
+            health_rise,
+            health_fall,
+            sticky: self.sticky.unwrap_or(true),
+            sticky_paths: self
+                .sticky_paths
+                .unwrap_or_else(|| vec!["/socket.io".into(), "/ui".into(), "/dashboard".into()]),
+            sticky_cookie: self
+                .sticky_cookie
+                .unwrap_or_else(|| format!("flowgate_{instance}")),
+            block_admin: self.block_admin.unwrap_or(true),
+            admin_paths: self.admin_paths.unwrap_or_else(|| {
+                [
+                    "/",
+                    "/flows",
+                    "/flow",
+                    "/nodes",
+                    "/settings",
+                    "/auth",
+                    "/red",
+                    "/library",
+                    "/context",
+                ]
+                .map(String::from)
+                .to_vec()
+            }),
+            replica_header: self.replica_header.unwrap_or(true),
+            max_body,
+            timeout: dur(p, path, "timeout", self.timeout, Duration::from_secs(60)),
+            connect_timeout: dur(
+                p,
+                path,
+                "connect_timeout",
+                self.connect_timeout,
+                Duration::from_secs(2),
+            ),
+            idle_timeout: dur(
+                p,
+                path,
+                "idle_timeout",
+                self.idle_timeout,
+                Duration::from_secs(4),
+            ),
+            retry_budget,
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! An instance's HTTP replicas: their health, in-flight counts, drain flags,
+//! pooled connections and the active health probe.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounter, IntGauge};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::balancer::{self, Candidate};
+use super::health::Health;
+use crate::config::HttpConfig;
+use crate::metrics::Metrics;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Idle pooled connections kept per replica.
+const MAX_IDLE: usize = 64;
+
+/// One replica's HTTP side.
+pub struct Backend {
+    pub index: usize,
+    pub label: String,
+    pub addr: String,
+    health: Mutex<Health>,
+    up: AtomicBool,
+    draining: AtomicBool,
+    pub inflight: AtomicUsize,
+    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+    /// Bumped when the replica goes down: spliced (WebSocket) connections
+    /// watching it close.
+    generation: watch::Sender<u64>,
+    /// Set once the probe found the admin API off (404): TCP checks from then.
+    tcp_fallback: AtomicBool,
+    pub up_gauge: IntGauge,
+    pub inflight_gauge: IntGauge,
+}
+
+/// All replicas of one instance, and how to choose among them.
+pub struct Pool {
+    pub instance: String,
+    pub cfg: HttpConfig,
+    pub backends: Vec<Arc<Backend>>,
+    turn: AtomicUsize,
+    rng: Mutex<u64>,
+    /// Requests and retries, for the retry budget.
+    requests: AtomicU64,
+    retries_done: AtomicU64,
+    pub retries: IntCounter,
+    pub metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // each critical section is a single update: a poisoned lock is consistent
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Backend {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// A receiver that changes when this replica goes down.
+    pub fn down_signal(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn apply(&self, instance: &str, up: bool, cause: &str) {
+        self.up.store(up, Ordering::Relaxed);
+        self.up_gauge.set(i64::from(up));
+        if up {
+            tracing::info!(%instance, replica = %self.label, addr = %self.addr, "http replica up");
+        } else {
+            tracing::warn!(%instance, replica = %self.label, addr = %self.addr, cause, "http replica down");
+            self.generation.send_modify(|g| *g += 1);
+            lock(&self.idle).clear();
+        }
+    }
+
+    /// A pooled connection that can take a request now, if any.
+    pub fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<Body>> {
+        let mut idle = lock(&self.idle);
+        while let Some((sender, since)) = idle.pop() {
+            if sender.is_ready() && since.elapsed() < idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Gives a connection back for reuse.
+    pub fn checkin(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    /// A new connection (HTTP/1.1, upgrades allowed).
+    pub async fn connect(&self, timeout: Duration) -> Result<SendRequest<Body>, ConnectError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+            .map_err(ConnectError::Io)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "replica connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("connect: {0}")]
+    Io(std::io::Error),
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+}
+
+impl ConnectError {
+    /// Nothing listens there: the replica is down now.
+    pub fn refused(&self) -> bool {
+        matches!(self, Self::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    }
+}
+
+impl Pool {
+    pub fn new(instance: &str, cfg: HttpConfig, metrics: Arc<Metrics>) -> Self {
+        let backends = cfg
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(index, addr)| {
+                let label = index.to_string();
+                let up_gauge = metrics
+                    .http_replica_up
+                    .with_label_values(&[instance, &label]);
+                up_gauge.set(1);
+                let inflight_gauge = metrics.http_inflight.with_label_values(&[instance, &label]);
+                Arc::new(Backend {
+                    index,
+                    label,
+                    addr: addr.clone(),
+                    health: Mutex::new(Health::default()),
+                    up: AtomicBool::new(true),
+                    draining: AtomicBool::new(false),
+                    inflight: AtomicUsize::new(0),
+                    idle: Mutex::new(Vec::new()),
+                    generation: watch::channel(0).0,
+                    tcp_fallback: AtomicBool::new(cfg.health_tcp_only),
+                    up_gauge,
+                    inflight_gauge,
+                })
+            })
+            .collect();
+        let retries = metrics.http_retries.with_label_values(&[instance]);
+        Self {
+            instance: instance.to_owned(),
+            cfg,
+            backends,
+            turn: AtomicUsize::new(0),
+            rng: Mutex::new(0x2545_f491_4f6c_dd1d),
+            requests: AtomicU64::new(0),
+            retries_done: AtomicU64::new(0),
+            retries,
+            metrics,
+        }
+    }
+
+    /// Chooses a replica not in `tried`: healthy and not draining; when no
+    /// replica is healthy, any not draining (the last one is never ejected).
+    pub fn pick(&self, tried: &[usize]) -> Option<Arc<Backend>> {
+        let usable = |healthy_only: bool| -> Vec<Candidate> {
+            self.backends
+                .iter()
+                .filter(|b| {
+                    !tried.contains(&b.index) && !b.is_draining() && (!healthy_only || b.is_up())
+                })
+                .map(|b| Candidate {
+                    index: b.index,
+                    inflight: b.inflight.load(Ordering::Relaxed),
+                })
+                .collect()
+        };
+        let mut candidates = usable(true);
+        if candidates.is_empty() && !self.backends.iter().any(|b| b.is_up() && !b.is_draining()) {
+            candidates = usable(false);
+        }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let draw = {
+            let mut rng = lock(&self.rng);
+            let a = balancer::next_random(&mut rng) as usize;
+            (a, balancer::next_random(&mut rng) as usize)
+        };
+        let index = balancer::pick(self.cfg.balance, &candidates, turn, draw)?;
+        self.backends.get(index).cloned()
+    }
+
+    /// The replica a sticky cookie names, if it can take requests.
+    pub fn sticky(&self, index: usize) -> Option<Arc<Backend>> {
+        self.backends
+            .get(index)
+            .filter(|b| b.is_up() && !b.is_draining())
+            .cloned()
+    }
+
+    /// Counts a request for the retry budget.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// May a request that reached a replica be retried? Within the budget
+    /// (retries <= budget x requests, plus a small allowance).
+    pub fn take_retry(&self) -> bool {
+        let requests = self.requests.load(Ordering::Relaxed) as f64;
+        let done = self.retries_done.load(Ordering::Relaxed) as f64;
+        if done < 3.0 + self.cfg.retry_budget * requests {
+            self.retries_done.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A refused connection: down at once, unless it is the last one up.
+    pub fn passive_down(&self, backend: &Backend) {
+        let others_up = self
+            .backends
+            .iter()
+            .any(|b| b.index != backend.index && b.is_up());
+        if !others_up {
+            return;
+        }
+        let changed = lock(&backend.health).force_down();
+        if changed {
+            backend.apply(&self.instance, false, "connection refused");
+        }
+    }
+
+    fn record(&self, backend: &Backend, ok: bool, cause: &str) {
+        let flipped = lock(&backend.health).record(ok, self.cfg.health_rise, self.cfg.health_fall);
+        match flipped {
+            Some(false) => {
+                let others_up = self
+                    .backends
+                    .iter()
+                    .any(|b| b.index != backend.index && b.is_up());
+                if others_up {
+                    backend.apply(&self.instance, false, cause);
+                } else {
+                    // never eject the last replica: keep it up, try again next time
+                    *lock(&backend.health) = Health::default();
+                    tracing::warn!(instance = %self.instance, replica = %backend.label, cause, "health check failed on the last replica up: kept in service");
+                }
+            }
+            Some(true) => backend.apply(&self.instance, true, cause),
+            None => {}
+        }
+    }
+
+    /// Probes every replica each `health_interval` until `shutdown`.
+    pub async fn probe_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.cfg.health_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let probes = self.backends.iter().map(|b| {
+                let pool = self.clone();
+                let b = b.clone();
+                async move {
+                    let (ok, cause) = pool.probe(&b).await;
+                    pool.record(&b, ok, cause);
+                }
+            });
+            futures_join_all(probes).await;
+        }
+    }
+
+    async fn probe(&self, b: &Backend) -> (bool, &'static str) {
+        let timeout = self.cfg.health_timeout;
+        if b.tcp_fallback.load(Ordering::Relaxed) {
+            return match tokio::time::timeout(timeout, TcpStream::connect(&b.addr)).await {
+                Ok(Ok(_)) => (true, "tcp probe"),
+                _ => (false, "tcp probe failed"),
+            };
+        }
+        let check = async {
+            let mut sender = b.connect(timeout).await.ok()?;
+            let req = Request::get(self.cfg.health_path.as_str())
+                .header(hyper::header::HOST, b.addr.as_str())
+                .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+                .ok()?;
+            let resp = sender.send_request(req).await.ok()?;
+            Some(resp.status().as_u16())
+        };
+        match tokio::time::timeout(timeout, check).await {
+            Ok(Some(status)) if status == self.cfg.health_status => (true, "http probe"),
+            Ok(Some(404)) => {
+                if !b.tcp_fallback.swap(true, Ordering::Relaxed) {
+                    tracing::info!(instance = %self.instance, replica = %b.label, path = %self.cfg.health_path, "health path answers 404 (admin API off?): checking by TCP connect from now on");
+                }
+                (true, "tcp fallback")
+            }
+            Ok(Some(_)) => (false, "http probe: unexpected status"),
+            _ => (false, "http probe failed"),
+        }
+    }
+}
+
+/// Runs futures concurrently and waits for all (no futures crate needed).
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}

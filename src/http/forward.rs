@@ -1,0 +1,414 @@
+//! One request through the balancer: policy checks (admin paths, body
+//! limit), replica choice (sticky cookie, balancer), forwarding with retries,
+//! WebSocket splicing, and the response headers flowgate adds.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use super::backend::{Backend, Body, Pool};
+
+/// Name of the response header that says which replica answered.
+pub const REPLICA_HEADER: &str = "x-flowgate-replica";
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn status(code: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.to_ascii_lowercase().contains("upgrade"))
+        })
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // headers named by Connection are hop-by-hop too
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
+
+fn path_matches(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return path == "/";
+    }
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?'))
+}
+
+/// The replica a sticky cookie names.
+fn sticky_index(headers: &HeaderMap, cookie: &str) -> Option<usize> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == cookie)
+        .and_then(|(_, v)| v.strip_prefix('r'))
+        .and_then(|v| v.parse().ok())
+}
+
+fn code_class(code: StatusCode) -> &'static str {
+    match code.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Keeps a replica's in-flight count right whatever way a request ends.
+struct InflightGuard(Arc<Backend>);
+
+impl InflightGuard {
+    fn new(b: Arc<Backend>) -> Self {
+        b.inflight.fetch_add(1, Ordering::Relaxed);
+        b.inflight_gauge.inc();
+        Self(b)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.inflight_gauge.dec();
+    }
+}
+
+/// Handles one request for `pool`'s instance.
+pub async fn handle(
+    pool: Arc<Pool>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let cfg = &pool.cfg;
+    let path = req.uri().path().to_owned();
+    if cfg.block_admin && cfg.admin_paths.iter().any(|p| path_matches(&path, p)) {
+        return status(
+            StatusCode::FORBIDDEN,
+            "the Node-RED admin API and editor are not served here\n",
+        );
+    }
+    let limit = cfg.max_body.bytes();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return status(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    }
+    let upgrade = is_upgrade(req.headers());
+    let sticky_path = cfg.sticky && cfg.sticky_paths.iter().any(|p| path_matches(&path, p));
+    let pinned = if cfg.sticky {
+        sticky_index(req.headers(), &cfg.sticky_cookie).and_then(|i| pool.sticky(i))
+    } else {
+        None
+    };
+
+    // forwarded headers
+    let host = req.headers().get(header::HOST).cloned();
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(h) = host {
+        headers.insert("x-forwarded-host", h);
+    }
+
+    pool.count_request();
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // a bodiless idempotent request can be rebuilt for a retry after sending
+    let replayable = declared.unwrap_or(0) == 0
+        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+        && matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
+        )
+        && !upgrade;
+    let replay = replayable.then(|| {
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            req.headers().clone(),
+        )
+    });
+    let (parts, body) = req.into_parts();
+    let body: Body = Limited::new(body, limit)
+        .map_err(|e| e as super::backend::BoxError)
+        .boxed();
+    let mut outgoing = Some(Request::from_parts(parts, body));
+
+    let mut tried = Vec::new();
+    let started = Instant::now();
+    let mut first = pinned;
+    loop {
+        let Some(backend) = first.take().or_else(|| pool.pick(&tried)) else {
+            return status(
+                StatusCode::BAD_GATEWAY,
+                "no replica could take the request\n",
+            );
+        };
+        tried.push(backend.index);
+        let req = match outgoing.take() {
+            Some(r) => r,
+            None => match &replay {
+                Some((m, u, h)) => {
+                    let mut r = Request::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
+                    *r.method_mut() = m.clone();
+                    *r.uri_mut() = u.clone();
+                    *r.headers_mut() = h.clone();
+                    r
+                }
+                None => return status(StatusCode::BAD_GATEWAY, "replica failed\n"),
+            },
+        };
+        let guard = InflightGuard::new(backend.clone());
+        match send(&pool, &backend, req, upgrade).await {
+            Outcome::Response(mut resp, sender) => {
+                if let Some(s) = sender {
+                    backend.checkin(s);
+                }
+                let code = resp.status();
+                pool.metrics
+                    .http_requests
+                    .with_label_values(&[pool.instance.as_str(), &backend.label, code_class(code)])
+                    .inc();
+                pool.metrics
+                    .http_duration
+                    .with_label_values(&[pool.instance.as_str(), &backend.label])
+                    .observe(started.elapsed().as_secs_f64());
+                let upgraded = code == StatusCode::SWITCHING_PROTOCOLS;
+                strip_hop_by_hop(resp.headers_mut(), upgraded);
+                if cfg.replica_header {
+                    if let Ok(v) = HeaderValue::from_str(&backend.label) {
+                        resp.headers_mut().insert(REPLICA_HEADER, v);
+                    }
+                }
+                if sticky_path && !upgraded {
+                    let cookie = format!(
+                        "{}=r{}; Path=/; HttpOnly; SameSite=Lax",
+                        cfg.sticky_cookie, backend.index
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&cookie) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+                if upgraded {
+                    if let Some(client) = client_upgrade {
+                        splice(client, &mut resp, backend.clone());
+                    }
+                    return resp.map(|b| {
+                        b.map_err(|e| Box::new(e) as super::backend::BoxError)
+                            .boxed()
+                    });
+                }
+                // the in-flight count lasts until the body is done
+                let (parts, body) = resp.into_parts();
+                let counted = GuardedBody {
+                    inner: body,
+                    _guard: guard,
+                };
+                return Response::from_parts(parts, counted.boxed());
+            }
+            Outcome::NotSent(req, cause) => {
+                // never reached the replica: another one gets it, body and all
+                tracing::debug!(instance = %pool.instance, replica = %backend.label, %cause, "request not sent, trying another replica");
+                outgoing = Some(req);
+                pool.retries.inc();
+            }
+            Outcome::Failed(cause) => {
+                tracing::warn!(instance = %pool.instance, replica = %backend.label, %cause, "replica failed the request");
+                if replay.is_none() || !pool.take_retry() {
+                    pool.metrics
+                        .http_requests
+                        .with_label_values(&[pool.instance.as_str(), &backend.label, "5xx"])
+                        .inc();
+                    return status(StatusCode::BAD_GATEWAY, "replica failed\n");
+                }
+                pool.retries.inc();
+            }
+            Outcome::Timeout => {
+                pool.metrics
+                    .http_requests
+                    .with_label_values(&[pool.instance.as_str(), &backend.label, "5xx"])
+                    .inc();
+                return status(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "replica did not answer in time\n",
+                );
+            }
+            Outcome::TooLarge => {
+                return status(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+            }
+        }
+    }
+}
+
+/// A response body that holds the replica's in-flight count until it ends.
+struct GuardedBody {
+    inner: Incoming,
+    _guard: InflightGuard,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = super::backend::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as super::backend::BoxError)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+enum Outcome {
+    Response(
+        Response<Incoming>,
+        Option<hyper::client::conn::http1::SendRequest<Body>>,
+    ),
+    /// The request never left: here it is back.
+    NotSent(Request<Body>, String),
+    /// It left and failed before a response.
+    Failed(String),
+    Timeout,
+    TooLarge,
+}
+
+async fn send(pool: &Pool, backend: &Backend, mut req: Request<Body>, upgrade: bool) -> Outcome {
+    let cfg = &pool.cfg;
+    loop {
+        // upgrades get a connection of their own
+        let pooled = if upgrade {
+            None
+        } else {
+            backend.checkout(cfg.idle_timeout)
+        };
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => match backend.connect(cfg.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if e.refused() {
+                        pool.passive_down(backend);
+                    }
+                    return Outcome::NotSent(req, e.to_string());
+                }
+            },
+        };
+        match tokio::time::timeout(cfg.timeout, sender.try_send_request(req)).await {
+            Err(_) => return Outcome::Timeout,
+            Ok(Ok(resp)) => return Outcome::Response(resp, (!upgrade).then_some(sender)),
+            Ok(Err(mut e)) => match e.take_message() {
+                // a stale pooled connection: a fresh one for the same replica
+                Some(back) if reused => req = back,
+                Some(back) => return Outcome::NotSent(back, e.into_error().to_string()),
+                None => {
+                    let err = e.into_error();
+                    let too_large = std::error::Error::source(&err).is_some_and(|s| {
+                        s.downcast_ref::<http_body_util::LengthLimitError>()
+                            .is_some()
+                    });
+                    return if too_large {
+                        Outcome::TooLarge
+                    } else {
+                        Outcome::Failed(err.to_string())
+                    };
+                }
+            },
+        }
+    }
+}
+
+/// Joins the client's and the replica's upgraded connections, until either
+/// closes or the replica goes down.
+fn splice(client: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>, backend: Arc<Backend>) {
+    let upstream = hyper::upgrade::on(resp);
+    let mut down = backend.down_signal();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let _guard = InflightGuard::new(backend);
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "spliced connection ended");
+                }
+            }
+            _ = down.changed() => tracing::info!("replica down: closing its spliced connection"),
+        }
+    });
+}

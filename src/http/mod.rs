@@ -1,0 +1,123 @@
+//! The HTTP balancer: listeners for the instances' web traffic, each routing
+//! by `Host` to an instance's replica [`backend::Pool`]. The balancing choice
+//! ([`balancer`]) and health state ([`health`]) are pure; [`forward`] moves
+//! one request; only this module and `backend` touch sockets.
+
+pub mod backend;
+pub mod balancer;
+pub mod forward;
+pub mod health;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::HOST;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use backend::Pool;
+
+/// The pools served on one listener, by host (`None`: any host).
+pub struct Site {
+    pools: Vec<(Option<String>, Arc<Pool>)>,
+}
+
+impl Site {
+    /// The pool for a request's `Host` (port ignored): an exact host match,
+    /// else the pool without a host.
+    fn route(&self, host: Option<&str>) -> Option<Arc<Pool>> {
+        let host = host.map(|h| {
+            h.rsplit_once(':')
+                .map_or(h, |(name, port)| {
+                    if port.chars().all(|c| c.is_ascii_digit()) {
+                        name
+                    } else {
+                        h
+                    }
+                })
+                .to_ascii_lowercase()
+        });
+        self.pools
+            .iter()
+            .find(|(h, _)| h.is_some() && h.as_deref() == host.as_deref())
+            .or_else(|| self.pools.iter().find(|(h, _)| h.is_none()))
+            .map(|(_, p)| p.clone())
+    }
+}
+
+/// Groups pools by listen address.
+pub fn sites(pools: &[Arc<Pool>]) -> BTreeMap<SocketAddr, Site> {
+    let mut out: BTreeMap<SocketAddr, Site> = BTreeMap::new();
+    for pool in pools {
+        out.entry(pool.cfg.listen)
+            .or_insert_with(|| Site { pools: Vec::new() })
+            .pools
+            .push((pool.cfg.host.clone(), pool.clone()));
+    }
+    out
+}
+
+/// Serves one listener until `shutdown`, then lets requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    site: Arc<Site>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let site = site.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let site = site.clone();
+                async move {
+                    let host = req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let resp = match site.route(host.as_deref()) {
+                        Some(pool) => forward::handle(pool, req, peer).await,
+                        None => {
+                            let mut r = hyper::Response::new(
+                                http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"unknown host\n")),
+                                    |e| match e {},
+                                )),
+                            );
+                            *r.status_mut() = StatusCode::MISDIRECTED_REQUEST;
+                            r
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "http connection error") },
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}

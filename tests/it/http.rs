@@ -1,0 +1,411 @@
+//! The HTTP balancer in front of real HTTP servers standing in for Node-RED
+//! replicas, each capped at 10 requests/s like seed 002's bottleneck.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowgate::app::App;
+use flowgate::config::Config;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::support::*;
+
+/// A stand-in replica: `/api` answers its name, one request per 100 ms at
+/// most; `/flows/state` answers 200; `/echo-len` answers the body's length;
+/// an Upgrade request is answered 101 and echoed byte for byte.
+struct Replica {
+    addr: SocketAddr,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+async fn serve_replica(name: String, listener: TcpListener, tasks: Arc<Mutex<JoinSet<()>>>) {
+    let next_slot = Arc::new(Mutex::new(Instant::now()));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let name = name.clone();
+        let next_slot = next_slot.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let name = name.clone();
+            let next_slot = next_slot.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let body = match path.as_str() {
+                    "/api" => {
+                        let slot = {
+                            let mut next = next_slot.lock().expect("slot lock");
+                            let slot = (*next).max(Instant::now());
+                            *next = slot + Duration::from_millis(100);
+                            slot
+                        };
+                        tokio::time::sleep_until(slot.into()).await;
+                        name.clone()
+                    }
+                    "/echo-len" => {
+                        let mut n = 0usize;
+                        let body = req.body_mut();
+                        while let Some(frame) = body.frame().await {
+                            if let Ok(data) = frame.map(|f| f.into_data().unwrap_or_default()) {
+                                n += data.len();
+                            }
+                        }
+                        n.to_string()
+                    }
+                    _ if req.headers().contains_key(hyper::header::UPGRADE) => {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = on.await {
+                                let mut io = TokioIo::new(up);
+                                let mut buf = [0u8; 1024];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        let mut r = Response::new(Full::new(Bytes::new()));
+                        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        r.headers_mut()
+                            .insert("upgrade", "websocket".parse().expect("header"));
+                        r.headers_mut()
+                            .insert("connection", "upgrade".parse().expect("header"));
+                        return Ok::<_, std::convert::Infallible>(r);
+                    }
+                    _ => name.clone(),
+                };
+                Ok(Response::new(Full::new(Bytes::from(body))))
+            }
+        });
+        tasks.lock().expect("tasks lock").spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+impl Replica {
+    async fn start(name: &str, port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("replica binds");
+        let addr = listener.local_addr().expect("addr");
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let t = tasks.clone();
+        let name = name.to_owned();
+        tasks
+            .lock()
+            .expect("tasks lock")
+            .spawn(serve_replica(name, listener, t));
+        Self { addr, tasks }
+    }
+
+    /// Stops abruptly: listener and every connection gone at once.
+    fn kill(&self) {
+        self.tasks.lock().expect("tasks lock").abort_all();
+    }
+}
+
+async fn balancer(replicas: &[&Replica], extra: &str) -> (App, SocketAddr) {
+    init_logs();
+    let list: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
+    let text = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"mqtt://127.0.0.1:1\"\nmode = \"share\"\n[[instance]]\nname = \"web\"\n\
+         match = {{ client_id = \"web\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [{}]\n\
+         health_interval = \"100ms\"\n{extra}\n",
+        list.join(", ")
+    );
+    let app = App::start(Config::parse(&text, "test").expect("valid config"))
+        .await
+        .expect("starts");
+    let addr = app.http_addrs[0].1;
+    (app, addr)
+}
+
+/// One request on a fresh connection: (status, replica header, set-cookie, body).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, String, String, Bytes), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "web.local");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let h = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (replica, cookie) = (h("x-flowgate-replica"), h("set-cookie"));
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, replica, cookie, body))
+}
+
+/// Closed-loop load on `/api` for `secs`: every response's (status, replica).
+async fn load(addr: SocketAddr, workers: usize, secs: f64) -> Vec<Result<(u16, String), String>> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut set = JoinSet::new();
+    for _ in 0..workers {
+        set.spawn(async move {
+            let mut got = Vec::new();
+            while Instant::now() < deadline {
+                let r = request(addr, "GET", "/api", &[], Bytes::new()).await;
+                if Instant::now() <= deadline {
+                    got.push(r.map(|(s, rep, _, _)| (s, rep)));
+                }
+            }
+            got
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.expect("worker"));
+    }
+    all
+}
+
+#[tokio::test]
+async fn one_two_and_four_capped_replicas_give_n_times_the_throughput() {
+    for n in [1usize, 2, 4] {
+        let mut reps = Vec::new();
+        for i in 0..n {
+            reps.push(Replica::start(&format!("r{i}"), 0).await);
+        }
+        let refs: Vec<&Replica> = reps.iter().collect();
+        let (app, addr) = balancer(&refs, "").await;
+        let secs = 3.0;
+        let results = load(addr, 6 * n, secs).await;
+        let ok = results.iter().filter(|r| matches!(r, Ok((200, _)))).count();
+        assert_eq!(
+            ok,
+            results.len(),
+            "{n} replicas: failed requests {:?}",
+            results
+                .iter()
+                .filter(|r| !matches!(r, Ok((200, _))))
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+        let rate = ok as f64 / secs;
+        assert!(
+            rate >= 0.95 * 10.0 * n as f64,
+            "{n} replicas: {rate:.1} req/s"
+        );
+        for i in 0..n {
+            let share = results
+                .iter()
+                .filter(|r| matches!(r, Ok((_, rep)) if *rep == i.to_string()))
+                .count();
+            assert!(
+                share as f64 >= 0.8 * ok as f64 / n as f64,
+                "{n} replicas: replica {i} served {share} of {ok}"
+            );
+        }
+        app.shutdown(Duration::from_secs(5)).await;
+        for r in &reps {
+            r.kill();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replica_killed_under_load_fails_no_request_and_comes_back_after_rise() {
+    let reps = [
+        Replica::start("r0", 0).await,
+        Replica::start("r1", 0).await,
+        Replica::start("r2", 0).await,
+    ];
+    let (app, addr) = balancer(&reps.iter().collect::<Vec<_>>(), "").await;
+    let killed_port = reps[0].addr.port();
+    let loader = tokio::spawn(load(addr, 12, 2.5));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    reps[0].kill();
+    let results = loader.await.expect("load task");
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| !matches!(r, Ok((200, _))))
+        .collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "flowgate_http_replica_up",
+            &[("instance", "web"), ("replica", "0")]
+        ),
+        0.0
+    );
+    // back on the same port: traffic again after two good probes
+    let _back = Replica::start("r0", killed_port).await;
+    eventually("replica 0 up again", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(
+            &m,
+            "flowgate_http_replica_up",
+            &[("instance", "web"), ("replica", "0")],
+        ) == 1.0
+    })
+    .await;
+    let results = load(addr, 12, 1.0).await;
+    assert!(
+        results
+            .iter()
+            .any(|r| matches!(r, Ok((200, rep)) if rep == "0")),
+        "replica 0 got no traffic after coming back"
+    );
+    app.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn sticky_cookie_keeps_a_long_poll_session_on_one_replica() {
+    let reps = [Replica::start("r0", 0).await, Replica::start("r1", 0).await];
+    let (app, addr) = balancer(&reps.iter().collect::<Vec<_>>(), "").await;
+    let (status, replica, cookie, _) = request(
+        addr,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .expect("first poll");
+    assert_eq!(status, 200);
+    assert!(
+        cookie.starts_with(&format!("flowgate_web=r{replica}")),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().expect("cookie pair").to_owned();
+    for _ in 0..20 {
+        let (_, r, _, _) = request(
+            addr,
+            "GET",
+            "/socket.io/?EIO=4&transport=polling",
+            &[("cookie", &pair)],
+            Bytes::new(),
+        )
+        .await
+        .expect("poll");
+        assert_eq!(r, replica, "the session moved");
+    }
+    // a path outside the sticky list gets no cookie
+    let (_, _, cookie, _) = request(addr, "GET", "/api", &[], Bytes::new())
+        .await
+        .expect("api");
+    assert!(cookie.is_empty());
+    app.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_is_spliced_both_ways() {
+    let reps = [Replica::start("r0", 0).await];
+    let (app, addr) = balancer(&reps.iter().collect::<Vec<_>>(), "").await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: web.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.expect("response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(!head.contains("set-cookie"), "no cookie on a 101");
+    for msg in [&b"hello"[..], b"over the splice", &[0u8, 1, 2, 255]] {
+        s.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut back))
+            .await
+            .expect("echo")
+            .expect("read");
+        assert_eq!(back, msg);
+    }
+    app.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn bodies_stream_and_policies_answer_as_documented() {
+    let reps = [Replica::start("r0", 0).await, Replica::start("r1", 0).await];
+    let (app, addr) = balancer(&reps.iter().collect::<Vec<_>>(), "max_body = \"16MiB\"").await;
+    let big = Bytes::from(vec![7u8; 8 << 20]);
+    let (status, _, _, body) = request(addr, "POST", "/echo-len", &[], big)
+        .await
+        .expect("post");
+    assert_eq!(
+        (status, body),
+        (200, Bytes::from((8usize << 20).to_string()))
+    );
+    let too_big = Bytes::from(vec![0u8; 17 << 20]);
+    assert_eq!(
+        request(addr, "POST", "/echo-len", &[], too_big)
+            .await
+            .expect("post")
+            .0,
+        413
+    );
+    for blocked in ["/flows", "/flows/state", "/nodes", "/settings", "/"] {
+        assert_eq!(
+            request(addr, "GET", blocked, &[], Bytes::new())
+                .await
+                .expect("get")
+                .0,
+            403,
+            "{blocked}"
+        );
+    }
+    // drain replica 0 through the admin API: everything goes to replica 1
+    let mut s = TcpStream::connect(app.admin_addr).await.expect("admin");
+    s.write_all(b"POST /api/instances/web/replicas/0/drain HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.expect("read");
+    assert!(
+        resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
+    for _ in 0..10 {
+        let (_, r, _, _) = request(addr, "GET", "/other", &[], Bytes::new())
+            .await
+            .expect("get");
+        assert_eq!(r, "1");
+    }
+    app.shutdown(Duration::from_secs(5)).await;
+}
