@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# The same MQTT load direct to Mosquitto, through flowgate (share mode) and
+# through HAProxy (TCP mode), in one run, alternating targets.
+#
+#   bash bench/compare.sh            # ROUNDS=3 DURATION=5 RATE=5000 by default
+#
+# For each QoS (0, 1) x payload size (64, 1024 B): at saturation (--rate 0)
+# for throughput, then at a fixed RATE msgs/s for latency; each measured run is
+# DURATION seconds (the first second is warm-up), ROUNDS rounds, the targets'
+# order rotated every round. Prints a markdown table and writes it, with the
+# raw JSON lines, to bench/results/mqtt-YYYYMMDD-HHMM.{md,jsonl}.
+# Everything listens on 127.0.0.1 on free ephemeral ports; every process
+# started here is stopped on exit. Needs mosquitto, haproxy, python3, cargo.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+RATE=${RATE:-5000}
+SUBSCRIBERS=${SUBSCRIBERS:-2}
+PUBLISHERS=${PUBLISHERS:-1}
+QOSES=${QOSES:-"0 1"}
+SIZES=${SIZES:-"64 1024"}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export CARGO_TARGET_DIR=$TARGET_DIR
+
+WORK=$(mktemp -d /tmp/flowgate-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    echo "logs and configs kept in $WORK" >&2
+}
+trap cleanup EXIT
+
+log() { echo "[compare] $*" >&2; }
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_port PORT PID NAME: until PORT accepts, or fail if PID died / 10 s passed
+wait_port() {
+    local i
+    for i in $(seq 100); do
+        if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$2" 2>/dev/null || { log "$3 exited; see $WORK"; return 1; }
+        sleep 0.1
+    done
+    log "$3 does not listen on $1 after 10 s"
+    return 1
+}
+
+# --- build ---------------------------------------------------------------
+log "building flowgate (release) and the load tool into $TARGET_DIR"
+cargo build --release --quiet
+BENCH_BIN=$(cargo bench --no-run --bench mqtt_load --message-format=json 2>"$WORK/cargo-bench.log" |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "mqtt_load" and m.get("executable"):
+        print(m["executable"])') || true
+[[ -x $BENCH_BIN ]] || { log "no mqtt_load executable; see $WORK/cargo-bench.log"; exit 1; }
+FLOWGATE_BIN=$TARGET_DIR/release/flowgate
+
+# --- Mosquitto -----------------------------------------------------------
+MOSQ_PORT=$(free_port)
+cat >"$WORK/mosquitto.conf" <<EOF
+listener $MOSQ_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+set_tcp_nodelay true
+max_queued_messages 1000000
+max_inflight_messages 0
+log_dest stderr
+log_type error
+log_type warning
+EOF
+mosquitto -c "$WORK/mosquitto.conf" 2>"$WORK/mosquitto.log" &
+MOSQ_PID=$!
+PIDS+=("$MOSQ_PID")
+wait_port "$MOSQ_PORT" "$MOSQ_PID" mosquitto
+
+# --- flowgate (share mode) -------------------------------------------------
+cat >"$WORK/flowgate.toml" <<EOF
+node_id = "bench"
+[admin]
+listen = "127.0.0.1:0"
+[mqtt]
+listen = "127.0.0.1:0"
+upstream = "mqtt://127.0.0.1:$MOSQ_PORT"
+mode = "share"
+[[instance]]
+name = "bench"
+match = { client_id = "bench-replica" }
+EOF
+"$FLOWGATE_BIN" run --config "$WORK/flowgate.toml" --ready-file "$WORK/ready.json" \
+    >"$WORK/flowgate.out" 2>"$WORK/flowgate.log" &
+FG_PID=$!
+PIDS+=("$FG_PID")
+for _ in $(seq 100); do
+    [[ -s $WORK/ready.json ]] && break
+    kill -0 "$FG_PID" 2>/dev/null || { log "flowgate exited; see $WORK/flowgate.log"; exit 1; }
+    sleep 0.1
+done
+FG_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready.json")
+FG_ADMIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$WORK/ready.json")
+
+# --- HAProxy (TCP mode) ----------------------------------------------------
+HA_PORT=$(free_port)
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    maxconn 1000
+defaults
+    mode tcp
+    option tcp-smart-accept
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend mqtt
+    bind 127.0.0.1:$HA_PORT
+    default_backend mosquitto
+backend mosquitto
+    server mosq 127.0.0.1:$MOSQ_PORT
+EOF
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
+HA_PID=$!
+PIDS+=("$HA_PID")
+wait_port "$HA_PORT" "$HA_PID" haproxy
+
+log "mosquitto 127.0.0.1:$MOSQ_PORT (pid $MOSQ_PID), flowgate $FG_ADDR (pid $FG_PID, admin $FG_ADMIN), haproxy 127.0.0.1:$HA_PORT (pid $HA_PID)"
+
+# --- runs --------------------------------------------------------------------
+STAMP=$(date +%Y%m%d-%H%M)
+mkdir -p bench/results
+JSONL=bench/results/mqtt-$STAMP.jsonl
+MD=bench/results/mqtt-$STAMP.md
+: >"$JSONL"
+
+run_one() { # TARGET QOS SIZE RATE ROUND
+    local target=$1 qos=$2 size=$3 rate=$4 round=$5 addr extra=() proxy_cpu=()
+    case $target in
+        direct) addr=127.0.0.1:$MOSQ_PORT; extra=(--share --sub-id-unique) ;;
+        flowgate) addr=$FG_ADDR; proxy_cpu=(--cpu "proxy=$FG_PID") ;;
+        haproxy) addr=127.0.0.1:$HA_PORT; extra=(--share --sub-id-unique); proxy_cpu=(--cpu "proxy=$HA_PID") ;;
+    esac
+    local line
+    if ! line=$("$BENCH_BIN" --target "$addr" --label "$target" --qos "$qos" --size "$size" \
+        --rate "$rate" --duration "$DURATION" --subscribers "$SUBSCRIBERS" \
+        --publishers "$PUBLISHERS" "${extra[@]}" --cpu "mosquitto=$MOSQ_PID" "${proxy_cpu[@]}" \
+        2>>"$WORK/mqtt_load.log"); then
+        log "mqtt_load failed: $target qos=$qos size=$size rate=$rate round=$round (see $WORK/mqtt_load.log)"
+        line="{\"target_label\":\"$target\",\"qos\":$qos,\"size\":$size,\"rate_target\":$rate,\"failed\":true}"
+    fi
+    for pid in "$MOSQ_PID" "$FG_PID" "$HA_PID"; do
+        kill -0 "$pid" 2>/dev/null || { log "process $pid died (see $WORK)"; exit 1; }
+    done
+    line=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$line" "$round")
+    echo "$line" >>"$JSONL"
+    log "$line"
+    sleep 0.5
+}
+
+TARGETS=(direct flowgate haproxy)
+for qos in $QOSES; do
+    for size in $SIZES; do
+        for rate in 0 "$RATE"; do
+            for round in $(seq "$ROUNDS"); do
+                for i in 0 1 2; do # rotate the order each round
+                    run_one "${TARGETS[$(((i + round - 1) % 3))]}" "$qos" "$size" "$rate" "$round"
+                done
+            done
+        done
+    done
+done
+
+# --- report ------------------------------------------------------------------
+python3 - "$JSONL" "$ROUNDS" "$DURATION" "$RATE" "$SUBSCRIBERS" "$PUBLISHERS" >"$MD" <<'EOF'
+import json, statistics, sys
+path, rounds, duration, rate, subs, pubs = sys.argv[1:]
+runs = [json.loads(l) for l in open(path)]
+def pick(qos, size, rate_target, target):
+    return [r for r in runs if r["qos"] == qos and r["size"] == size
+            and r["rate_target"] == rate_target and r["target_label"] == target]
+def med(rs, key, sub=None):
+    vals = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in rs if not r.get("failed")]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+def lost(rs):
+    if any(r.get("failed") for r in rs):
+        return "FAILED"
+    return str(sum(r["lost"] for r in rs))
+def f(v, fmt="{:,.0f}"):
+    return "n/a" if v is None else fmt.format(v)
+cases = sorted({(r["qos"], r["size"]) for r in runs})
+print(f"Saturation (`--rate 0`), {subs} shared subscribers, {pubs} publisher(s), "
+      f"{duration} s per run (1 s warm-up), median of {rounds} alternating rounds; "
+      f"latency at a fixed {int(rate):,} msg/s. Lost = sent - received after drain, summed over all runs of that row.\n")
+print("| QoS | size | target | msgs/s (sat) | vs direct | vs haproxy | p50 µs @rate | p99 µs @rate | lost (sat / rate) | CPU % tool / mosquitto / proxy (sat) |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+for qos, size in cases:
+    sat = {t: med(pick(qos, size, 0, t), "msgs_per_s") for t in ("direct", "flowgate", "haproxy")}
+    for t in ("direct", "flowgate", "haproxy"):
+        s, fixed = pick(qos, size, 0, t), pick(qos, size, int(rate), t)
+        ratio = lambda base: f(sat[t] / sat[base], "{:.2f}x") if sat[t] and sat[base] else "n/a"
+        cpu = " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto", "proxy")) if t != "direct" \
+            else " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto")) + " / -"
+        print(f"| {qos} | {size} B | {t} | {f(sat[t])} | {ratio('direct') if t != 'direct' else '1.00x'} | "
+              f"{ratio('haproxy') if t == 'flowgate' else '-'} | {f(med(fixed, 'p50_us'))} | "
+              f"{f(med(fixed, 'p99_us'))} | {lost(s)} / {lost(fixed)} | {cpu} |")
+EOF
+# flowgate's own counters after every run: errors, rewrites, connections
+python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=5).read().decode())' \
+    "$FG_ADMIN" >"$WORK/flowgate-metrics.txt" || log "cannot read flowgate /metrics"
+{
+    echo
+    echo "flowgate $(git describe --always --dirty 2>/dev/null || echo '?'), $(nproc) CPUs," \
+        "$(mosquitto -h 2>/dev/null | head -1 || true), $(haproxy -v | head -1 | cut -d' ' -f1-3)."
+    echo "flowgate counters at the end (\`/metrics\`):"
+    echo '```'
+    grep -E '^flowgate_mqtt_(errors|rewrites|connections)_total' "$WORK/flowgate-metrics.txt" || echo "(no error, rewrite or connection samples)"
+    echo '```'
+} >>"$MD"
+cat "$MD"
+log "table: $MD, raw runs: $JSONL"

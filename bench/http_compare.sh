@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# HTTP balancer benchmark: the same two replicas (nginx answering a small
+# body) behind flowgate and behind nginx as the balancer, same load tool
+# (wrk), alternating rounds in one run; medians and ratios on stdout and in
+# bench/results/. Usage: bash bench/http_compare.sh   (ROUNDS=3 DURATION=8 CONNS=50)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+CONNS=${CONNS:-50}
+for tool in nginx wrk python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install nginx-light wrk)"; exit 1; }
+done
+cargo build --release --quiet
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+R1=$(port); R2=$(port); NG=$(port)
+
+# the replicas and nginx-as-balancer: one nginx master, two worker processes
+cat > "$work/nginx.conf" <<CONF
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 100000;
+  server { listen 127.0.0.1:$R1; location / { return 200 "replica-1 ok\n"; } }
+  server { listen 127.0.0.1:$R2; location / { return 200 "replica-2 ok\n"; } }
+  upstream replicas { server 127.0.0.1:$R1; server 127.0.0.1:$R2; least_conn; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / {
+      proxy_pass http://replicas;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+
+cat > "$work/flowgate.toml" <<CONF
+node_id = "bench"
+[admin]
+listen = "127.0.0.1:0"
+[mqtt]
+listen = "127.0.0.1:0"
+upstream = "mqtt://127.0.0.1:1"
+mode = "share"
+[[instance]]
+name = "web"
+match = { client_id = "web" }
+[instance.http]
+listen = "127.0.0.1:0"
+replicas = ["127.0.0.1:$R1", "127.0.0.1:$R2"]
+block_admin = false
+CONF
+RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" >/dev/null & pids+=($!)
+for _ in $(seq 100); do [ -s "$work/ready.json" ] && break; sleep 0.1; done
+FG=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready.json")
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$NG/" >/dev/null && curl -sf "http://$FG/" >/dev/null && break; sleep 0.1; done
+
+run() { # name url -> "rps p50_ms p99_ms errors"
+  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$2" 2>/dev/null | python3 -c '
+import re,sys
+t=sys.stdin.read()
+def ms(v,u): return float(v)*{"us":0.001,"ms":1,"s":1000}[u]
+rps=float(re.search(r"Requests/sec:\s+([\d.]+)",t).group(1))
+lat={m.group(1):ms(m.group(2),m.group(3)) for m in re.finditer(r"\s(50|99)%\s+([\d.]+)(us|ms|s)",t)}
+err=re.search(r"Non-2xx or 3xx responses: (\d+)",t)
+sock=re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",t)
+e=(int(err.group(1)) if err else 0)+(sum(map(int,sock.groups())) if sock else 0)
+p50=lat.get("50",0); p99=lat.get("99",0)
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {e}")'
+}
+declare -A res
+for r in $(seq "$ROUNDS"); do
+  for target in nginx flowgate; do
+    url="http://127.0.0.1:$NG/api"; [ "$target" = flowgate ] && url="http://$FG/api"
+    res[$target]+="$(run "$target" "$url");"
+  done
+done
+median() { python3 -c 'import sys,statistics; v=[l.split() for l in sys.argv[1].split(";") if l]; print(" ".join(f"{statistics.median(float(x[i]) for x in v):.3f}".rstrip("0").rstrip(".") for i in range(4)))' "$1"; }
+read -r n_rps n_p50 n_p99 n_err <<<"$(median "${res[nginx]}")"
+read -r f_rps f_p50 f_p99 f_err <<<"$(median "${res[flowgate]}")"
+mkdir -p bench/results
+out="bench/results/http-$(date +%Y%m%d-%H%M).md"
+{
+  echo "HTTP, 2 replicas (nginx \`return 200\`), wrk -t2 -c$CONNS -d${DURATION}s, medians of $ROUNDS alternating rounds, $(nproc) cores"
+  echo
+  echo "| balancer | req/s | p50 ms | p99 ms | errors |"
+  echo "|---|---|---|---|---|"
+  echo "| nginx $(nginx -v 2>&1 | sed 's/.*\///') | $n_rps | $n_p50 | $n_p99 | $n_err |"
+  echo "| flowgate | $f_rps | $f_p50 | $f_p99 | $f_err |"
+  echo
+  python3 -c "print(f'flowgate/nginx: req/s x{$f_rps/$n_rps:.2f}, p99 x{$f_p99/$n_p99:.2f}')"
+  echo
+  echo "raw rounds (rps p50 p99 errors): nginx ${res[nginx]} flowgate ${res[flowgate]}"
+} | tee "$out"
