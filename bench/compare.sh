@@ -116,6 +116,29 @@ done
 FG_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready.json")
 FG_ADMIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$WORK/ready.json")
 
+# --- flowgate (dispatch mode), in front of a second, identical Mosquitto ----
+# (its persistent upstream session subscribes bench/# and would otherwise
+# receive, and make the broker queue, every other target's messages)
+MOSQ2_PORT=$(free_port)
+sed -e "s/^listener $MOSQ_PORT /listener $MOSQ2_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-2.conf"
+mosquitto -c "$WORK/mosquitto-2.conf" 2>"$WORK/mosquitto-2.log" &
+MOSQ2_PID=$!
+PIDS+=("$MOSQ2_PID")
+wait_port "$MOSQ2_PORT" "$MOSQ2_PID" mosquitto-2
+sed -e 's/mode = "share"/mode = "dispatch"/' -e 's/node_id = "bench"/node_id = "benchd"/' \
+    -e "s/127.0.0.1:$MOSQ_PORT/127.0.0.1:$MOSQ2_PORT/" \
+    "$WORK/flowgate.toml" >"$WORK/flowgate-dispatch.toml"
+"$FLOWGATE_BIN" run --config "$WORK/flowgate-dispatch.toml" --ready-file "$WORK/ready-dispatch.json" \
+    >"$WORK/flowgate-dispatch.out" 2>"$WORK/flowgate-dispatch.log" &
+FGD_PID=$!
+PIDS+=("$FGD_PID")
+for _ in $(seq 100); do
+    [[ -s $WORK/ready-dispatch.json ]] && break
+    kill -0 "$FGD_PID" 2>/dev/null || { log "flowgate (dispatch) exited; see $WORK/flowgate-dispatch.log"; exit 1; }
+    sleep 0.1
+done
+FGD_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-dispatch.json")
+
 # --- HAProxy (TCP mode) ----------------------------------------------------
 HA_PORT=$(free_port)
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -148,21 +171,22 @@ MD=bench/results/mqtt-$STAMP.md
 : >"$JSONL"
 
 run_one() { # TARGET QOS SIZE RATE ROUND
-    local target=$1 qos=$2 size=$3 rate=$4 round=$5 addr extra=() proxy_cpu=()
+    local target=$1 qos=$2 size=$3 rate=$4 round=$5 addr extra=() proxy_cpu=() mosq_pid=$MOSQ_PID
     case $target in
         direct) addr=127.0.0.1:$MOSQ_PORT; extra=(--share --sub-id-unique) ;;
         flowgate) addr=$FG_ADDR; proxy_cpu=(--cpu "proxy=$FG_PID") ;;
+        dispatch) addr=$FGD_ADDR; proxy_cpu=(--cpu "proxy=$FGD_PID"); mosq_pid=$MOSQ2_PID ;;
         haproxy) addr=127.0.0.1:$HA_PORT; extra=(--share --sub-id-unique); proxy_cpu=(--cpu "proxy=$HA_PID") ;;
     esac
     local line
     if ! line=$("$BENCH_BIN" --target "$addr" --label "$target" --qos "$qos" --size "$size" \
         --rate "$rate" --duration "$DURATION" --subscribers "$SUBSCRIBERS" \
-        --publishers "$PUBLISHERS" "${extra[@]}" --cpu "mosquitto=$MOSQ_PID" "${proxy_cpu[@]}" \
+        --publishers "$PUBLISHERS" "${extra[@]}" --cpu "mosquitto=$mosq_pid" "${proxy_cpu[@]}" \
         2>>"$WORK/mqtt_load.log"); then
         log "mqtt_load failed: $target qos=$qos size=$size rate=$rate round=$round (see $WORK/mqtt_load.log)"
         line="{\"target_label\":\"$target\",\"qos\":$qos,\"size\":$size,\"rate_target\":$rate,\"failed\":true}"
     fi
-    for pid in "$MOSQ_PID" "$FG_PID" "$HA_PID"; do
+    for pid in "$MOSQ_PID" "$MOSQ2_PID" "$FG_PID" "$FGD_PID" "$HA_PID"; do
         kill -0 "$pid" 2>/dev/null || { log "process $pid died (see $WORK)"; exit 1; }
     done
     line=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$line" "$round")
@@ -171,13 +195,13 @@ run_one() { # TARGET QOS SIZE RATE ROUND
     sleep 0.5
 }
 
-TARGETS=(direct flowgate haproxy)
+TARGETS=(direct flowgate dispatch haproxy)
 for qos in $QOSES; do
     for size in $SIZES; do
         for rate in 0 "$RATE"; do
             for round in $(seq "$ROUNDS"); do
-                for i in 0 1 2; do # rotate the order each round
-                    run_one "${TARGETS[$(((i + round - 1) % 3))]}" "$qos" "$size" "$rate" "$round"
+                for i in 0 1 2 3; do # rotate the order each round
+                    run_one "${TARGETS[$(((i + round - 1) % 4))]}" "$qos" "$size" "$rate" "$round"
                 done
             done
         done
@@ -206,17 +230,19 @@ cases = sorted({(r["qos"], r["size"]) for r in runs})
 print(f"Saturation (`--rate 0`), {subs} shared subscribers, {pubs} publisher(s), "
       f"{duration} s per run (1 s warm-up), median of {rounds} alternating rounds; "
       f"latency at a fixed {int(rate):,} msg/s. Lost = sent - received after drain, summed over all runs of that row.\n")
+print("target flowgate = share mode; dispatch = flowgate in dispatch mode (a second process on the same broker).\n")
 print("| QoS | size | target | msgs/s (sat) | vs direct | vs haproxy | p50 µs @rate | p99 µs @rate | lost (sat / rate) | CPU % tool / mosquitto / proxy (sat) |")
 print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
 for qos, size in cases:
-    sat = {t: med(pick(qos, size, 0, t), "msgs_per_s") for t in ("direct", "flowgate", "haproxy")}
-    for t in ("direct", "flowgate", "haproxy"):
+    targets = [t for t in ("direct", "flowgate", "dispatch", "haproxy") if pick(qos, size, 0, t)]
+    sat = {t: med(pick(qos, size, 0, t), "msgs_per_s") for t in targets}
+    for t in targets:
         s, fixed = pick(qos, size, 0, t), pick(qos, size, int(rate), t)
         ratio = lambda base: f(sat[t] / sat[base], "{:.2f}x") if sat[t] and sat[base] else "n/a"
         cpu = " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto", "proxy")) if t != "direct" \
             else " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto")) + " / -"
         print(f"| {qos} | {size} B | {t} | {f(sat[t])} | {ratio('direct') if t != 'direct' else '1.00x'} | "
-              f"{ratio('haproxy') if t == 'flowgate' else '-'} | {f(med(fixed, 'p50_us'))} | "
+              f"{ratio('haproxy') if t in ('flowgate', 'dispatch') else '-'} | {f(med(fixed, 'p50_us'))} | "
               f"{f(med(fixed, 'p99_us'))} | {lost(s)} / {lost(fixed)} | {cpu} |")
 EOF
 # flowgate's own counters after every run: errors, rewrites, connections

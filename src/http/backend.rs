@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,9 @@ pub struct Backend {
     tcp_fallback: AtomicBool,
     pub up_gauge: IntGauge,
     pub inflight_gauge: IntGauge,
+    /// `flowgate_http_requests_total` by code class 1xx..5xx, resolved once.
+    codes: [IntCounter; 5],
+    pub duration: Histogram,
 }
 
 /// All replicas of one instance, and how to choose among them.
@@ -93,6 +96,12 @@ impl Backend {
             self.generation.send_modify(|g| *g += 1);
             lock(&self.idle).clear();
         }
+    }
+
+    /// Counts an answered request by its status class.
+    pub fn count(&self, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.codes[class].inc();
     }
 
     /// A pooled connection that can take a request now, if any.
@@ -167,6 +176,12 @@ impl Pool {
                     .with_label_values(&[instance, &label]);
                 up_gauge.set(1);
                 let inflight_gauge = metrics.http_inflight.with_label_values(&[instance, &label]);
+                let codes = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| {
+                    metrics
+                        .http_requests
+                        .with_label_values(&[instance, &label, c])
+                });
+                let duration = metrics.http_duration.with_label_values(&[instance, &label]);
                 Arc::new(Backend {
                     index,
                     label,
@@ -180,6 +195,8 @@ impl Pool {
                     tcp_fallback: AtomicBool::new(cfg.health_tcp_only),
                     up_gauge,
                     inflight_gauge,
+                    codes,
+                    duration,
                 })
             })
             .collect();

@@ -95,16 +95,6 @@ fn sticky_index(headers: &HeaderMap, cookie: &str) -> Option<usize> {
         .and_then(|v| v.parse().ok())
 }
 
-fn code_class(code: StatusCode) -> &'static str {
-    match code.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 /// Keeps a replica's in-flight count right whatever way a request ends.
 struct InflightGuard(Arc<Backend>);
 
@@ -224,14 +214,8 @@ pub async fn handle(
                     backend.checkin(s);
                 }
                 let code = resp.status();
-                pool.metrics
-                    .http_requests
-                    .with_label_values(&[pool.instance.as_str(), &backend.label, code_class(code)])
-                    .inc();
-                pool.metrics
-                    .http_duration
-                    .with_label_values(&[pool.instance.as_str(), &backend.label])
-                    .observe(started.elapsed().as_secs_f64());
+                backend.count(code.as_u16());
+                backend.duration.observe(started.elapsed().as_secs_f64());
                 let upgraded = code == StatusCode::SWITCHING_PROTOCOLS;
                 strip_hop_by_hop(resp.headers_mut(), upgraded);
                 if cfg.replica_header {
@@ -274,19 +258,13 @@ pub async fn handle(
             Outcome::Failed(cause) => {
                 tracing::warn!(instance = %pool.instance, replica = %backend.label, %cause, "replica failed the request");
                 if replay.is_none() || !pool.take_retry() {
-                    pool.metrics
-                        .http_requests
-                        .with_label_values(&[pool.instance.as_str(), &backend.label, "5xx"])
-                        .inc();
+                    backend.count(502);
                     return status(StatusCode::BAD_GATEWAY, "replica failed\n");
                 }
                 pool.retries.inc();
             }
             Outcome::Timeout => {
-                pool.metrics
-                    .http_requests
-                    .with_label_values(&[pool.instance.as_str(), &backend.label, "5xx"])
-                    .inc();
+                backend.count(504);
                 return status(
                     StatusCode::GATEWAY_TIMEOUT,
                     "replica did not answer in time\n",
