@@ -9,6 +9,16 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
 
+/// Kills the child process if the test fails before it stops it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn check_lists_every_problem_and_exits_64() {
     let dir = temp_dir("check");
@@ -81,15 +91,17 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
         ),
     )
     .expect("write config");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("flowgate starts");
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("flowgate starts"),
+    );
     let start = Instant::now();
     let announced: serde_json::Value = loop {
         assert!(start.elapsed() < DEADLINE, "no ready file");
@@ -109,7 +121,7 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
     c.subscribe("jobs/#", QoS::AtLeastOnce).await;
     assert!(broker.log_text().contains("line1-nodered-bin-0"));
 
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -117,7 +129,7 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
     assert!(status.success());
     let start = Instant::now();
     let code = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = child.0.try_wait().expect("wait") {
             break s.code();
         }
         assert!(

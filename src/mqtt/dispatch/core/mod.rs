@@ -1,0 +1,316 @@
+//! The dispatcher task of one instance: all dispatch state and decisions.
+//! The state and the event loop are here; the handlers are split by side:
+//! `replica_side` (what replicas send), `upstream_side` (what the broker
+//! sends), `delivery` (handing queued messages to replicas, ack timeouts).
+
+mod delivery;
+mod replica_side;
+mod upstream_side;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::strategy::{self, Candidate, Strategy};
+use super::upstream::{RetainedFetch, UpCmd, UpEvent};
+use super::wire::{Incoming, Message, Outgoing};
+use crate::metrics::{Metrics, ReplicaCounters};
+use crate::mqtt::topic::TopicFilter;
+
+/// Per-instance dispatch settings, from the config.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub instance: String,
+    pub strategy: Strategy,
+    pub key_level: Option<usize>,
+    pub broadcast: Vec<TopicFilter>,
+    pub ack_timeout: Duration,
+    pub max_inflight: usize,
+    pub queue_limit: usize,
+    /// Subscribe upstream as `$share/{instance}/{filter}` (several nodes).
+    pub upstream_share: bool,
+    /// The broker, for side sessions fetching retained messages.
+    pub upstream_addr: String,
+    /// The main upstream session's client id (side sessions derive theirs).
+    pub upstream_client_id: String,
+    /// How long a side session waits for retained messages.
+    pub retained_timeout: Duration,
+}
+
+/// What replica sessions tell the dispatcher.
+pub enum ReplicaEvent {
+    Joined {
+        slot: u16,
+        tx: mpsc::Sender<Outgoing>,
+        will: Option<Message>,
+        counters: Arc<ReplicaCounters>,
+    },
+    Left {
+        slot: u16,
+        clean: bool,
+    },
+    Packet {
+        slot: u16,
+        packet: Incoming,
+    },
+}
+
+/// The replica sessions' way to the dispatcher.
+#[derive(Clone)]
+pub struct Handle {
+    pub tx: mpsc::Sender<ReplicaEvent>,
+}
+
+/// Where a message delivered to a replica came from, so its ack can go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// An upstream QoS 1/2 message with this packet id and QoS.
+    Upstream { pkid: u16, qos: u8 },
+    /// Nothing to acknowledge upstream.
+    None,
+}
+
+#[derive(Debug, Clone)]
+struct Queued {
+    msg: Message,
+    origin: Origin,
+    redelivery: bool,
+}
+
+struct Inflight {
+    queued: Queued,
+    sent: Instant,
+}
+
+struct Replica {
+    tx: mpsc::Sender<Outgoing>,
+    subs: Vec<(TopicFilter, u8)>,
+    inflight: BTreeMap<u16, Inflight>,
+    /// QoS 2 deliveries past PUBREC, waiting for PUBCOMP.
+    released: HashSet<u16>,
+    next_pkid: u16,
+    stalled: bool,
+    counters: Arc<ReplicaCounters>,
+    inflight_gauge: IntGauge,
+}
+
+impl Replica {
+    /// The QoS granted to this replica for `topic`, if any filter matches.
+    fn granted(&self, topic: &str) -> Option<u8> {
+        self.subs
+            .iter()
+            .filter(|(f, _)| f.matches(topic))
+            .map(|(_, q)| *q)
+            .max()
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&self.next_pkid)
+                && !self.released.contains(&self.next_pkid)
+            {
+                return self.next_pkid;
+            }
+        }
+    }
+}
+
+/// A replica's publish on its way upstream.
+struct OutPub {
+    slot: u16,
+    replica_pkid: u16,
+    msg: Message,
+    /// PUBREC seen (QoS 2): only PUBREL/PUBCOMP left.
+    received: bool,
+}
+
+struct PendingAck {
+    pkid: u16,
+    qos: u8,
+    ready: bool,
+}
+
+/// A replica's SUBACK waiting for the broker's.
+struct SubAckLater {
+    slot: u16,
+    pkid: u16,
+    granted: Vec<u8>,
+    /// Filters whose retained messages the replica gets after its SUBACK.
+    fetch: Vec<String>,
+}
+
+pub struct Dispatcher {
+    cfg: DispatchSettings,
+    replicas: BTreeMap<u16, Replica>,
+    queue: VecDeque<Queued>,
+    turn: usize,
+    up: mpsc::Sender<UpCmd>,
+    upstream_up: bool,
+    /// Filters subscribed upstream, with the QoS asked.
+    filters: BTreeMap<String, u8>,
+    /// Filters asked for while the upstream session was down.
+    unsent: Vec<(String, u8)>,
+    next_up_pkid: u16,
+    /// Upstream packet ids of messages held (queued or in flight).
+    held: HashSet<u16>,
+    /// Upstream QoS 1/2 messages in the order received: MQTT wants their
+    /// PUBACK/PUBREC in that order (rumqttd drops a session otherwise), so an
+    /// ack waits until those before it are done.
+    ack_order: VecDeque<PendingAck>,
+    out: HashMap<u16, OutPub>,
+    pending_subacks: HashMap<u16, Vec<SubAckLater>>,
+    /// Replica SUBACKs held while the upstream session is down.
+    waiting_for_up: Vec<SubAckLater>,
+    fetches: u64,
+    will: Option<Message>,
+    metrics: Arc<Metrics>,
+    queued_gauge: IntGauge,
+    redeliveries: IntCounter,
+}
+
+impl Dispatcher {
+    pub fn new(cfg: DispatchSettings, up: mpsc::Sender<UpCmd>, metrics: Arc<Metrics>) -> Self {
+        let queued_gauge = metrics
+            .dispatch_queued
+            .with_label_values(&[cfg.instance.as_str()]);
+        let redeliveries = metrics
+            .dispatch_redeliveries
+            .with_label_values(&[cfg.instance.as_str()]);
+        Self {
+            cfg,
+            replicas: BTreeMap::new(),
+            queue: VecDeque::new(),
+            turn: 0,
+            up,
+            upstream_up: false,
+            filters: BTreeMap::new(),
+            unsent: Vec::new(),
+            next_up_pkid: 0,
+            held: HashSet::new(),
+            ack_order: VecDeque::new(),
+            out: HashMap::new(),
+            pending_subacks: HashMap::new(),
+            waiting_for_up: Vec::new(),
+            fetches: 0,
+            will: None,
+            metrics,
+            queued_gauge,
+            redeliveries,
+        }
+    }
+
+    /// Runs until `shutdown` or until every sender is gone.
+    pub async fn run(
+        mut self,
+        mut replica_rx: mpsc::Receiver<ReplicaEvent>,
+        mut up_rx: mpsc::Receiver<UpEvent>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(
+            (self.cfg.ack_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        );
+        loop {
+            let room = self.queue.len() < self.cfg.queue_limit;
+            tokio::select! {
+                ev = replica_rx.recv() => match ev {
+                    Some(ev) => self.on_replica(ev),
+                    None => return,
+                },
+                ev = up_rx.recv(), if room => match ev {
+                    Some(ev) => self.on_upstream(ev),
+                    None => return,
+                },
+                _ = tick.tick() => self.on_tick(),
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn send_up(&self, cmd: UpCmd) {
+        if let Err(e) = self.up.try_send(cmd) {
+            tracing::warn!(instance = %self.cfg.instance, error = %e, "upstream command dropped");
+            self.metrics.error("upstream_backlog");
+        }
+    }
+
+    fn alloc_up_pkid(&mut self) -> u16 {
+        loop {
+            self.next_up_pkid = self.next_up_pkid.checked_add(1).unwrap_or(1);
+            if !self.out.contains_key(&self.next_up_pkid) {
+                return self.next_up_pkid;
+            }
+        }
+    }
+
+    fn upstream_filter(&self, filter: &str) -> String {
+        if self.cfg.upstream_share {
+            format!("$share/{}/{filter}", self.cfg.instance)
+        } else {
+            filter.to_owned()
+        }
+    }
+
+    /// Subscribes upstream; the packet id of the SUBSCRIBE sent, if one was.
+    fn subscribe_up(&mut self, filters: Vec<(String, u8)>) -> Option<u16> {
+        if !self.upstream_up {
+            // sent when the session is up again
+            self.unsent.extend(filters);
+            return None;
+        }
+        if filters.is_empty() {
+            return None;
+        }
+        let pkid = self.alloc_up_pkid();
+        let filters = filters
+            .into_iter()
+            .map(|(f, q)| (self.upstream_filter(&f), q))
+            .collect();
+        self.send_up(UpCmd::Subscribe { pkid, filters });
+        Some(pkid)
+    }
+
+    fn is_broadcast(&self, topic: &str) -> bool {
+        self.cfg.broadcast.iter().any(|b| b.matches(topic))
+    }
+
+    fn to_replica(&self, slot: u16, packet: Outgoing) -> bool {
+        match self.replicas.get(&slot) {
+            Some(r) => r.tx.try_send(packet).is_ok(),
+            None => false,
+        }
+    }
+
+    fn ack_upstream(&mut self, origin: Origin) {
+        let Origin::Upstream { pkid, .. } = origin else {
+            return;
+        };
+        if let Some(p) = self
+            .ack_order
+            .iter_mut()
+            .find(|p| p.pkid == pkid && !p.ready)
+        {
+            p.ready = true;
+        }
+        while self.ack_order.front().is_some_and(|p| p.ready) {
+            let Some(p) = self.ack_order.pop_front() else {
+                break;
+            };
+            if p.qos == 2 {
+                // held until the broker's PUBREL
+                self.send_up(UpCmd::PubRec(p.pkid));
+            } else {
+                self.held.remove(&p.pkid);
+                self.send_up(UpCmd::PubAck(p.pkid));
+            }
+        }
+    }
+
+    fn update_queue_gauge(&self) {
+        self.queued_gauge.set(self.queue.len() as i64);
+    }
+}

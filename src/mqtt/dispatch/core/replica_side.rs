@@ -1,0 +1,300 @@
+//! What replica sessions tell the dispatcher: joins, departures, acks,
+//! publishes, subscriptions.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::*;
+
+impl Dispatcher {
+    pub(super) fn on_replica(&mut self, ev: ReplicaEvent) {
+        match ev {
+            ReplicaEvent::Joined {
+                slot,
+                tx,
+                will,
+                counters,
+            } => {
+                let inflight_gauge = self
+                    .metrics
+                    .replica_inflight
+                    .with_label_values(&[self.cfg.instance.as_str(), &slot.to_string()]);
+                inflight_gauge.set(0);
+                self.replicas.insert(
+                    slot,
+                    Replica {
+                        tx,
+                        subs: Vec::new(),
+                        inflight: BTreeMap::new(),
+                        released: HashSet::new(),
+                        next_pkid: 0,
+                        stalled: false,
+                        counters,
+                        inflight_gauge,
+                    },
+                );
+                if will.is_some() && will != self.will {
+                    self.will = will;
+                    self.send_up(UpCmd::SetWill(self.will.clone()));
+                }
+            }
+            ReplicaEvent::Left { slot, clean } => self.on_left(slot, clean),
+            ReplicaEvent::Packet { slot, packet } => self.on_replica_packet(slot, packet),
+        }
+    }
+
+    pub(super) fn on_left(&mut self, slot: u16, clean: bool) {
+        let Some(replica) = self.replicas.remove(&slot) else {
+            return;
+        };
+        replica.inflight_gauge.set(0);
+        let moved = self.requeue(replica.inflight);
+        if moved > 0 {
+            tracing::info!(instance = %self.cfg.instance, slot, moved, "unacknowledged messages of a departed replica go to others");
+        }
+        if !clean && self.replicas.is_empty() {
+            if let Some(will) = self.will.clone() {
+                tracing::info!(instance = %self.cfg.instance, topic = %will.topic, "last replica gone without DISCONNECT: publishing the instance's will");
+                let pkid = if will.qos > 0 {
+                    self.alloc_up_pkid()
+                } else {
+                    0
+                };
+                if will.qos > 0 {
+                    self.out.insert(
+                        pkid,
+                        OutPub {
+                            slot: u16::MAX,
+                            replica_pkid: 0,
+                            msg: will.clone(),
+                            received: false,
+                        },
+                    );
+                }
+                self.send_up(UpCmd::Publish {
+                    msg: will,
+                    pkid,
+                    dup: false,
+                });
+            }
+        }
+        self.pump();
+    }
+
+    /// Puts unacknowledged messages back at the front of the queue, oldest
+    /// first. Returns how many.
+    pub(super) fn requeue(&mut self, inflight: BTreeMap<u16, Inflight>) -> usize {
+        let mut items: Vec<Inflight> = inflight.into_values().collect();
+        items.sort_by_key(|i| i.sent);
+        let n = items.len();
+        for item in items.into_iter().rev() {
+            let mut q = item.queued;
+            q.redelivery = true;
+            self.queue.push_front(q);
+        }
+        self.redeliveries.inc_by(n as u64);
+        self.update_queue_gauge();
+        n
+    }
+
+    pub(super) fn on_replica_packet(&mut self, slot: u16, packet: Incoming) {
+        match packet {
+            Incoming::PubAck(pkid) => self.on_replica_ack(slot, pkid, false),
+            Incoming::PubRec(pkid) => self.on_replica_ack(slot, pkid, true),
+            Incoming::PubComp(pkid) => {
+                if let Some(r) = self.replicas.get_mut(&slot) {
+                    r.released.remove(&pkid);
+                }
+            }
+            Incoming::Publish { msg, pkid, .. } => self.on_replica_publish(slot, msg, pkid),
+            Incoming::PubRel(pkid) => {
+                // QoS 2 from the replica: our PUBREC followed the broker's, so
+                // the message is already upstream
+                self.to_replica(slot, Outgoing::PubComp(pkid));
+            }
+            Incoming::Subscribe { pkid, filters } => self.on_subscribe(slot, pkid, filters),
+            Incoming::Unsubscribe { pkid, filters } => self.on_unsubscribe(slot, pkid, filters),
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_replica_ack(&mut self, slot: u16, pkid: u16, qos2: bool) {
+        let Some(r) = self.replicas.get_mut(&slot) else {
+            return;
+        };
+        if r.stalled {
+            tracing::info!(instance = %self.cfg.instance, slot, "stalled replica acknowledges again");
+            r.stalled = false;
+        }
+        let Some(done) = r.inflight.remove(&pkid) else {
+            return; // already moved to another replica
+        };
+        if qos2 {
+            r.released.insert(pkid);
+            let _ = r.tx.try_send(Outgoing::PubRel(pkid));
+        }
+        r.inflight_gauge.set(r.inflight.len() as i64);
+        self.ack_upstream(done.queued.origin);
+        self.pump();
+    }
+
+    pub(super) fn on_replica_publish(&mut self, slot: u16, msg: Message, replica_pkid: u16) {
+        if msg.qos == 0 {
+            self.send_up(UpCmd::Publish {
+                msg,
+                pkid: 0,
+                dup: false,
+            });
+            return;
+        }
+        if self
+            .out
+            .values()
+            .any(|o| o.slot == slot && o.replica_pkid == replica_pkid && !o.received)
+        {
+            return; // a DUP of a publish already on its way
+        }
+        let pkid = self.alloc_up_pkid();
+        self.out.insert(
+            pkid,
+            OutPub {
+                slot,
+                replica_pkid,
+                msg: msg.clone(),
+                received: false,
+            },
+        );
+        if self.upstream_up {
+            self.send_up(UpCmd::Publish {
+                msg,
+                pkid,
+                dup: false,
+            });
+        }
+    }
+
+    pub(super) fn on_subscribe(&mut self, slot: u16, pkid: u16, filters: Vec<(String, u8)>) {
+        let mut granted = Vec::with_capacity(filters.len());
+        let mut new_up = Vec::new();
+        let mut fetch = Vec::new();
+        for (text, qos) in filters {
+            let Ok(filter) = TopicFilter::new(&text) else {
+                granted.push(0x80);
+                continue;
+            };
+            if text.starts_with("$share/") {
+                // dispatch mode shares by itself; a shared filter is refused
+                granted.push(0x80);
+                continue;
+            }
+            let qos = qos.min(2);
+            granted.push(qos);
+            if let Some(r) = self.replicas.get_mut(&slot) {
+                r.subs.retain(|(f, _)| f.as_str() != text);
+                r.subs.push((filter, qos));
+            }
+            if self.filters.get(&text).is_none_or(|&q| q < qos) {
+                self.filters.insert(text.clone(), qos);
+                new_up.push((text.clone(), qos));
+            }
+            fetch.push(text);
+        }
+        let ack = SubAckLater {
+            slot,
+            pkid,
+            granted,
+            fetch,
+        };
+        // the replica hears SUBACK once the broker's subscription is live
+        if !self.upstream_up {
+            self.unsent.extend(new_up);
+            self.waiting_for_up.push(ack);
+        } else {
+            match self.subscribe_up(new_up) {
+                Some(up_pkid) => self.pending_subacks.entry(up_pkid).or_default().push(ack),
+                None => self.finish_subscribe(ack),
+            }
+        }
+        self.pump();
+    }
+
+    /// Sends the replica its SUBACK, then its retained messages, which a
+    /// side session fetches: the main session's subscription exists already
+    /// and brokers do not all resend retained messages on a repeated SUBSCRIBE.
+    pub(super) fn finish_subscribe(&mut self, ack: SubAckLater) {
+        let SubAckLater {
+            slot,
+            pkid,
+            granted,
+            fetch,
+        } = ack;
+        if !self.to_replica(slot, Outgoing::SubAck { pkid, granted }) || fetch.is_empty() {
+            return;
+        }
+        let Some(r) = self.replicas.get(&slot) else {
+            return;
+        };
+        self.fetches = self.fetches.wrapping_add(1);
+        let fetcher = RetainedFetch {
+            addr: self.cfg.upstream_addr.clone(),
+            client_id: format!("{}-r{}", self.cfg.upstream_client_id, self.fetches),
+            filters: fetch,
+            timeout: self.cfg.retained_timeout,
+        };
+        let tx = r.tx.clone();
+        let counters = r.counters.clone();
+        let instance = self.cfg.instance.clone();
+        tokio::spawn(async move {
+            match fetcher.run().await {
+                Ok(messages) => {
+                    for msg in messages {
+                        if tx
+                            .send(Outgoing::Publish {
+                                msg,
+                                pkid: 0,
+                                dup: false,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        counters.messages_to.inc();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%instance, slot, error = %e, "cannot fetch retained messages")
+                }
+            }
+        });
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, slot: u16, pkid: u16, filters: Vec<String>) {
+        let count = filters.len();
+        if let Some(r) = self.replicas.get_mut(&slot) {
+            r.subs
+                .retain(|(f, _)| !filters.iter().any(|t| t == f.as_str()));
+        }
+        let unused: Vec<String> = filters
+            .into_iter()
+            .filter(|f| {
+                self.filters.contains_key(f)
+                    && !self
+                        .replicas
+                        .values()
+                        .any(|r| r.subs.iter().any(|(s, _)| s.as_str() == f))
+            })
+            .collect();
+        for f in &unused {
+            self.filters.remove(f);
+        }
+        if !unused.is_empty() && self.upstream_up {
+            let up_pkid = self.alloc_up_pkid();
+            let filters = unused.iter().map(|f| self.upstream_filter(f)).collect();
+            self.send_up(UpCmd::Unsubscribe {
+                pkid: up_pkid,
+                filters,
+            });
+        }
+        self.to_replica(slot, Outgoing::UnsubAck { pkid, count });
+    }
+}

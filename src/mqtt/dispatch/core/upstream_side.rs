@@ -1,0 +1,153 @@
+//! What the upstream session tells the dispatcher: up and down, messages,
+//! acknowledgements of the replicas' publishes, SUBACKs.
+
+use super::*;
+
+impl Dispatcher {
+    pub(super) fn on_upstream(&mut self, ev: UpEvent) {
+        match ev {
+            UpEvent::Up { session_present } => {
+                self.upstream_up = true;
+                let unsent = std::mem::take(&mut self.unsent);
+                let sent = if session_present {
+                    // the broker kept the session's subscriptions
+                    self.subscribe_up(unsent)
+                } else {
+                    self.held.clear();
+                    self.ack_order.clear();
+                    let all: Vec<(String, u8)> =
+                        self.filters.iter().map(|(f, q)| (f.clone(), *q)).collect();
+                    self.subscribe_up(all)
+                };
+                let waiting = std::mem::take(&mut self.waiting_for_up);
+                match sent {
+                    Some(pkid) => self
+                        .pending_subacks
+                        .entry(pkid)
+                        .or_default()
+                        .extend(waiting),
+                    None => waiting
+                        .into_iter()
+                        .for_each(|ack| self.finish_subscribe(ack)),
+                }
+                // publishes not yet acknowledged go again
+                let mut again: Vec<(u16, Message, bool)> = self
+                    .out
+                    .iter()
+                    .map(|(&pkid, o)| (pkid, o.msg.clone(), o.received))
+                    .collect();
+                again.sort_by_key(|(pkid, ..)| *pkid);
+                for (pkid, msg, received) in again {
+                    if received {
+                        self.send_up(UpCmd::PubRel(pkid));
+                    } else {
+                        self.send_up(UpCmd::Publish {
+                            msg,
+                            pkid,
+                            dup: true,
+                        });
+                    }
+                }
+            }
+            UpEvent::Down => {
+                self.upstream_up = false;
+                // no SUBACK will come on this connection: the replicas wait
+                // for the subscriptions made when the session is back
+                let waiting = self.pending_subacks.drain().flat_map(|(_, v)| v);
+                self.waiting_for_up.extend(waiting.collect::<Vec<_>>());
+            }
+            UpEvent::Packet(p) => self.on_upstream_packet(p),
+        }
+    }
+
+    pub(super) fn on_upstream_packet(&mut self, packet: Incoming) {
+        match packet {
+            Incoming::Publish { msg, pkid, .. } => self.on_upstream_publish(msg, pkid),
+            Incoming::PubRel(pkid) => {
+                self.held.remove(&pkid);
+                self.send_up(UpCmd::PubComp(pkid));
+            }
+            Incoming::PubAck(pkid) => {
+                if let Some(o) = self.out.remove(&pkid) {
+                    self.to_replica(o.slot, Outgoing::PubAck(o.replica_pkid));
+                }
+            }
+            Incoming::PubRec(pkid) => {
+                if let Some(o) = self.out.get_mut(&pkid) {
+                    o.received = true;
+                    let (slot, rp) = (o.slot, o.replica_pkid);
+                    self.send_up(UpCmd::PubRel(pkid));
+                    self.to_replica(slot, Outgoing::PubRec(rp));
+                }
+            }
+            Incoming::PubComp(pkid) => {
+                self.out.remove(&pkid);
+            }
+            Incoming::SubAck(pkid) => {
+                for ack in self.pending_subacks.remove(&pkid).unwrap_or_default() {
+                    self.finish_subscribe(ack);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_upstream_publish(&mut self, msg: Message, pkid: u16) {
+        tracing::trace!(pkid, qos = msg.qos, topic = %msg.topic, "upstream publish");
+        let origin = if msg.qos > 0 {
+            if !self.held.insert(pkid) {
+                return; // the broker resent a message we already hold
+            }
+            self.ack_order.push_back(PendingAck {
+                pkid,
+                qos: msg.qos,
+                ready: false,
+            });
+            Origin::Upstream { pkid, qos: msg.qos }
+        } else {
+            Origin::None
+        };
+        if msg.retain {
+            // sent because the main session (re)subscribed: replicas get
+            // retained messages from a side session when they subscribe
+            tracing::trace!(topic = %msg.topic, "retained message on the main session: acknowledged, not dispatched");
+            self.ack_upstream(origin);
+            return;
+        }
+        if self.is_broadcast(&msg.topic) {
+            let targets: Vec<u16> = self
+                .replicas
+                .iter()
+                .filter(|(_, r)| r.granted(&msg.topic).is_some())
+                .map(|(&s, _)| s)
+                .collect();
+            self.fan_out(&msg, &targets);
+            self.ack_upstream(origin);
+            return;
+        }
+        self.queue.push_back(Queued {
+            msg,
+            origin,
+            redelivery: false,
+        });
+        self.pump();
+    }
+
+    /// A copy to each of `slots`, acknowledged upstream at once.
+    pub(super) fn fan_out(&mut self, msg: &Message, slots: &[u16]) {
+        for &slot in slots {
+            let queued = Queued {
+                msg: msg.clone(),
+                origin: Origin::None,
+                redelivery: false,
+            };
+            if !self.deliver(slot, queued) {
+                self.metrics
+                    .dispatch_dropped
+                    .with_label_values(&[self.cfg.instance.as_str(), "replica_backlog"])
+                    .inc();
+                tracing::warn!(instance = %self.cfg.instance, slot, "broadcast copy dropped: replica backlog full");
+            }
+        }
+    }
+}
