@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, Incoming, Message};
+use super::wire::{self, qos4, Incoming, Message};
 use crate::mqtt::codec::Protocol;
 
 /// What the dispatcher asks of the upstream session.
@@ -52,14 +52,6 @@ pub struct UpstreamSession {
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
     pub will: Option<Message>,
-}
-
-fn qos4(q: u8) -> rumqttc::mqttbytes::QoS {
-    match q {
-        0 => rumqttc::mqttbytes::QoS::AtMostOnce,
-        1 => rumqttc::mqttbytes::QoS::AtLeastOnce,
-        _ => rumqttc::mqttbytes::QoS::ExactlyOnce,
-    }
 }
 
 fn encode(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {

@@ -71,7 +71,8 @@ pub enum Outgoing {
 #[error("{0}")]
 pub struct WireError(pub String);
 
-fn qos4(q: u8) -> rumqttc::mqttbytes::QoS {
+/// A QoS number as rumqttc's v4 enum (3 is refused before this is called).
+pub(crate) fn qos4(q: u8) -> rumqttc::mqttbytes::QoS {
     match q {
         0 => rumqttc::mqttbytes::QoS::AtMostOnce,
         1 => rumqttc::mqttbytes::QoS::AtLeastOnce,
