@@ -48,10 +48,16 @@ pub struct App {
     admin: Arc<AdminState>,
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+/// Binds `addr` (named by its config key in errors) and reports the address
+/// actually bound (port 0 picks one).
+async fn bind(
+    key: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { key, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 impl App {
@@ -65,22 +71,8 @@ impl App {
                 (b.v4.to_string(), b.v5.to_string())
             }
         };
-        let mqtt_listener = bind("mqtt.listen", config.mqtt.listen).await?;
-        let admin_listener = bind("admin.listen", config.admin.listen).await?;
-        let mqtt_addr = mqtt_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                key: "mqtt.listen",
-                addr: config.mqtt.listen,
-                source,
-            })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                key: "admin.listen",
-                addr: config.admin.listen,
-                source,
-            })?;
+        let (mqtt_listener, mqtt_addr) = bind("mqtt.listen", config.mqtt.listen).await?;
+        let (admin_listener, admin_addr) = bind("admin.listen", config.admin.listen).await?;
 
         let metrics = Arc::new(Metrics::new());
         let instances = Arc::new(Instances::new(&config.instances, &metrics));
@@ -125,12 +117,7 @@ impl App {
             .collect();
         let mut http_addrs = Vec::new();
         for (addr, site) in http::sites(&pools) {
-            let listener = bind("instance.http.listen", addr).await?;
-            let bound = listener.local_addr().map_err(|source| StartError::Bind {
-                key: "instance.http.listen",
-                addr,
-                source,
-            })?;
+            let (listener, bound) = bind("instance.http.listen", addr).await?;
             http_addrs.push((addr, bound));
             tracker.spawn(http::serve(
                 listener,

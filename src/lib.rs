@@ -21,6 +21,7 @@
 //! - [`broker`]: the embedded rumqttd;
 //! - [`metrics`]: the owned Prometheus registry and every metric name;
 //! - [`admin`]: the admin HTTP API;
+//! - [`listener`]: the accept loop every listener shares;
 //! - [`app`]: starts everything from a config, stops it.
 //!
 //! Glossary: an *instance* is one Node-RED application; a *replica* is one
@@ -33,5 +34,6 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod mqtt;

@@ -58,20 +58,9 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning
-                    tracing::warn!(error = %e, "mqtt accept failed");
-                    ctx.metrics.error("accept");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
+    while let Some((stream, peer)) =
+        crate::listener::accept(&listener, &shutdown, "mqtt", Some(&ctx.metrics)).await
+    {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let span = tracing::debug_span!("mqtt", %peer);
