@@ -5,7 +5,7 @@
 //!  replica r0 ──MQTT──▶ mqtt::proxy ─▶ instance match ─▶ mqtt::dispatch (default) ─▶ broker
 //!  replica r1 ──MQTT──▶   (mqtt::replicas: slots)     | mqtt::rewrite (share mode)   (broker/: embedded
 //!  sensors   ──MQTT──▶   (unmatched clients: byte-exact pass-through) ───────────▶   rumqttd, or external)
-//!                      admin: /metrics /api/instances /healthz /readyz
+//!                      admin: /metrics /api/instances /healthz /readyz /status
 //! ```
 //!
 //! Map of the crate (mirrored in README.md):
@@ -20,7 +20,9 @@
 //!   session per instance, strategies, acknowledgement tracking;
 //! - [`broker`]: the embedded rumqttd;
 //! - [`metrics`]: the owned Prometheus registry and every metric name;
-//! - [`admin`]: the admin HTTP API;
+//! - [`admin`]: the admin HTTP API and the `/status` page (and a client for them);
+//! - [`status`]: the `flowgate status` table;
+//! - [`loadtest`]: `flowgate loadtest`: open-loop ramps, reports, charts;
 //! - [`listener`]: the accept loop every listener shares;
 //! - [`app`]: starts everything from a config, stops it.
 //!
@@ -35,5 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod listener;
+pub mod loadtest;
 pub mod metrics;
 pub mod mqtt;
+pub mod status;

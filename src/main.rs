@@ -1,15 +1,22 @@
 //! The flowgate binary: parse the command line, set up logging, call the
 //! library, map failures to exit codes (64 for a bad config).
 
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
+use flowgate::admin::client;
 use flowgate::app::App;
-use flowgate::cli::{Cli, Command, RunArgs};
+use flowgate::cli::{Cli, Command, LoadtestKind, RunArgs, StatusArgs};
 use flowgate::config::{self, Config, ConfigError};
+use flowgate::loadtest::{self, http::HttpLoad, mqtt::MqttLoad, Progress, Ramp};
+use flowgate::status::Reading;
 
 const EXIT_CONFIG: u8 = 64;
+/// Bad command-line values (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
 
 /// Default log filter. The embedded broker (rumqttd) logs routine disconnects
 /// as errors, so it is silent unless asked for (`RUST_LOG=info,rumqttd=info`).
@@ -27,7 +34,207 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
         Command::Check { config } => check(&config),
         Command::Run(args) => run(args),
+        Command::Status(args) => status(args),
+        Command::Loadtest { kind } => loadtest(kind),
     }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let mut prev: Option<Reading> = None;
+        loop {
+            let doc = match client::instances(&args.admin).await {
+                Ok(doc) => doc,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    if args.once || prev.is_none() {
+                        return ExitCode::FAILURE;
+                    }
+                    tokio::time::sleep(args.interval).await;
+                    continue;
+                }
+            };
+            let cur = Reading {
+                at: std::time::Instant::now(),
+                doc,
+            };
+            if args.once {
+                if prev.is_none() {
+                    prev = Some(cur);
+                    tokio::time::sleep(args.interval).await;
+                    continue;
+                }
+                print!(
+                    "{}",
+                    flowgate::status::render(&args.admin, prev.as_ref(), &cur)
+                );
+                return ExitCode::SUCCESS;
+            }
+            let table = flowgate::status::render(&args.admin, prev.as_ref(), &cur);
+            // home the cursor and clear the screen, then draw
+            print!("\x1b[H\x1b[2J{table}");
+            let _ = std::io::stdout().flush();
+            prev = Some(cur);
+            tokio::select! {
+                () = tokio::time::sleep(args.interval) => {}
+                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            }
+        }
+    })
+}
+
+/// Progress on stderr: a bar redrawn in place on a terminal, one line per
+/// step otherwise.
+fn progress_printer() -> impl Fn(&Progress) + Sync {
+    let tty = std::io::stderr().is_terminal();
+    let last_step = AtomicUsize::new(usize::MAX);
+    move |p: &Progress| {
+        let done = p.elapsed.as_secs_f64() / p.total.as_secs_f64().max(1e-9);
+        if tty {
+            let width = 30;
+            let filled = ((done * width as f64) as usize).min(width);
+            eprint!(
+                "\r\x1b[2K[{}{}] step {}/{}  target {:.1}/s  achieved {:.1}/s  errors {}  {:.0}/{:.0} s",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                p.step + 1,
+                p.steps,
+                p.target_rate,
+                p.achieved_rate,
+                p.errors,
+                p.elapsed.as_secs_f64(),
+                p.total.as_secs_f64()
+            );
+        } else if last_step.swap(p.step, Ordering::Relaxed) != p.step {
+            eprintln!(
+                "step {}/{}: target {:.1}/s ({:.0}/{:.0} s)",
+                p.step + 1,
+                p.steps,
+                p.target_rate,
+                p.elapsed.as_secs_f64(),
+                p.total.as_secs_f64()
+            );
+        }
+    }
+}
+
+fn loadtest(kind: LoadtestKind) -> ExitCode {
+    let common = match &kind {
+        LoadtestKind::Http { common, .. } | LoadtestKind::Mqtt { common, .. } => common,
+    };
+    let ramp = match Ramp::parse(&common.ramp, common.step) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let progress = progress_printer();
+    let result = rt.block_on(async {
+        match &kind {
+            LoadtestKind::Http {
+                url,
+                replica_header,
+                concurrency,
+                common,
+            } => {
+                let url = url
+                    .parse()
+                    .map_err(|_| format!("--url {url:?} is not a URL"))?;
+                let load = HttpLoad {
+                    url,
+                    concurrency: *concurrency,
+                    timeout: common.timeout,
+                    replica_header: replica_header.clone(),
+                };
+                loadtest::http::run(&load, &ramp, &progress)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            LoadtestKind::Mqtt {
+                broker,
+                topic,
+                qos,
+                size,
+                reply_topic,
+                admin,
+                instance,
+                client_id,
+                common,
+            } => {
+                let load = MqttLoad {
+                    broker: broker.clone(),
+                    topic: topic.clone(),
+                    qos: *qos,
+                    size: *size,
+                    client_id: client_id
+                        .clone()
+                        .unwrap_or_else(|| format!("flowgate-loadtest-{}", std::process::id())),
+                    reply_topic: reply_topic.clone(),
+                    admin: admin.clone(),
+                    instance: instance.clone(),
+                    timeout: common.timeout,
+                };
+                loadtest::mqtt::run(&load, &ramp, &progress)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    });
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(dir) = &common.out {
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| {
+                let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other)?;
+                std::fs::write(dir.join("report.json"), json)
+            })
+            .and_then(|()| std::fs::write(dir.join("report.svg"), loadtest::chart::svg(&report)));
+        if let Err(e) = written {
+            eprintln!("error: cannot write the report to {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        eprintln!("wrote {0}/report.json and {0}/report.svg", dir.display());
+    }
+    if common.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.table());
+    }
+    ExitCode::SUCCESS
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -61,15 +268,8 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let app = match App::start(config).await {

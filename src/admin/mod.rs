@@ -1,7 +1,15 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/api/instances`
-//! (JSON), `/healthz` (the process answers) and `/readyz` (it takes traffic;
-//! 503 once shutdown began). Routing is a plain function of the request so it
-//! is testable without a socket; only [`serve`] touches the network.
+//! (JSON), `/healthz` (the process answers), `/readyz` (it takes traffic;
+//! 503 once shutdown began) and `/status` (a live page drawn from
+//! `/api/instances` in the browser, no external assets). Routing is a plain
+//! function of the request so it is testable without a socket; only [`serve`]
+//! touches the network as a server, and [`client`] reads the API of another
+//! flowgate for `flowgate status` and `flowgate loadtest`.
+
+pub mod client;
+
+/// The page served at `/status`.
+const STATUS_PAGE: &str = include_str!("status.html");
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +66,8 @@ struct HttpReplicaView {
     up: bool,
     draining: bool,
     inflight: usize,
+    /// Responses from this replica so far (rate = difference over time).
+    requests: u64,
 }
 
 fn http_views(pool: &Pool) -> Vec<HttpReplicaView> {
@@ -69,6 +79,7 @@ fn http_views(pool: &Pool) -> Vec<HttpReplicaView> {
             up: b.is_up(),
             draining: b.is_draining(),
             inflight: b.inflight.load(Ordering::Relaxed),
+            requests: b.requests_total(),
         })
         .collect()
 }
@@ -175,6 +186,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                 ),
             }
         }
+        "/status" => text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if state.ready.load(Ordering::Relaxed) => {
             text(StatusCode::OK, "text/plain", "ready\n")
@@ -262,6 +274,11 @@ mod tests {
         );
         let api = route(&s, &Method::GET, "/api/instances");
         assert_eq!(api.headers()[CONTENT_TYPE], "application/json");
+        let page = route(&s, &Method::GET, "/status");
+        assert_eq!(page.status(), StatusCode::OK);
+        assert!(page.headers()[CONTENT_TYPE]
+            .to_str()
+            .is_ok_and(|v| v.starts_with("text/html")));
         let metrics = route(&s, &Method::GET, "/metrics");
         assert_eq!(metrics.status(), StatusCode::OK);
     }

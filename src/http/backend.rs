@@ -77,6 +77,11 @@ impl Backend {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Responses sent to clients from this replica, every status code.
+    pub fn requests_total(&self) -> u64 {
+        self.codes.iter().map(IntCounter::get).sum()
+    }
+
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Relaxed);
     }

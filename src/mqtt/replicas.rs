@@ -48,6 +48,8 @@ pub struct SlotGuard {
 pub struct InstanceView {
     pub name: String,
     pub replicas_connected: usize,
+    /// Messages waiting for a replica (dispatch mode).
+    pub queued: i64,
     pub replicas: Vec<ReplicaView>,
 }
 
@@ -65,6 +67,8 @@ pub struct ReplicaView {
     pub messages_from_replica: u64,
     pub bytes_to_replica: u64,
     pub bytes_from_replica: u64,
+    /// Messages delivered and not yet acknowledged (dispatch mode; 0 in share mode).
+    pub inflight: i64,
 }
 
 impl Instances {
@@ -157,11 +161,21 @@ impl InstanceState {
                 messages_from_replica: r.counters.messages_from.get(),
                 bytes_to_replica: r.counters.bytes_to.get(),
                 bytes_from_replica: r.counters.bytes_from.get(),
+                inflight: self
+                    .metrics
+                    .replica_inflight
+                    .with_label_values(&[&self.config.name, &slot.to_string()])
+                    .get(),
             })
             .collect();
         InstanceView {
             name: self.config.name.clone(),
             replicas_connected: replicas.iter().filter(|r| r.accepted).count(),
+            queued: self
+                .metrics
+                .dispatch_queued
+                .with_label_values(&[&self.config.name])
+                .get(),
             replicas,
         }
     }

@@ -21,8 +21,8 @@ use crate::support::*;
 /// A stand-in replica: `/api` answers its name, one request per 100 ms at
 /// most; `/flows/state` answers 200; `/echo-len` answers the body's length;
 /// an Upgrade request is answered 101 and echoed byte for byte.
-struct Replica {
-    addr: SocketAddr,
+pub(crate) struct Replica {
+    pub(crate) addr: SocketAddr,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
@@ -96,7 +96,7 @@ async fn serve_replica(name: String, listener: TcpListener, tasks: Arc<Mutex<Joi
 }
 
 impl Replica {
-    async fn start(name: &str, port: u16) -> Self {
+    pub(crate) async fn start(name: &str, port: u16) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("replica binds");
@@ -112,12 +112,12 @@ impl Replica {
     }
 
     /// Stops abruptly: listener and every connection gone at once.
-    fn kill(&self) {
+    pub(crate) fn kill(&self) {
         self.tasks.lock().expect("tasks lock").abort_all();
     }
 }
 
-async fn balancer(replicas: &[&Replica], extra: &str) -> (App, SocketAddr) {
+pub(crate) async fn balancer(replicas: &[&Replica], extra: &str) -> (App, SocketAddr) {
     init_logs();
     let list: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
     let text = format!(

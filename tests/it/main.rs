@@ -8,4 +8,6 @@ mod binary;
 mod dispatch;
 mod hostile;
 mod http;
+mod loadtest;
 mod share_mode;
+mod status;

@@ -1,0 +1,133 @@
+//! The client side of the admin API, for `flowgate status` and
+//! `flowgate loadtest mqtt --admin`: one GET of `/api/instances` from a
+//! running flowgate, parsed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, Uri};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+/// How long one admin request may take.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("admin URL {0:?}: expected http://host:port")]
+    Url(String),
+    #[error("{url}: {reason}")]
+    Request { url: String, reason: String },
+    #[error("{url}: answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: not the JSON of /api/instances: {source}")]
+    Json {
+        url: String,
+        source: serde_json::Error,
+    },
+}
+
+/// `GET {base}{path}`: the status code and body.
+pub async fn get(base: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
+    let base = base.trim_end_matches('/');
+    let url = format!("{base}{path}");
+    let uri: Uri = url.parse().map_err(|_| ClientError::Url(base.into()))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(ClientError::Url(base.into()));
+    }
+    let Some(authority) = uri.authority().map(|a| a.to_string()) else {
+        return Err(ClientError::Url(base.into()));
+    };
+    let fail = |reason: String| ClientError::Request {
+        url: url.clone(),
+        reason,
+    };
+    let fetch = async {
+        let addr = if uri.port().is_some() {
+            authority.clone()
+        } else {
+            format!("{authority}:80")
+        };
+        let stream = TcpStream::connect(addr.as_str())
+            .await
+            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = Request::get(uri.path())
+            .header(hyper::header::HOST, authority.as_str())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(TIMEOUT, fetch)
+        .await
+        .map_err(|_| fail(format!("no answer in {TIMEOUT:?}")))?
+}
+
+/// `/api/instances` as the client reads it (fields it does not know are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct InstancesDoc {
+    pub node_id: String,
+    pub mode: String,
+    pub upstream: String,
+    pub instances: Vec<InstanceDoc>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InstanceDoc {
+    pub name: String,
+    #[serde(default)]
+    pub queued: i64,
+    #[serde(default)]
+    pub replicas: Vec<MqttReplicaDoc>,
+    #[serde(default)]
+    pub http: Vec<HttpReplicaDoc>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MqttReplicaDoc {
+    pub slot: u16,
+    pub client_id: String,
+    pub peer: String,
+    pub accepted: bool,
+    pub messages_to_replica: u64,
+    pub messages_from_replica: u64,
+    #[serde(default)]
+    pub inflight: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpReplicaDoc {
+    pub replica: String,
+    pub addr: String,
+    pub up: bool,
+    pub draining: bool,
+    pub inflight: usize,
+    #[serde(default)]
+    pub requests: u64,
+}
+
+/// Fetches and parses `{base}/api/instances`.
+pub async fn instances(base: &str) -> Result<InstancesDoc, ClientError> {
+    let (status, body) = get(base, "/api/instances").await?;
+    let url = format!("{}/api/instances", base.trim_end_matches('/'));
+    if status != 200 {
+        return Err(ClientError::Status { url, status });
+    }
+    serde_json::from_slice(&body).map_err(|source| ClientError::Json { url, source })
+}
