@@ -182,6 +182,7 @@ pub async fn run(
         ramp,
         samples: &samples,
         replicas: Replicas::Samples(&names),
+        duplicates: 0,
     }
     .build())
 }

@@ -5,7 +5,7 @@
 //! by their answers (`{"seq": N, "replica": "..."}`) or, with `--admin`, by
 //! flowgate's `/api/instances` counters sampled every second.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -60,6 +60,9 @@ struct Pending {
     /// (the order it writes them).
     order: VecDeque<u64>,
     by_pkid: HashMap<u16, u64>,
+    /// Sequence numbers answered on the reply topic, to count duplicates.
+    answered: HashSet<u64>,
+    duplicates: u64,
 }
 
 struct Shared {
@@ -141,6 +144,13 @@ impl Shared {
             }
             _ => None,
         };
+        {
+            let mut p = self.lock();
+            if !p.answered.insert(seq) {
+                p.duplicates += 1;
+                return;
+            }
+        }
         self.finish(
             seq,
             Outcome::Ok {
@@ -368,6 +378,7 @@ pub async fn run(
     shared.expire(Duration::ZERO);
     let _ = client.try_disconnect();
 
+    let duplicates = shared.lock().duplicates;
     let (samples, names) = recorder.take();
     let snapshots = std::mem::take(&mut *snapshots.lock().unwrap_or_else(|p| p.into_inner()));
     let (replicas, source) = match (&load.reply_topic, &load.admin) {
@@ -382,6 +393,7 @@ pub async fn run(
         ramp,
         samples: &samples,
         replicas,
+        duplicates,
     }
     .build())
 }

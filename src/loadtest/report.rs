@@ -82,6 +82,10 @@ pub struct Totals {
     pub ok: u64,
     pub errors: u64,
     pub error_kinds: BTreeMap<String, u64>,
+    /// Answers for an operation that was already answered (MQTT replies: a job
+    /// processed twice).
+    #[serde(default)]
+    pub duplicates: u64,
 }
 
 /// Cumulative per-replica counts read at a moment (seconds from the start),
@@ -103,6 +107,7 @@ pub struct Input<'a> {
     pub ramp: &'a Ramp,
     pub samples: &'a [Sample],
     pub replicas: Replicas<'a>,
+    pub duplicates: u64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -239,6 +244,7 @@ impl Input<'_> {
             }
             steps.push(st);
         }
+        totals.duplicates = self.duplicates;
         let seconds = self.ramp.total().as_secs_f64().ceil() as usize;
         let timeline = (0..seconds)
             .map(|s| {
@@ -338,7 +344,7 @@ impl Report {
             .collect();
         let _ = writeln!(
             out,
-            "total: {} sent, {} ok, {} errors{}; replicas from {}",
+            "total: {} sent, {} ok, {} errors{}, {} duplicates; replicas from {}",
             self.totals.sent,
             self.totals.ok,
             self.totals.errors,
@@ -347,6 +353,7 @@ impl Report {
             } else {
                 format!(" ({})", kinds.join(", "))
             },
+            self.totals.duplicates,
             self.replica_source
         );
         out
@@ -393,6 +400,7 @@ mod tests {
             ramp: &ramp,
             samples: &samples,
             replicas: Replicas::Samples(&names),
+            duplicates: 0,
         }
         .build();
         let s1 = &report.steps[0];
@@ -430,6 +438,7 @@ mod tests {
             ramp: &ramp,
             samples: &[],
             replicas: Replicas::Snapshots(&snaps),
+            duplicates: 0,
         }
         .build();
         assert_eq!(report.steps[0].replicas["0"].count, 10);

@@ -9,5 +9,6 @@ mod dispatch;
 mod hostile;
 mod http;
 mod loadtest;
+mod nodered;
 mod share_mode;
 mod status;

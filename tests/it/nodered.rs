@@ -1,0 +1,394 @@
+//! End to end with real Node-RED 4.1 replicas (from npm, `tests/node`), all
+//! running deploy/examples/nodered-ha/flows.json with one fixed MQTT client
+//! id: jobs on `jobs/#` answered on `replies`, and an `/api` capped at 10/s
+//! per copy like seed 002. Load comes from the real `flowgate loadtest`.
+//! Node-RED tests run one at a time (they are heavy for 2 cores).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use flowgate::app::App;
+use flowgate::config::Config;
+use flowgate::loadtest::Report;
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+/// Node-RED takes a few seconds to start its flows on a busy 2-core machine.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One Node-RED replica process.
+struct NodeRed {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    mqtt: SocketAddr,
+    child: Option<Child>,
+}
+
+impl NodeRed {
+    /// Starts `name` with its MQTT broker node pointing at `mqtt`; returns
+    /// once its flows answer HTTP.
+    async fn start(name: &str, mqtt: SocketAddr) -> Self {
+        let red = root().join("tests/node/node_modules/node-red/red.js");
+        assert!(
+            red.exists(),
+            "Node-RED is not installed: run `npm ci --prefix tests/node` (bash .ci/run does)"
+        );
+        let dir = temp_dir(&format!("nodered-{name}"));
+        std::fs::copy(
+            root().join("deploy/examples/nodered-ha/flows.json"),
+            dir.join("flows.json"),
+        )
+        .expect("flows copied");
+        let mut r = Self {
+            name: name.to_string(),
+            port: free_port(),
+            dir,
+            mqtt,
+            child: None,
+        };
+        r.spawn().await;
+        r
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node-red.log"))
+            .expect("log file");
+        let child = Command::new("node")
+            .arg(root().join("tests/node/node_modules/node-red/red.js"))
+            .arg("--settings")
+            .arg(root().join("deploy/examples/nodered-ha/settings.js"))
+            .arg("--userDir")
+            .arg(&self.dir)
+            .env("PORT", self.port.to_string())
+            .env("REPLICA", &self.name)
+            .env("MQTT_HOST", self.mqtt.ip().to_string())
+            .env("MQTT_PORT", self.mqtt.port().to_string())
+            .env("NODE_RED_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone().expect("log handle")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node starts (install nodejs; .ci/run does)");
+        self.child = Some(child);
+        let addr = self.addr();
+        let start = Instant::now();
+        loop {
+            // GET /flows/state answers once the runtime runs; the http in route
+            // answers 404 for a moment before the flows start
+            if let (200, _) = http_get_timeout(addr, "/flows/state").await {
+                break;
+            }
+            if start.elapsed() > START_DEADLINE {
+                panic!("{} did not start:\n{}", self.name, self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node-red.log")).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+}
+
+/// An HTTP GET that gives up after a second (a starting Node-RED may accept
+/// and not answer yet).
+async fn http_get_timeout(addr: SocketAddr, path: &str) -> (u16, String) {
+    match tokio::time::timeout(Duration::from_secs(1), async {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => Some(http_get(addr, path).await),
+            Err(_) => None,
+        }
+    })
+    .await
+    {
+        Ok(Some(r)) => r,
+        _ => (0, String::new()),
+    }
+}
+
+/// flowgate in front of `upstream`, instance `line1` matching the flows'
+/// client id, and an HTTP listener for `http` replicas when there are any.
+async fn flowgate_for(upstream: &str, mode: &str, http: &[&NodeRed]) -> App {
+    init_logs();
+    let mut text = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"{upstream}\"\nmode = \"{mode}\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\n"
+    );
+    if !http.is_empty() {
+        let list: Vec<String> = http.iter().map(|r| format!("\"{}\"", r.addr())).collect();
+        text.push_str(&format!(
+            "[instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [{}]\nhealth_interval = \"200ms\"\n",
+            list.join(", ")
+        ));
+    }
+    App::start(Config::parse(&text, "test").expect("valid config"))
+        .await
+        .expect("flowgate starts")
+}
+
+/// Waits until flowgate shows `n` connected replicas of `line1`.
+async fn replicas_connected(app: &App, n: usize) {
+    let start = Instant::now();
+    loop {
+        let (_, body) = http_get(app.admin_addr, "/api/instances").await;
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if doc["instances"][0]["replicas_connected"] == n {
+            return;
+        }
+        assert!(
+            start.elapsed() < START_DEADLINE,
+            "{n} replicas did not connect: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the real `flowgate loadtest` and reads its report.
+async fn loadtest(tag: &str, args: &[String]) -> Report {
+    let dir = temp_dir(tag);
+    let out = Command::new(BIN)
+        .arg("loadtest")
+        .args(args)
+        .arg("--out")
+        .arg(&dir)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("flowgate loadtest runs");
+    assert!(
+        out.status.success(),
+        "loadtest {tag} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(dir.join("report.json")).expect("report written");
+    serde_json::from_str(&text).expect("report parses")
+}
+
+fn mqtt_args(broker: SocketAddr, ramp: &str, step: &str) -> Vec<String> {
+    [
+        "mqtt", "--broker", &broker.to_string(), "--topic", "jobs/{seq}", "--qos", "1",
+        "--reply-topic", "replies", "--ramp", ramp, "--step", step, "--timeout", "20s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Every job answered exactly once, each replica with a fair share.
+fn assert_exactly_once(what: &str, r: &Report, replicas: usize) {
+    let t = &r.totals;
+    assert!(t.sent > 0, "{what}: nothing sent");
+    assert_eq!(
+        (t.ok, t.errors, t.duplicates),
+        (t.sent, 0, 0),
+        "{what}: {t:?}\n{}",
+        r.table()
+    );
+    let mut counts = std::collections::BTreeMap::new();
+    for s in &r.steps {
+        for (name, sh) in &s.replicas {
+            *counts.entry(name.clone()).or_insert(0u64) += sh.count;
+        }
+    }
+    assert_eq!(counts.len(), replicas, "{what}: {counts:?}");
+    let fair = t.ok as f64 / replicas as f64;
+    for (name, n) in &counts {
+        assert!(
+            *n as f64 >= 0.6 * fair,
+            "{what}: replica {name} processed {n} of {} ({counts:?})",
+            t.ok
+        );
+    }
+}
+
+fn takeovers(log: &str) -> usize {
+    log.matches("already connected").count()
+}
+
+#[tokio::test]
+async fn nodered_replicas_behind_flowgate_process_each_job_once_without_takeovers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let broker = Mosquitto::start().await;
+    let upstream = format!("mqtt://{}", broker.addr);
+    for mode in ["dispatch", "share"] {
+        let app = flowgate_for(&upstream, mode, &[]).await;
+        let mut reps = vec![
+            NodeRed::start("r1", app.mqtt_addr).await,
+            NodeRed::start("r2", app.mqtt_addr).await,
+        ];
+        replicas_connected(&app, 2).await;
+        let r = loadtest(
+            &format!("nr-once-{mode}-2"),
+            &mqtt_args(app.mqtt_addr, "15", "4s"),
+        )
+        .await;
+        assert_exactly_once(&format!("{mode}, 2 replicas"), &r, 2);
+        reps.push(NodeRed::start("r3", app.mqtt_addr).await);
+        replicas_connected(&app, 3).await;
+        let r = loadtest(
+            &format!("nr-once-{mode}-3"),
+            &mqtt_args(app.mqtt_addr, "24", "4s"),
+        )
+        .await;
+        assert_exactly_once(&format!("{mode}, 3 replicas"), &r, 3);
+        for rep in &mut reps {
+            rep.kill().await;
+        }
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+    let log = broker.log_text();
+    assert!(log.contains("line1-nodered"), "replicas never reached the broker");
+    assert_eq!(takeovers(&log), 0, "takeovers behind flowgate:\n{log}");
+
+    // the contrast: the same flows straight at the broker fight over the id
+    let direct = Mosquitto::start().await;
+    let _a = NodeRed::start("d1", direct.addr).await;
+    let _b = NodeRed::start("d2", direct.addr).await;
+    let start = Instant::now();
+    while takeovers(&direct.log_text()) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "two copies with one client id straight at Mosquitto did not fight?\n{}",
+            direct.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_two_and_three_nodered_replicas_serve_ten_twenty_and_thirty_calls_a_second() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // the flows' MQTT side is not used here: point it at a closed port
+    let nowhere: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut reps = Vec::new();
+    for i in 1..=3 {
+        reps.push(NodeRed::start(&format!("r{i}"), nowhere).await);
+    }
+    for n in 1..=3usize {
+        let behind: Vec<&NodeRed> = reps.iter().take(n).collect();
+        let app = flowgate_for("mqtt://127.0.0.1:1", "share", &behind).await;
+        let url = format!("http://{}/api", app.http_addrs[0].1);
+        let rate = (15 * n).to_string();
+        let args: Vec<String> = [
+            "http", "--url", &url, "--ramp", &rate, "--step", "5s", "--timeout", "30s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let r = loadtest(&format!("nr-http-{n}"), &args).await;
+        let achieved = r.steps[0].achieved_rate;
+        let floor = 0.98 * 10.0 * n as f64;
+        assert!(
+            achieved >= floor && achieved <= 10.0 * n as f64 + 1.0,
+            "{n} replicas: {achieved:.1} calls/s (want >= {floor:.1})\n{}",
+            r.table()
+        );
+        assert_eq!(r.totals.errors, 0, "{}", r.table());
+        assert_eq!(r.steps[0].replicas.len(), n, "{}", r.table());
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+    for rep in &mut reps {
+        rep.kill().await;
+    }
+}
+
+#[tokio::test]
+async fn killing_a_nodered_replica_under_load_loses_no_job_and_fails_no_call() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // flowgate with the embedded broker, MQTT and HTTP of three replicas
+    let bridge = flowgate_for("embedded", "dispatch", &[]).await;
+    let mqtt = bridge.mqtt_addr;
+    let mut reps = Vec::new();
+    for i in 1..=3 {
+        reps.push(NodeRed::start(&format!("r{i}"), mqtt).await);
+    }
+    replicas_connected(&bridge, 3).await;
+    let behind: Vec<&NodeRed> = reps.iter().collect();
+    let web = flowgate_for("mqtt://127.0.0.1:1", "share", &behind).await;
+    let url = format!("http://{}/api", web.http_addrs[0].1);
+
+    // 12/s of each for 15 s: 2 survivors (20/s) can carry it
+    let start = Instant::now();
+    let jobs = tokio::spawn(loadtest("nr-kill-mqtt", &mqtt_args(mqtt, "12", "15s")));
+    let http_args: Vec<String> = ["http", "--url", &url, "--ramp", "12", "--step", "15s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let calls = tokio::spawn(loadtest("nr-kill-http", &http_args));
+    tokio::time::sleep_until((start + Duration::from_secs(4)).into()).await;
+    let killed_at = start.elapsed().as_secs_f64();
+    reps[2].kill().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    reps[2].spawn().await;
+    let back_at = start.elapsed().as_secs_f64();
+    let jobs = jobs.await.expect("mqtt loadtest");
+    let calls = calls.await.expect("http loadtest");
+
+    for (what, r) in [("jobs", &jobs), ("calls", &calls)] {
+        let t = &r.totals;
+        assert_eq!((t.ok, t.errors), (t.sent, 0), "{what}: {t:?}\n{}", r.table());
+        // survivors carry everything from 1 s after the kill (each point
+        // covers one second; counts per second jitter by one or two)
+        for p in &r.timeline {
+            if p.t - 1.0 >= killed_at + 1.0 {
+                assert!(
+                    p.achieved_rate >= 0.75 * p.target_rate,
+                    "{what}: {:.0}/s in the second ending at {}s (killed at {killed_at:.1}s)\n{:?}",
+                    p.achieved_rate,
+                    p.t,
+                    r.timeline
+                );
+            }
+        }
+    }
+    // the restarted replica gets work again
+    let after = |r: &Report, name: &str| -> f64 {
+        r.timeline
+            .iter()
+            .filter(|p| p.t - 1.0 >= back_at + 1.0)
+            .map(|p| p.replicas.get(name).copied().unwrap_or(0.0))
+            .sum()
+    };
+    assert!(after(&jobs, "r3") > 0.0, "r3 got no job after its restart at {back_at:.1}s: {:?}", jobs.timeline);
+    assert!(after(&calls, "2") > 0.0, "replica 2 got no call after its restart at {back_at:.1}s: {:?}", calls.timeline);
+    eprintln!(
+        "failover: jobs {} sent, {} duplicates; calls {} sent; p99 {:?} / {:?} ms",
+        jobs.totals.sent,
+        jobs.totals.duplicates,
+        calls.totals.sent,
+        jobs.steps[0].latency_ms.map(|l| l.p99),
+        calls.steps[0].latency_ms.map(|l| l.p99)
+    );
+    for rep in &mut reps {
+        rep.kill().await;
+    }
+    web.shutdown(Duration::from_secs(2)).await;
+    bridge.shutdown(Duration::from_secs(2)).await;
+}
