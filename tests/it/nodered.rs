@@ -171,7 +171,7 @@ async fn replicas_connected(app: &App, n: usize) {
 }
 
 /// Runs the real `flowgate loadtest` and reads its report.
-async fn loadtest(tag: &str, args: &[String]) -> Report {
+async fn loadtest(tag: &'static str, args: Vec<String>) -> Report {
     let dir = temp_dir(tag);
     let out = Command::new(BIN)
         .arg("loadtest")
@@ -193,8 +193,21 @@ async fn loadtest(tag: &str, args: &[String]) -> Report {
 
 fn mqtt_args(broker: SocketAddr, ramp: &str, step: &str) -> Vec<String> {
     [
-        "mqtt", "--broker", &broker.to_string(), "--topic", "jobs/{seq}", "--qos", "1",
-        "--reply-topic", "replies", "--ramp", ramp, "--step", step, "--timeout", "20s",
+        "mqtt",
+        "--broker",
+        &broker.to_string(),
+        "--topic",
+        "jobs/{seq}",
+        "--qos",
+        "1",
+        "--reply-topic",
+        "replies",
+        "--ramp",
+        ramp,
+        "--step",
+        step,
+        "--timeout",
+        "20s",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -244,19 +257,11 @@ async fn nodered_replicas_behind_flowgate_process_each_job_once_without_takeover
             NodeRed::start("r2", app.mqtt_addr).await,
         ];
         replicas_connected(&app, 2).await;
-        let r = loadtest(
-            &format!("nr-once-{mode}-2"),
-            &mqtt_args(app.mqtt_addr, "15", "4s"),
-        )
-        .await;
+        let r = loadtest("nr-once-2", mqtt_args(app.mqtt_addr, "15", "4s")).await;
         assert_exactly_once(&format!("{mode}, 2 replicas"), &r, 2);
         reps.push(NodeRed::start("r3", app.mqtt_addr).await);
         replicas_connected(&app, 3).await;
-        let r = loadtest(
-            &format!("nr-once-{mode}-3"),
-            &mqtt_args(app.mqtt_addr, "24", "4s"),
-        )
-        .await;
+        let r = loadtest("nr-once-3", mqtt_args(app.mqtt_addr, "24", "4s")).await;
         assert_exactly_once(&format!("{mode}, 3 replicas"), &r, 3);
         for rep in &mut reps {
             rep.kill().await;
@@ -264,7 +269,10 @@ async fn nodered_replicas_behind_flowgate_process_each_job_once_without_takeover
         app.shutdown(Duration::from_secs(2)).await;
     }
     let log = broker.log_text();
-    assert!(log.contains("line1-nodered"), "replicas never reached the broker");
+    assert!(
+        log.contains("line1-nodered"),
+        "replicas never reached the broker"
+    );
     assert_eq!(takeovers(&log), 0, "takeovers behind flowgate:\n{log}");
 
     // the contrast: the same flows straight at the broker fight over the id
@@ -297,12 +305,20 @@ async fn one_two_and_three_nodered_replicas_serve_ten_twenty_and_thirty_calls_a_
         let url = format!("http://{}/api", app.http_addrs[0].1);
         let rate = (15 * n).to_string();
         let args: Vec<String> = [
-            "http", "--url", &url, "--ramp", &rate, "--step", "5s", "--timeout", "30s",
+            "http",
+            "--url",
+            &url,
+            "--ramp",
+            &rate,
+            "--step",
+            "5s",
+            "--timeout",
+            "30s",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let r = loadtest(&format!("nr-http-{n}"), &args).await;
+        let r = loadtest("nr-http", args).await;
         let achieved = r.steps[0].achieved_rate;
         let floor = 0.98 * 10.0 * n as f64;
         assert!(
@@ -336,12 +352,12 @@ async fn killing_a_nodered_replica_under_load_loses_no_job_and_fails_no_call() {
 
     // 12/s of each for 15 s: 2 survivors (20/s) can carry it
     let start = Instant::now();
-    let jobs = tokio::spawn(loadtest("nr-kill-mqtt", &mqtt_args(mqtt, "12", "15s")));
+    let jobs = tokio::spawn(loadtest("nr-kill-mqtt", mqtt_args(mqtt, "12", "15s")));
     let http_args: Vec<String> = ["http", "--url", &url, "--ramp", "12", "--step", "15s"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let calls = tokio::spawn(loadtest("nr-kill-http", &http_args));
+    let calls = tokio::spawn(loadtest("nr-kill-http", http_args));
     tokio::time::sleep_until((start + Duration::from_secs(4)).into()).await;
     let killed_at = start.elapsed().as_secs_f64();
     reps[2].kill().await;
@@ -353,7 +369,12 @@ async fn killing_a_nodered_replica_under_load_loses_no_job_and_fails_no_call() {
 
     for (what, r) in [("jobs", &jobs), ("calls", &calls)] {
         let t = &r.totals;
-        assert_eq!((t.ok, t.errors), (t.sent, 0), "{what}: {t:?}\n{}", r.table());
+        assert_eq!(
+            (t.ok, t.errors),
+            (t.sent, 0),
+            "{what}: {t:?}\n{}",
+            r.table()
+        );
         // survivors carry everything from 1 s after the kill (each point
         // covers one second; counts per second jitter by one or two)
         for p in &r.timeline {
@@ -376,19 +397,95 @@ async fn killing_a_nodered_replica_under_load_loses_no_job_and_fails_no_call() {
             .map(|p| p.replicas.get(name).copied().unwrap_or(0.0))
             .sum()
     };
-    assert!(after(&jobs, "r3") > 0.0, "r3 got no job after its restart at {back_at:.1}s: {:?}", jobs.timeline);
-    assert!(after(&calls, "2") > 0.0, "replica 2 got no call after its restart at {back_at:.1}s: {:?}", calls.timeline);
+    assert!(
+        after(&jobs, "r3") > 0.0,
+        "r3 got no job after its restart at {back_at:.1}s: {:?}",
+        jobs.timeline
+    );
+    assert!(
+        after(&calls, "2") > 0.0,
+        "replica 2 got no call after its restart at {back_at:.1}s: {:?}",
+        calls.timeline
+    );
+    let first_after = |r: &Report, name: &str| {
+        r.timeline
+            .iter()
+            .find(|p| p.t - 1.0 >= back_at && p.replicas.get(name).copied().unwrap_or(0.0) > 0.0)
+            .map(|p| p.t - 1.0 - back_at)
+    };
     eprintln!(
-        "failover: jobs {} sent, {} duplicates; calls {} sent; p99 {:?} / {:?} ms",
+        "failover: killed at {killed_at:.1}s, restarted replica ready at {back_at:.1}s; \
+         jobs {} sent, {} duplicates, latency p99 {:?} max {:?} ms, r3 busy again within {:?}s of ready; \
+         calls {} sent, latency p99 {:?} max {:?} ms, replica 2 busy again within {:?}s of ready",
         jobs.totals.sent,
         jobs.totals.duplicates,
+        jobs.steps[0].latency_ms.map(|l| l.p99.round()),
+        jobs.steps[0].latency_ms.map(|l| l.max.round()),
+        first_after(&jobs, "r3").map(|s| s.ceil()),
         calls.totals.sent,
-        jobs.steps[0].latency_ms.map(|l| l.p99),
-        calls.steps[0].latency_ms.map(|l| l.p99)
+        calls.steps[0].latency_ms.map(|l| l.p99.round()),
+        calls.steps[0].latency_ms.map(|l| l.max.round()),
+        first_after(&calls, "2").map(|s| s.ceil()),
     );
     for rep in &mut reps {
         rep.kill().await;
     }
     web.shutdown(Duration::from_secs(2)).await;
     bridge.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn flowgate_restarted_under_load_loses_no_job_and_replicas_come_back_by_themselves() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let broker = Mosquitto::start().await;
+    let port = free_port();
+    let config = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"mqtt://{}\"\nmode = \"dispatch\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\n",
+        broker.addr
+    );
+    init_logs();
+    let start_flowgate = || async {
+        App::start(Config::parse(&config, "test").expect("valid config"))
+            .await
+            .expect("flowgate starts")
+    };
+    let app = start_flowgate().await;
+    let mut reps = vec![
+        NodeRed::start("r1", app.mqtt_addr).await,
+        NodeRed::start("r2", app.mqtt_addr).await,
+    ];
+    replicas_connected(&app, 2).await;
+    // jobs go straight to the broker, which holds them while flowgate is away
+    let mut args = mqtt_args(broker.addr, "10", "12s");
+    if let Some(t) = args.iter().position(|a| a == "--timeout") {
+        args[t + 1] = "40s".to_string();
+    }
+    let start = Instant::now();
+    let jobs = tokio::spawn(loadtest("nr-restart", args));
+    tokio::time::sleep_until((start + Duration::from_secs(3)).into()).await;
+    app.shutdown(Duration::from_secs(1)).await;
+    let down_at = start.elapsed();
+    let app = start_flowgate().await;
+    replicas_connected(&app, 2).await;
+    let back = start.elapsed() - down_at;
+    let jobs = jobs.await.expect("loadtest");
+    let t = &jobs.totals;
+    assert_eq!((t.ok, t.errors), (t.sent, 0), "{t:?}\n{}", jobs.table());
+    assert!(jobs.steps[0].replicas.len() == 2, "{}", jobs.table());
+    eprintln!(
+        "restart: flowgate down at {:.1}s, both Node-RED replicas back after {:.1}s; \
+         jobs {} sent, {} lost, {} duplicates, latency max {:?} ms",
+        down_at.as_secs_f64(),
+        back.as_secs_f64(),
+        t.sent,
+        t.sent - t.ok,
+        t.duplicates,
+        jobs.steps[0].latency_ms.map(|l| l.max.round())
+    );
+    for rep in &mut reps {
+        rep.kill().await;
+    }
+    app.shutdown(Duration::from_secs(2)).await;
 }
