@@ -213,6 +213,7 @@ fn start_dispatcher(
         broadcast: inst.broadcast.clone(),
         ack_timeout: inst.ack_timeout,
         max_inflight: inst.max_inflight,
+        failback: inst.failback,
         queue_limit: config.mqtt.queue_limit,
         upstream_share: config.mqtt.upstream_share,
         upstream_addr: upstream.to_owned(),

@@ -63,6 +63,18 @@ fn instance(out: &mut String, inst: &InstanceDoc, prev: Option<&InstanceDoc>, se
             );
         }
     }
+    if let Some(last) = inst.failovers.last() {
+        let _ = writeln!(
+            out,
+            "  failovers: {} kept; last: {} {} -> {} ({}), {:.1} ms",
+            inst.failovers.len(),
+            last.side,
+            last.from.as_deref().unwrap_or("-"),
+            last.to,
+            last.cause,
+            last.seconds * 1000.0
+        );
+    }
     if !inst.http.is_empty() {
         let _ = writeln!(
             out,

@@ -97,6 +97,18 @@ pub struct InstanceDoc {
     pub replicas: Vec<MqttReplicaDoc>,
     #[serde(default)]
     pub http: Vec<HttpReplicaDoc>,
+    #[serde(default)]
+    pub failovers: Vec<FailoverDoc>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FailoverDoc {
+    pub side: String,
+    pub cause: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub seconds: f64,
+    pub at_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -57,6 +57,8 @@ struct InstanceBody {
     mqtt: InstanceView,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     http: Vec<HttpReplicaView>,
+    /// Active-standby failovers (the last ones kept), oldest first.
+    failovers: Vec<crate::metrics::Failover>,
 }
 
 #[derive(Serialize)]
@@ -167,6 +169,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                     .views()
                     .into_iter()
                     .map(|mqtt| InstanceBody {
+                        failovers: state.metrics.failovers(&mqtt.name),
                         http: state
                             .pools
                             .iter()

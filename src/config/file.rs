@@ -56,6 +56,7 @@ struct FileInstance {
     key_level: Option<usize>,
     ack_timeout: Option<String>,
     max_inflight: Option<usize>,
+    failback: Option<bool>,
     http: Option<super::http::FileHttp>,
 }
 
@@ -283,6 +284,7 @@ impl FileConfig {
                 key_level: inst.key_level,
                 ack_timeout,
                 max_inflight,
+                failback: inst.failback.unwrap_or(false),
             });
         }
         if p.0.is_empty() {

@@ -15,6 +15,8 @@ pub enum Balance {
     #[default]
     LeastInflight,
     RoundRobin,
+    /// Every request to one active replica; the others take over when it fails.
+    ActiveStandby,
 }
 
 /// A validated `http` table.
@@ -53,6 +55,9 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     /// Retries allowed as a share of requests (0.2 = one retry per five).
     pub retry_budget: f64,
+    /// Active-standby: a lower-numbered replica that is up again takes the
+    /// active role back (default false).
+    pub failback: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +86,7 @@ pub(super) struct FileHttp {
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
     retry_budget: Option<f64>,
+    failback: Option<bool>,
 }
 
 fn dur(
@@ -228,6 +234,7 @@ impl FileHttp {
                 Duration::from_secs(4),
             ),
             retry_budget,
+            failback: self.failback.unwrap_or(false),
         }
     }
 }

@@ -113,6 +113,9 @@ pub struct InstanceConfig {
     pub ack_timeout: Duration,
     /// Dispatch mode: unacknowledged QoS 1/2 messages per replica.
     pub max_inflight: usize,
+    /// Active-standby: a lower slot that comes back takes the active role
+    /// back (default false: the replica that took over keeps it).
+    pub failback: bool,
     /// The replicas' web traffic, balanced by flowgate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,

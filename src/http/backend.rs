@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::balancer::{self, Candidate};
 use super::health::Health;
-use crate::config::HttpConfig;
-use crate::metrics::Metrics;
+use crate::config::{Balance, HttpConfig};
+use crate::metrics::names::SIDE_HTTP;
+use crate::metrics::{Failover, Metrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -42,6 +43,10 @@ pub struct Backend {
     generation: watch::Sender<u64>,
     /// Set once the probe found the admin API off (404): TCP checks from then.
     tcp_fallback: AtomicBool,
+    /// The first failed probe of the current run of failures.
+    failing_since: Mutex<Option<Instant>>,
+    /// Why and since when the replica is down (active-standby's failover cause).
+    down: Mutex<Option<(&'static str, Instant)>>,
     pub up_gauge: IntGauge,
     pub inflight_gauge: IntGauge,
     /// `flowgate_http_requests_total` by code class 1xx..5xx, resolved once.
@@ -61,6 +66,15 @@ pub struct Pool {
     retries_done: AtomicU64,
     pub retries: IntCounter,
     pub metrics: Arc<Metrics>,
+    standby: Mutex<Standby>,
+}
+
+/// Active-standby (`balance = "active-standby"`): the active replica, and the
+/// failover under way until another replica served a request.
+#[derive(Default)]
+struct Standby {
+    active: Option<usize>,
+    lost: Option<(usize, &'static str, Instant)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,6 +109,7 @@ impl Backend {
         self.up.store(up, Ordering::Relaxed);
         self.up_gauge.set(i64::from(up));
         if up {
+            *lock(&self.down) = None;
             tracing::info!(%instance, replica = %self.label, addr = %self.addr, "http replica up");
         } else {
             tracing::warn!(%instance, replica = %self.label, addr = %self.addr, cause, "http replica down");
@@ -198,6 +213,8 @@ impl Pool {
                     idle: Mutex::new(Vec::new()),
                     generation: watch::channel(0).0,
                     tcp_fallback: AtomicBool::new(cfg.health_tcp_only),
+                    failing_since: Mutex::new(None),
+                    down: Mutex::new(None),
                     up_gauge,
                     inflight_gauge,
                     codes,
@@ -216,12 +233,16 @@ impl Pool {
             retries_done: AtomicU64::new(0),
             retries,
             metrics,
+            standby: Mutex::new(Standby::default()),
         }
     }
 
     /// Chooses a replica not in `tried`: healthy and not draining; when no
     /// replica is healthy, any not draining (the last one is never ejected).
     pub fn pick(&self, tried: &[usize]) -> Option<Arc<Backend>> {
+        if self.cfg.balance == Balance::ActiveStandby {
+            return self.pick_active(tried);
+        }
         let usable = |healthy_only: bool| -> Vec<Candidate> {
             self.backends
                 .iter()
@@ -246,6 +267,70 @@ impl Pool {
         };
         let index = balancer::pick(self.cfg.balance, &candidates, turn, draw)?;
         self.backends.get(index).cloned()
+    }
+
+    /// Active-standby: the active replica while it is up, not draining and
+    /// not already tried for this request; otherwise the lowest one that is
+    /// (with `failback`, a lower one that is up again takes the role back).
+    fn pick_active(&self, tried: &[usize]) -> Option<Arc<Backend>> {
+        let usable = |b: &&Arc<Backend>| !tried.contains(&b.index) && !b.is_draining();
+        let healthy = |b: &&Arc<Backend>| usable(b) && b.is_up();
+        let mut st = lock(&self.standby);
+        let current = st.active.and_then(|i| self.backends.get(i)).filter(healthy);
+        let lowest = self.backends.iter().find(healthy);
+        let chosen = match (current, lowest) {
+            (Some(c), Some(l)) if self.cfg.failback && l.index < c.index => l,
+            (Some(c), _) => c,
+            (None, Some(l)) => l,
+            // none healthy: the last replica is never ejected
+            (None, None) => self.backends.iter().find(usable)?,
+        };
+        if st.active != Some(chosen.index) {
+            if let Some(prev) = st.active.and_then(|i| self.backends.get(i)) {
+                let (cause, since) = if !prev.is_up() {
+                    lock(&prev.down).unwrap_or(("health", Instant::now()))
+                } else if tried.contains(&prev.index) {
+                    ("error", Instant::now())
+                } else if prev.is_draining() {
+                    ("drain", Instant::now())
+                } else {
+                    ("failback", Instant::now())
+                };
+                tracing::warn!(instance = %self.instance, from = %prev.label, to = %chosen.label, cause, "http active replica changes");
+                if st.lost.is_none() {
+                    st.lost = Some((prev.index, cause, since));
+                }
+            } else {
+                tracing::info!(instance = %self.instance, replica = %chosen.label, "http active replica");
+            }
+            st.active = Some(chosen.index);
+        }
+        Some(chosen.clone())
+    }
+
+    /// A replica answered a request: ends an active-standby failover when it
+    /// is not the replica that lost the role.
+    pub fn served(&self, backend: &Backend) {
+        if self.cfg.balance != Balance::ActiveStandby {
+            return;
+        }
+        let mut st = lock(&self.standby);
+        let Some((from, cause, since)) = st.lost else {
+            return;
+        };
+        if from == backend.index {
+            return;
+        }
+        st.lost = None;
+        let from = self.backends.get(from).map(|b| b.label.clone());
+        self.metrics.failover(Failover::now(
+            &self.instance,
+            SIDE_HTTP,
+            cause,
+            from,
+            backend.label.clone(),
+            since,
+        ));
     }
 
     /// The replica a sticky cookie names, if it can take requests.
@@ -285,11 +370,21 @@ impl Pool {
         }
         let changed = lock(&backend.health).force_down();
         if changed {
+            *lock(&backend.down) = Some(("refused", Instant::now()));
             backend.apply(&self.instance, false, "connection refused");
         }
     }
 
     fn record(&self, backend: &Backend, ok: bool, cause: &str) {
+        let first_failure = {
+            let mut since = lock(&backend.failing_since);
+            if ok {
+                *since = None;
+                Instant::now()
+            } else {
+                *since.get_or_insert_with(Instant::now)
+            }
+        };
         let flipped = lock(&backend.health).record(ok, self.cfg.health_rise, self.cfg.health_fall);
         match flipped {
             Some(false) => {
@@ -298,6 +393,7 @@ impl Pool {
                     .iter()
                     .any(|b| b.index != backend.index && b.is_up());
                 if others_up {
+                    *lock(&backend.down) = Some(("health", first_failure));
                     backend.apply(&self.instance, false, cause);
                 } else {
                     // never eject the last replica: keep it up, try again next time

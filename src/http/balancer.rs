@@ -23,6 +23,8 @@ pub fn pick(
         (_, 0) => None,
         (_, 1) => Some(candidates[0].index),
         (Balance::RoundRobin, _) => Some(candidates[turn % n].index),
+        // the pool keeps the active replica; among candidates, the lowest index
+        (Balance::ActiveStandby, _) => candidates.iter().map(|c| c.index).min(),
         (Balance::LeastInflight, _) => {
             let first = candidates[a % n];
             // a second, different candidate

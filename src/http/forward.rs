@@ -215,6 +215,7 @@ pub async fn handle(
                 }
                 let code = resp.status();
                 backend.count(code.as_u16());
+                pool.served(&backend);
                 backend.duration.observe(started.elapsed().as_secs_f64());
                 let upgraded = code == StatusCode::SWITCHING_PROTOCOLS;
                 strip_hop_by_hop(resp.headers_mut(), upgraded);

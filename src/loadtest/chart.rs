@@ -177,10 +177,11 @@ mod tests {
 
     #[test]
     fn nice_max_rounds_up() {
-        assert_eq!(nice_max(7.0), 10.0);
+        assert_eq!(nice_max(7.0), 8.0);
+        assert_eq!(nice_max(9.0), 10.0);
         assert_eq!(nice_max(11.0), 15.0);
         assert_eq!(nice_max(26.0), 30.0);
-        assert_eq!(nice_max(0.3), 0.5);
+        assert!((nice_max(0.35) - 0.4).abs() < 1e-9);
         assert_eq!(nice_max(0.0), 1.0);
     }
 }

@@ -8,6 +8,11 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
 use names::*;
 
 pub struct Metrics {
@@ -28,7 +33,56 @@ pub struct Metrics {
     pub http_inflight: IntGaugeVec,
     pub http_replica_up: IntGaugeVec,
     pub http_retries: IntCounterVec,
+    pub failover_seconds: HistogramVec,
+    /// The last failovers, newest last, for the admin API.
+    failovers: Mutex<VecDeque<Failover>>,
 }
+
+/// One active-standby failover: from the fault being observable (socket
+/// closed, missed ack deadline, failed probe or refused connection) to the
+/// first message or response served by the new active replica.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failover {
+    pub instance: String,
+    /// `mqtt` or `http`.
+    pub side: &'static str,
+    /// `disconnect`, `ack_timeout`, `health`, `refused`, `failback`...
+    pub cause: &'static str,
+    /// The replica that lost the role (MQTT slot or HTTP replica index).
+    pub from: Option<String>,
+    pub to: String,
+    pub seconds: f64,
+    /// When the new replica served, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+}
+
+impl Failover {
+    /// A failover whose fault was observable at `since` and whose new active
+    /// replica served just now.
+    pub fn now(
+        instance: &str,
+        side: &'static str,
+        cause: &'static str,
+        from: Option<String>,
+        to: String,
+        since: std::time::Instant,
+    ) -> Self {
+        Self {
+            instance: instance.to_string(),
+            side,
+            cause,
+            from,
+            to,
+            seconds: since.elapsed().as_secs_f64(),
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+/// How many failovers the admin API keeps.
+const FAILOVERS_KEPT: usize = 50;
 
 /// Counters of one replica connection, resolved once at connect so the hot
 /// path increments without a label lookup.
@@ -165,6 +219,23 @@ impl Metrics {
                 "HTTP requests sent to another replica after the first could not take them",
                 &[LABEL_INSTANCE],
             ),
+            failover_seconds: {
+                let opts = HistogramOpts::new(
+                    FAILOVER_SECONDS,
+                    "Active-standby failovers: from the fault being observable to the first \
+                     message or response served by the new active replica",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0,
+                ]);
+                let vec = HistogramVec::new(opts, &[LABEL_INSTANCE, LABEL_SIDE, LABEL_CAUSE])
+                    .expect("metric names and labels are static and valid");
+                r.register(Box::new(vec.clone()))
+                    .expect("each metric is registered once in a fresh registry");
+                vec
+            },
+            failovers: Mutex::new(VecDeque::new()),
             registry,
         }
     }
@@ -191,6 +262,38 @@ impl Metrics {
             bytes_to: b(TO_REPLICA),
             bytes_from: b(FROM_REPLICA),
         }
+    }
+
+    /// Records a failover: histogram, log line, and the admin API's list.
+    pub fn failover(&self, f: Failover) {
+        self.failover_seconds
+            .with_label_values(&[f.instance.as_str(), f.side, f.cause])
+            .observe(f.seconds);
+        tracing::info!(
+            instance = %f.instance,
+            side = f.side,
+            cause = f.cause,
+            from = ?f.from,
+            to = %f.to,
+            ms = format_args!("{:.1}", f.seconds * 1000.0),
+            "failover: new active replica served"
+        );
+        let mut list = self.failovers.lock().unwrap_or_else(|p| p.into_inner());
+        if list.len() == FAILOVERS_KEPT {
+            list.pop_front();
+        }
+        list.push_back(f);
+    }
+
+    /// The failovers of `instance` kept for the admin API, oldest first.
+    pub fn failovers(&self, instance: &str) -> Vec<Failover> {
+        self.failovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|f| f.instance == instance)
+            .cloned()
+            .collect()
     }
 
     pub fn error(&self, kind: &str) {

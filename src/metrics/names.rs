@@ -18,6 +18,7 @@ pub const HTTP_DURATION: &str = "flowgate_http_request_duration_seconds";
 pub const HTTP_INFLIGHT: &str = "flowgate_http_inflight_requests";
 pub const HTTP_REPLICA_UP: &str = "flowgate_http_replica_up";
 pub const HTTP_RETRIES: &str = "flowgate_http_retries_total";
+pub const FAILOVER_SECONDS: &str = "flowgate_failover_seconds";
 
 pub const LABEL_INSTANCE: &str = "instance";
 pub const LABEL_REPLICA: &str = "replica";
@@ -25,6 +26,12 @@ pub const LABEL_DIRECTION: &str = "direction";
 pub const LABEL_KIND: &str = "kind";
 pub const LABEL_REASON: &str = "reason";
 pub const LABEL_CODE: &str = "code";
+pub const LABEL_SIDE: &str = "side";
+pub const LABEL_CAUSE: &str = "cause";
+
+/// `side` values of the failover histogram.
+pub const SIDE_MQTT: &str = "mqtt";
+pub const SIDE_HTTP: &str = "http";
 
 /// `direction` values.
 pub const TO_REPLICA: &str = "to_replica";

@@ -12,20 +12,20 @@ use tokio::sync::mpsc;
 use crate::support::*;
 
 /// Where the broker is: the embedded one, or a Mosquitto the test keeps alive.
-enum Upstream {
+pub(crate) enum Upstream {
     Embedded,
     Mosquitto(Mosquitto),
 }
 
 impl Upstream {
-    async fn both() -> Vec<Upstream> {
+    pub(crate) async fn both() -> Vec<Upstream> {
         vec![
             Upstream::Embedded,
             Upstream::Mosquitto(Mosquitto::start().await),
         ]
     }
 
-    fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Upstream::Embedded => "embedded",
             Upstream::Mosquitto(_) => "mosquitto",
@@ -40,7 +40,7 @@ impl Upstream {
     }
 }
 
-async fn start(upstream: &Upstream, instance_extra: &str) -> App {
+pub(crate) async fn start(upstream: &Upstream, instance_extra: &str) -> App {
     init_logs();
     let text = format!(
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
@@ -173,7 +173,7 @@ async fn collect(
 }
 
 /// What a publisher sends through flowgate (an unmatched client) or direct.
-async fn publish(app: &App, topic: &str, n: usize) {
+pub(crate) async fn publish(app: &App, topic: &str, n: usize) {
     publish_numbered(app.mqtt_addr, topic, n).await;
 }
 

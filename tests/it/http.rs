@@ -175,7 +175,11 @@ async fn request(
 }
 
 /// Closed-loop load on `/api` for `secs`: every response's (status, replica).
-async fn load(addr: SocketAddr, workers: usize, secs: f64) -> Vec<Result<(u16, String), String>> {
+pub(crate) async fn load(
+    addr: SocketAddr,
+    workers: usize,
+    secs: f64,
+) -> Vec<Result<(u16, String), String>> {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut set = JoinSet::new();
     for _ in 0..workers {

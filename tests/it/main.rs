@@ -11,4 +11,5 @@ mod http;
 mod loadtest;
 mod nodered;
 mod share_mode;
+mod standby;
 mod status;

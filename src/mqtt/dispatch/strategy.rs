@@ -15,6 +15,9 @@ pub enum Strategy {
     /// Rendezvous hashing of the topic (or one topic level): a key stays on
     /// one replica, and a replica joining or leaving moves only its share.
     KeyHash,
+    /// Every message to one active replica (the lowest connected, healthy
+    /// slot); the others are hot standbys that take over when it fails.
+    ActiveStandby,
 }
 
 /// A replica that could take the message.
@@ -62,6 +65,8 @@ pub fn pick(strategy: Strategy, candidates: &[Candidate], turn: usize, key: &str
                 .collect();
             tied[turn % tied.len()]
         }
+        // the dispatcher keeps the active replica; among candidates, the lowest slot
+        Strategy::ActiveStandby => candidates.iter().map(|c| c.slot).min()?,
         Strategy::KeyHash => {
             let key_hash = fnv1a64(key.as_bytes());
             candidates

@@ -47,6 +47,11 @@ impl Dispatcher {
 
     /// Hands queued messages to replicas that can take them, in order.
     pub(super) fn pump(&mut self) {
+        let active = if self.cfg.strategy == Strategy::ActiveStandby {
+            self.active()
+        } else {
+            None
+        };
         let mut i = 0;
         while i < self.queue.len() {
             let max = self.cfg.max_inflight;
@@ -82,6 +87,14 @@ impl Dispatcher {
                     .collect();
                 strategy::pick(Strategy::KeyHash, &all, 0, key)
                     .filter(|s| candidates.iter().any(|c| c.slot == *s))
+            } else if let Some(a) = active.filter(|a| {
+                self.replicas
+                    .get(a)
+                    .is_some_and(|r| r.granted(topic).is_some())
+            }) {
+                // only the active replica, and in order: when it has no room
+                // the message waits for it
+                candidates.iter().any(|c| c.slot == a).then_some(a)
             } else {
                 strategy::pick(self.cfg.strategy, &candidates, self.turn, key)
             };
@@ -93,7 +106,9 @@ impl Dispatcher {
             let Some(queued) = self.queue.remove(i) else {
                 break;
             };
-            if !self.deliver(slot, queued.clone()) {
+            if self.deliver(slot, queued.clone()) {
+                self.served(slot);
+            } else {
                 self.queue.insert(i, queued);
                 i += 1;
             }
@@ -119,10 +134,18 @@ impl Dispatcher {
                 continue;
             };
             r.stalled = true;
+            // the fault was observable at the first missed deadline
+            let deadline = r
+                .inflight
+                .values()
+                .map(|i| i.sent)
+                .min()
+                .map_or(now, |sent| sent + timeout);
             let inflight = std::mem::take(&mut r.inflight);
             r.inflight_gauge.set(0);
             let moved = self.requeue(inflight);
             tracing::warn!(instance = %self.cfg.instance, slot, moved, ?timeout, "replica stopped acknowledging: its messages go to others");
+            self.lose_active(slot, "ack_timeout", deadline);
         }
         self.pump();
     }

@@ -5,6 +5,7 @@
 
 mod delivery;
 mod replica_side;
+mod standby;
 mod upstream_side;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -30,6 +31,8 @@ pub struct DispatchSettings {
     pub broadcast: Vec<TopicFilter>,
     pub ack_timeout: Duration,
     pub max_inflight: usize,
+    /// Active-standby: a lower slot takes the active role back.
+    pub failback: bool,
     pub queue_limit: usize,
     /// Subscribe upstream as `$share/{instance}/{filter}` (several nodes).
     pub upstream_share: bool,
@@ -94,6 +97,8 @@ struct Replica {
     released: HashSet<u16>,
     next_pkid: u16,
     stalled: bool,
+    /// Which join this is (slots are reused; generations are not).
+    generation: u64,
     counters: Arc<ReplicaCounters>,
     inflight_gauge: IntGauge,
 }
@@ -171,6 +176,10 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     queued_gauge: IntGauge,
     redeliveries: IntCounter,
+    /// Active-standby: the replica that gets every message.
+    active: Option<u16>,
+    lost: Option<standby::Lost>,
+    joins: u64,
 }
 
 impl Dispatcher {
@@ -201,6 +210,9 @@ impl Dispatcher {
             metrics,
             queued_gauge,
             redeliveries,
+            active: None,
+            lost: None,
+            joins: 0,
         }
     }
 
@@ -211,9 +223,11 @@ impl Dispatcher {
         mut up_rx: mpsc::Receiver<UpEvent>,
         shutdown: CancellationToken,
     ) {
+        // fine enough that a missed ack deadline is seen within 50 ms
         let mut tick = tokio::time::interval(
-            (self.cfg.ack_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            (self.cfg.ack_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(50)),
         );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let room = self.queue.len() < self.cfg.queue_limit;
             tokio::select! {

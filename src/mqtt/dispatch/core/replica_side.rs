@@ -19,6 +19,7 @@ impl Dispatcher {
                     .replica_inflight
                     .with_label_values(&[self.cfg.instance.as_str(), &slot.to_string()]);
                 inflight_gauge.set(0);
+                self.joins += 1;
                 self.replicas.insert(
                     slot,
                     Replica {
@@ -28,6 +29,7 @@ impl Dispatcher {
                         released: HashSet::new(),
                         next_pkid: 0,
                         stalled: false,
+                        generation: self.joins,
                         counters,
                         inflight_gauge,
                     },
@@ -43,6 +45,7 @@ impl Dispatcher {
     }
 
     pub(super) fn on_left(&mut self, slot: u16, clean: bool) {
+        self.lose_active(slot, "disconnect", Instant::now());
         let Some(replica) = self.replicas.remove(&slot) else {
             return;
         };
