@@ -42,7 +42,8 @@ struct MqttReplica {
 impl MqttReplica {
     async fn start(addr: SocketAddr, id: usize, seen: Seen) -> Self {
         let mut opts = MqttOptions::new("line1-nodered", addr.ip().to_string(), addr.port());
-        opts.set_manual_acks(true).set_keep_alive(Duration::from_secs(30));
+        opts.set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(30));
         let (client, mut el) = AsyncClient::new(opts, 10_000);
         let hang = Arc::new(AtomicBool::new(false));
         let (hung, acker) = (hang.clone(), client.clone());
@@ -188,15 +189,18 @@ impl WebReplica {
         tasks.lock().expect("tasks").spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let h = h.clone();
-                let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                    let h = h.clone();
-                    async move {
-                        if h.load(Ordering::Relaxed) {
-                            std::future::pending::<()>().await;
+                let service =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let h = h.clone();
+                        async move {
+                            if h.load(Ordering::Relaxed) {
+                                std::future::pending::<()>().await;
+                            }
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from(index.to_string()),
+                            )))
                         }
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(index.to_string()))))
-                    }
-                });
+                    });
                 t.lock().expect("tasks").spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -215,12 +219,22 @@ impl WebReplica {
 /// One GET on a fresh connection: the replica that answered, if it succeeded.
 async fn get(addr: SocketAddr) -> Option<String> {
     let stream = TcpStream::connect(addr).await.ok()?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
     tokio::spawn(conn);
-    let req = Request::get("/api").header("host", "x").body(Empty::<Bytes>::new()).ok()?;
+    let req = Request::get("/api")
+        .header("host", "x")
+        .body(Empty::<Bytes>::new())
+        .ok()?;
     let resp = send.send_request(req).await.ok()?;
     let ok = resp.status().is_success();
-    let replica = resp.headers().get("x-flowgate-replica")?.to_str().ok()?.to_string();
+    let replica = resp
+        .headers()
+        .get("x-flowgate-replica")?
+        .to_str()
+        .ok()?
+        .to_string();
     resp.into_body().collect().await.ok()?;
     ok.then_some(replica)
 }
@@ -245,7 +259,10 @@ async fn http(rounds: usize, hang: bool) -> (Vec<f64>, Vec<f64>, usize) {
     for i in 0..3 {
         reps.push(WebReplica::start(i, 0, Arc::new(AtomicBool::new(false))).await);
     }
-    let list: Vec<String> = reps.iter().map(|r| format!("\"127.0.0.1:{}\"", r.port)).collect();
+    let list: Vec<String> = reps
+        .iter()
+        .map(|r| format!("\"127.0.0.1:{}\"", r.port))
+        .collect();
     let app = start(&format!(
         "node_id = \"b\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          upstream = \"mqtt://127.0.0.1:1\"\nmode = \"share\"\n[[instance]]\nname = \"web\"\n\
@@ -272,7 +289,11 @@ async fn http(rounds: usize, hang: bool) -> (Vec<f64>, Vec<f64>, usize) {
     let (mut inside, mut outside, mut failed) = (Vec::new(), Vec::new(), 0);
     for _ in 0..rounds {
         let active = loop {
-            match tokio::time::timeout(DEADLINE, done.recv()).await.expect("responses").expect("open") {
+            match tokio::time::timeout(DEADLINE, done.recv())
+                .await
+                .expect("responses")
+                .expect("open")
+            {
                 (Some(r), _) => break r,
                 (None, _) => failed += 1,
             }
@@ -286,7 +307,11 @@ async fn http(rounds: usize, hang: bool) -> (Vec<f64>, Vec<f64>, usize) {
             reps[i].kill();
         }
         let t1 = loop {
-            match tokio::time::timeout(DEADLINE, done.recv()).await.expect("responses").expect("open") {
+            match tokio::time::timeout(DEADLINE, done.recv())
+                .await
+                .expect("responses")
+                .expect("open")
+            {
                 (Some(r), at) if r != active && at >= t0 => break at,
                 (None, _) => failed += 1,
                 _ => {}
@@ -329,24 +354,47 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo bench --list
     }
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut json = HashMap::new();
     println!("{rounds} failovers each; ms: median / worst");
-    println!("{:<22} {:>22} {:>22} {:>8}", "scenario", "flowgate (fault->served)", "outside (act->served)", "failed");
-    for (name, kind) in [("mqtt killed", 0), ("mqtt hung", 1), ("http killed", 2), ("http hung", 3)] {
+    println!(
+        "{:<22} {:>22} {:>22} {:>8}",
+        "scenario", "flowgate (fault->served)", "outside (act->served)", "failed"
+    );
+    for (name, kind) in [
+        ("mqtt killed", 0),
+        ("mqtt hung", 1),
+        ("http killed", 2),
+        ("http hung", 3),
+    ] {
         let (inside, outside, failed) = rt.block_on(async {
             match kind {
-                0 => { let (i, o) = mqtt(rounds, false).await; (i, o, 0) }
-                1 => { let (i, o) = mqtt(rounds, true).await; (i, o, 0) }
+                0 => {
+                    let (i, o) = mqtt(rounds, false).await;
+                    (i, o, 0)
+                }
+                1 => {
+                    let (i, o) = mqtt(rounds, true).await;
+                    (i, o, 0)
+                }
                 2 => http(rounds, false).await,
                 _ => http(rounds, true).await,
             }
         });
         let (im, iw) = stats(&inside);
         let (om, ow) = stats(&outside);
-        println!("{name:<22} {:>10.1} / {:>9.1} {:>10.1} / {:>9.1} {failed:>8}", im, iw, om, ow);
+        println!(
+            "{name:<22} {:>10.1} / {:>9.1} {:>10.1} / {:>9.1} {failed:>8}",
+            im, iw, om, ow
+        );
         json.insert(name, serde_json::json!({"inside_ms": [im, iw], "outside_ms": [om, ow], "failed": failed, "rounds": rounds}));
     }
-    println!("{}", serde_json::json!({"ack_timeout_ms": ACK_TIMEOUT_MS, "probe_interval_ms": PROBE_MS, "results": json}));
+    println!(
+        "{}",
+        serde_json::json!({"ack_timeout_ms": ACK_TIMEOUT_MS, "probe_interval_ms": PROBE_MS, "results": json})
+    );
 }
