@@ -16,13 +16,15 @@ use tokio::sync::mpsc;
 
 use crate::admin::{self, AdminState};
 use crate::broker;
-use crate::config::{Config, InstanceConfig, Mode, Upstream};
+use crate::config::{Balance, Config, InstanceConfig, Mode, Upstream};
 use crate::http::{self, backend::Pool};
 use crate::metrics::Metrics;
+use crate::mqtt::dispatch::strategy::Strategy;
 use crate::mqtt::dispatch::upstream::UpstreamSession;
 use crate::mqtt::dispatch::{DispatchSettings, Dispatcher, Handle};
 use crate::mqtt::proxy::{self, ProxyContext};
 use crate::mqtt::replicas::Instances;
+use crate::tie::Tie;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -85,11 +87,31 @@ impl App {
                 config.mqtt.upstream_connect_timeout,
             ));
         }
+        // active-standby on both sides: the sides agree on the active replica
+        let ties: HashMap<String, Arc<Tie>> = config
+            .instances
+            .iter()
+            .filter(|i| {
+                config.mqtt.mode == Mode::Dispatch
+                    && i.strategy == Strategy::ActiveStandby
+                    && i.http
+                        .as_ref()
+                        .is_some_and(|h| h.balance == Balance::ActiveStandby)
+            })
+            .map(|i| (i.name.clone(), Arc::new(Tie::default())))
+            .collect();
         let mut dispatchers = HashMap::new();
         if config.mqtt.mode == Mode::Dispatch {
             for inst in &config.instances {
-                let handle =
-                    start_dispatcher(&config, inst, &upstream_v3, &metrics, &shutdown, &tracker);
+                let tie = ties.get(&inst.name).cloned();
+                let handle = start_dispatcher(
+                    &config,
+                    inst,
+                    &upstream_v3,
+                    &metrics,
+                    (&shutdown, &tracker),
+                    tie,
+                );
                 dispatchers.insert(inst.name.clone(), handle);
             }
         }
@@ -112,7 +134,8 @@ impl App {
             .iter()
             .filter_map(|i| {
                 let cfg = i.http.clone()?;
-                Some(Arc::new(Pool::new(&i.name, cfg, metrics.clone())))
+                let tie = ties.get(&i.name).cloned();
+                Some(Arc::new(Pool::new(&i.name, cfg, metrics.clone(), tie)))
             })
             .collect();
         let mut http_addrs = Vec::new();
@@ -191,8 +214,8 @@ fn start_dispatcher(
     inst: &InstanceConfig,
     upstream: &str,
     metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
+    (shutdown, tracker): (&CancellationToken, &TaskTracker),
+    tie: Option<Arc<Tie>>,
 ) -> Handle {
     let (replica_tx, replica_rx) = mpsc::channel(4096);
     let (up_cmd_tx, up_cmd_rx) = mpsc::channel(65_536);
@@ -214,6 +237,7 @@ fn start_dispatcher(
         ack_timeout: inst.ack_timeout,
         max_inflight: inst.max_inflight,
         failback: inst.failback,
+        tie,
         queue_limit: config.mqtt.queue_limit,
         upstream_share: config.mqtt.upstream_share,
         upstream_addr: upstream.to_owned(),

@@ -23,6 +23,7 @@
 //! - [`admin`]: the admin HTTP API and the `/status` page (and a client for them);
 //! - [`status`]: the `flowgate status` table;
 //! - [`loadtest`]: `flowgate loadtest`: open-loop ramps, reports, charts;
+//! - [`tie`]: active-standby: the MQTT and HTTP sides of an instance agree on the active replica;
 //! - [`listener`]: the accept loop every listener shares;
 //! - [`app`]: starts everything from a config, stops it.
 //!
@@ -41,3 +42,4 @@ pub mod loadtest;
 pub mod metrics;
 pub mod mqtt;
 pub mod status;
+pub mod tie;

@@ -58,6 +58,10 @@ pub struct HttpConfig {
     /// Active-standby: a lower-numbered replica that is up again takes the
     /// active role back (default false).
     pub failback: bool,
+    /// Active-standby: the IP each replica's MQTT connection comes from, one
+    /// per replica (default: the replica's own host when it is an IP).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mqtt_hosts: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -87,6 +91,8 @@ pub(super) struct FileHttp {
     idle_timeout: Option<String>,
     retry_budget: Option<f64>,
     failback: Option<bool>,
+    #[serde(default)]
+    mqtt_hosts: Vec<String>,
 }
 
 fn dur(
@@ -146,6 +152,26 @@ impl FileHttp {
                     format!("{r:?} is not \"host:port\""),
                 ));
             }
+        }
+        let mut mqtt_hosts = Vec::new();
+        for (i, h) in self.mqtt_hosts.iter().enumerate() {
+            match h.parse::<std::net::IpAddr>() {
+                Ok(ip) => mqtt_hosts.push(ip),
+                Err(_) => p.push((
+                    format!("{path}.mqtt_hosts[{i}]"),
+                    format!("{h:?} is not an IP address"),
+                )),
+            }
+        }
+        if !self.mqtt_hosts.is_empty() && self.mqtt_hosts.len() != self.replicas.len() {
+            p.push((
+                format!("{path}.mqtt_hosts"),
+                format!(
+                    "has {} entries for {} replicas (one per replica)",
+                    self.mqtt_hosts.len(),
+                    self.replicas.len()
+                ),
+            ));
         }
         let max_body = match ByteSize::parse(self.max_body.as_deref().unwrap_or("10MiB")) {
             Ok(b) => b,
@@ -235,6 +261,7 @@ impl FileHttp {
             ),
             retry_budget,
             failback: self.failback.unwrap_or(false),
+            mqtt_hosts,
         }
     }
 }

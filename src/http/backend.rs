@@ -21,6 +21,7 @@ use super::health::Health;
 use crate::config::{Balance, HttpConfig};
 use crate::metrics::names::SIDE_HTTP;
 use crate::metrics::{Failover, Metrics};
+use crate::tie::Tie;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -33,6 +34,8 @@ pub struct Backend {
     pub index: usize,
     pub label: String,
     pub addr: String,
+    /// The IP its MQTT connection comes from (active-standby tie), if known.
+    pub mqtt_host: Option<std::net::IpAddr>,
     health: Mutex<Health>,
     up: AtomicBool,
     draining: AtomicBool,
@@ -67,6 +70,8 @@ pub struct Pool {
     pub retries: IntCounter,
     pub metrics: Arc<Metrics>,
     standby: Mutex<Standby>,
+    /// Shared with the instance's dispatcher when both sides are active-standby.
+    tie: Option<Arc<Tie>>,
 }
 
 /// Active-standby (`balance = "active-standby"`): the active replica, and the
@@ -184,7 +189,12 @@ impl ConnectError {
 }
 
 impl Pool {
-    pub fn new(instance: &str, cfg: HttpConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        instance: &str,
+        cfg: HttpConfig,
+        metrics: Arc<Metrics>,
+        tie: Option<Arc<Tie>>,
+    ) -> Self {
         let backends = cfg
             .replicas
             .iter()
@@ -202,9 +212,17 @@ impl Pool {
                         .with_label_values(&[instance, &label, c])
                 });
                 let duration = metrics.http_duration.with_label_values(&[instance, &label]);
+                let mqtt_host = cfg.mqtt_hosts.get(index).copied().or_else(|| {
+                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse()
+                        .ok()
+                });
                 Arc::new(Backend {
                     index,
                     label,
+                    mqtt_host,
                     addr: addr.clone(),
                     health: Mutex::new(Health::default()),
                     up: AtomicBool::new(true),
@@ -234,6 +252,7 @@ impl Pool {
             retries,
             metrics,
             standby: Mutex::new(Standby::default()),
+            tie,
         }
     }
 
@@ -278,12 +297,31 @@ impl Pool {
         let mut st = lock(&self.standby);
         let current = st.active.and_then(|i| self.backends.get(i)).filter(healthy);
         let lowest = self.backends.iter().find(healthy);
-        let chosen = match (current, lowest) {
-            (Some(c), Some(l)) if self.cfg.failback && l.index < c.index => l,
-            (Some(c), _) => c,
-            (None, Some(l)) => l,
-            // none healthy: the last replica is never ejected
-            (None, None) => self.backends.iter().find(usable)?,
+        // tied to the MQTT side: the replica on the host of its active replica
+        let followed = self
+            .tie
+            .as_ref()
+            .and_then(|t| t.mqtt_active())
+            .and_then(|ip| {
+                let mut on_host = self
+                    .backends
+                    .iter()
+                    .filter(healthy)
+                    .filter(|b| b.mqtt_host == Some(ip));
+                match (on_host.next(), on_host.next()) {
+                    (Some(b), None) => Some(b),
+                    _ => None,
+                }
+            });
+        let chosen = match (followed, current, lowest) {
+            (Some(f), _, _) => f,
+            (None, current, lowest) => match (current, lowest) {
+                (Some(c), Some(l)) if self.cfg.failback && l.index < c.index => l,
+                (Some(c), _) => c,
+                (None, Some(l)) => l,
+                // none healthy: the last replica is never ejected
+                (None, None) => self.backends.iter().find(usable)?,
+            },
         };
         if st.active != Some(chosen.index) {
             if let Some(prev) = st.active.and_then(|i| self.backends.get(i)) {
@@ -293,6 +331,8 @@ impl Pool {
                     ("error", Instant::now())
                 } else if prev.is_draining() {
                     ("drain", Instant::now())
+                } else if followed.is_some() {
+                    ("follow", Instant::now())
                 } else {
                     ("failback", Instant::now())
                 };
@@ -333,6 +373,13 @@ impl Pool {
         ));
     }
 
+    /// Tells the MQTT side that `backend`'s host is down (since) or up.
+    fn tie_health(&self, backend: &Backend, down_since: Option<Instant>) {
+        if let (Some(tie), Some(host)) = (&self.tie, backend.mqtt_host) {
+            tie.set_unhealthy(host, down_since);
+        }
+    }
+
     /// The replica a sticky cookie names, if it can take requests.
     pub fn sticky(&self, index: usize) -> Option<Arc<Backend>> {
         self.backends
@@ -371,6 +418,7 @@ impl Pool {
         let changed = lock(&backend.health).force_down();
         if changed {
             *lock(&backend.down) = Some(("refused", Instant::now()));
+            self.tie_health(backend, Some(Instant::now()));
             backend.apply(&self.instance, false, "connection refused");
         }
     }
@@ -394,6 +442,7 @@ impl Pool {
                     .any(|b| b.index != backend.index && b.is_up());
                 if others_up {
                     *lock(&backend.down) = Some(("health", first_failure));
+                    self.tie_health(backend, Some(first_failure));
                     backend.apply(&self.instance, false, cause);
                 } else {
                     // never eject the last replica: keep it up, try again next time
@@ -401,7 +450,10 @@ impl Pool {
                     tracing::warn!(instance = %self.instance, replica = %backend.label, cause, "health check failed on the last replica up: kept in service");
                 }
             }
-            Some(true) => backend.apply(&self.instance, true, cause),
+            Some(true) => {
+                backend.apply(&self.instance, true, cause);
+                self.tie_health(backend, None);
+            }
             None => {}
         }
     }

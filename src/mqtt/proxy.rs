@@ -188,6 +188,7 @@ async fn handle(
             guard: &guard,
             handle: handle.clone(),
             will,
+            peer,
         };
         return async move {
             tracing::info!(%client_id, session_id = %new_id, ?protocol, "replica connected (dispatch)");

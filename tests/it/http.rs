@@ -97,7 +97,12 @@ async fn serve_replica(name: String, listener: TcpListener, tasks: Arc<Mutex<Joi
 
 impl Replica {
     pub(crate) async fn start(name: &str, port: u16) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port))
+        Self::start_at(name, [127, 0, 0, 1], port).await
+    }
+
+    /// On one loopback address of 127.0.0.0/8 (a host of its own).
+    pub(crate) async fn start_at(name: &str, ip: [u8; 4], port: u16) -> Self {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::from(ip), port))
             .await
             .expect("replica binds");
         let addr = listener.local_addr().expect("addr");
@@ -135,7 +140,7 @@ pub(crate) async fn balancer(replicas: &[&Replica], extra: &str) -> (App, Socket
 }
 
 /// One request on a fresh connection: (status, replica header, set-cookie, body).
-async fn request(
+pub(crate) async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::dispatch::{publish, start, Upstream};
-use crate::http::{balancer, load, Replica as WebReplica};
+use crate::http::{balancer, load, request, Replica as WebReplica};
 use crate::support::*;
 
 /// A replica whose flow takes `delay` per message and acknowledges after it;
@@ -329,6 +329,91 @@ async fn http_active_standby_fails_over_a_killed_replica_without_a_failed_reques
     );
     app.shutdown(Duration::from_secs(2)).await;
     for r in &reps {
+        r.kill();
+    }
+}
+
+/// A relay that connects to `target` from `source` (a loopback address of
+/// its own), like a replica on another host; returns where to connect.
+async fn from_host(source: [u8; 4], target: SocketAddr) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket
+                    .bind((std::net::Ipv4Addr::from(source), 0).into())
+                    .expect("bind source");
+                if let Ok(mut out) = socket.connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn mqtt_and_http_sides_keep_the_same_replica_active_and_fail_over_together() {
+    // replica "a" lives on 127.0.0.3, replica "b" on 127.0.0.2
+    let web_b = WebReplica::start_at("b", [127, 0, 0, 2], 0).await;
+    let web_a = WebReplica::start_at("a", [127, 0, 0, 3], 0).await;
+    let extra = format!(
+        "strategy = \"active-standby\"\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
+         replicas = [\"{}\", \"{}\"]\nbalance = \"active-standby\"\nhealth_interval = \"100ms\"\n",
+        web_b.addr, web_a.addr
+    );
+    let app = start(&Upstream::Embedded, &extra).await;
+    let http = app.http_addrs[0].1;
+    // "a" connects first: slot 0, the active MQTT replica
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut mqtt = Vec::new();
+    for (n, host) in [[127, 0, 0, 3], [127, 0, 0, 2]].into_iter().enumerate() {
+        let via = from_host(host, app.mqtt_addr).await;
+        mqtt.push(Rep::start(via, n, Duration::ZERO, &tx, &["jobs/#"]).await);
+        loop {
+            match tokio::time::timeout(DEADLINE, rx.recv()).await {
+                Ok(Some(Got::SubAck(m))) if m == n => break,
+                Ok(Some(_)) => {}
+                _ => panic!("no SUBACK for replica {n}"),
+            }
+        }
+    }
+    publish(&app, "jobs", 20).await;
+    let per = collect(&mut rx, 2, |p| p[0].len() >= 20).await;
+    assert!(per[1].is_empty());
+    // HTTP follows: replica 1 ("a", 127.0.0.3), though replica 0 is lower
+    for _ in 0..10 {
+        let (status, replica, _, body) = request(http, "GET", "/hello", &[], bytes::Bytes::new())
+            .await
+            .expect("request");
+        assert_eq!((status, replica.as_str(), &body[..]), (200, "1", &b"a"[..]));
+    }
+    // a's web side dies: both sides move to b
+    web_a.kill();
+    eventually("replica 1 is down on the HTTP side", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(&m, "flowgate_http_replica_up", &[("replica", "1")]) == 0.0
+    })
+    .await;
+    publish(&app, "jobs", 20).await;
+    let per = collect(&mut rx, 2, |p| p[1].len() >= 20).await;
+    assert_eq!(
+        per[0].len(),
+        0,
+        "the old active replica got messages after the failover"
+    );
+    assert_eq!(failovers(&app, "mqtt", "health").await, 1.0);
+    let (status, replica, _, body) = request(http, "GET", "/hello", &[], bytes::Bytes::new())
+        .await
+        .expect("request");
+    assert_eq!((status, replica.as_str(), &body[..]), (200, "0", &b"b"[..]));
+    app.shutdown(Duration::from_secs(2)).await;
+    web_b.kill();
+    for r in &mqtt {
         r.kill();
     }
 }

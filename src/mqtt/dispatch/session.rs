@@ -39,6 +39,7 @@ pub struct Session<'a> {
     pub guard: &'a SlotGuard,
     pub handle: Handle,
     pub will: Option<Message>,
+    pub peer: std::net::SocketAddr,
 }
 
 impl Session<'_> {
@@ -54,6 +55,7 @@ impl Session<'_> {
         let slot = self.guard.slot;
         let joined = ReplicaEvent::Joined {
             slot,
+            host: self.peer.ip(),
             tx,
             will: self.will.clone(),
             counters: self.guard.counters.clone(),

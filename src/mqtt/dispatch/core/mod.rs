@@ -33,6 +33,8 @@ pub struct DispatchSettings {
     pub max_inflight: usize,
     /// Active-standby: a lower slot takes the active role back.
     pub failback: bool,
+    /// Active-standby: shared with the instance's HTTP pool.
+    pub tie: Option<Arc<crate::tie::Tie>>,
     pub queue_limit: usize,
     /// Subscribe upstream as `$share/{instance}/{filter}` (several nodes).
     pub upstream_share: bool,
@@ -48,6 +50,8 @@ pub struct DispatchSettings {
 pub enum ReplicaEvent {
     Joined {
         slot: u16,
+        /// Where the replica's connection comes from.
+        host: std::net::IpAddr,
         tx: mpsc::Sender<Outgoing>,
         will: Option<Message>,
         counters: Arc<ReplicaCounters>,
@@ -99,6 +103,7 @@ struct Replica {
     stalled: bool,
     /// Which join this is (slots are reused; generations are not).
     generation: u64,
+    host: std::net::IpAddr,
     counters: Arc<ReplicaCounters>,
     inflight_gauge: IntGauge,
 }

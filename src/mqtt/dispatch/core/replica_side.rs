@@ -10,6 +10,7 @@ impl Dispatcher {
         match ev {
             ReplicaEvent::Joined {
                 slot,
+                host,
                 tx,
                 will,
                 counters,
@@ -30,6 +31,7 @@ impl Dispatcher {
                         next_pkid: 0,
                         stalled: false,
                         generation: self.joins,
+                        host,
                         counters,
                         inflight_gauge,
                     },

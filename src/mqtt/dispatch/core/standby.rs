@@ -23,7 +23,15 @@ impl Dispatcher {
     /// acknowledging; otherwise the lowest slot that is (and, with
     /// `failback`, a lower slot takes the role back).
     pub(super) fn active(&mut self) -> Option<u16> {
-        let eligible = |r: &Replica| !r.stalled && !r.subs.is_empty();
+        let tie = self.cfg.tie.clone();
+        let unhealthy = |r: &Replica| tie.as_ref().and_then(|t| t.unhealthy_since(r.host));
+        // the active replica's HTTP side failed its health check
+        if let Some(a) = self.active {
+            if let Some(since) = self.replicas.get(&a).and_then(unhealthy) {
+                self.lose_active(a, "health", since);
+            }
+        }
+        let eligible = |r: &Replica| !r.stalled && !r.subs.is_empty() && unhealthy(r).is_none();
         let lowest = self
             .replicas
             .iter()
@@ -45,6 +53,9 @@ impl Dispatcher {
                 tracing::info!(instance = %self.cfg.instance, slot, "active replica");
             }
             self.active = next;
+            if let Some(t) = &self.cfg.tie {
+                t.set_mqtt_active(next.and_then(|s| self.replicas.get(&s)).map(|r| r.host));
+            }
         }
         self.active
     }
