@@ -158,6 +158,7 @@ impl App {
             instances,
             pools,
             ready: AtomicBool::new(true),
+            deploys: Default::default(),
         });
         tracker.spawn(admin::serve(
             admin_listener,

@@ -27,11 +27,28 @@ pub enum Command {
     },
     /// Show instances and replicas of a running flowgate, refreshed every second.
     Status(StatusArgs),
+    /// Deploy a flows file to an instance's Node-RED replicas one at a time.
+    Deploy(DeployArgs),
     /// Drive a ramp of target rates at replicas and report what they achieved.
     Loadtest {
         #[command(subcommand)]
         kind: LoadtestKind,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The instance whose HTTP replicas (their Node-RED admin API) get the flows.
+    #[arg(long)]
+    pub instance: String,
+    /// The flows file (a Node-RED flows.json).
+    pub flows: PathBuf,
+    /// The admin listener of the running flowgate.
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    pub admin: String,
+    /// How long each wait (drain, flows started) may take per replica.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub step_timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]

@@ -23,6 +23,7 @@
 //! - [`admin`]: the admin HTTP API and the `/status` page (and a client for them);
 //! - [`status`]: the `flowgate status` table;
 //! - [`loadtest`]: `flowgate loadtest`: open-loop ramps, reports, charts;
+//! - [`deploy`]: rolling flow deploys to Node-RED replicas, one at a time;
 //! - [`tie`]: active-standby: the MQTT and HTTP sides of an instance agree on the active replica;
 //! - [`listener`]: the accept loop every listener shares;
 //! - [`app`]: starts everything from a config, stops it.
@@ -36,6 +37,7 @@ pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod http;
 pub mod listener;
 pub mod loadtest;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use clap::Parser;
 use flowgate::admin::client;
 use flowgate::app::App;
-use flowgate::cli::{Cli, Command, LoadtestKind, RunArgs, StatusArgs};
+use flowgate::cli::{Cli, Command, DeployArgs, LoadtestKind, RunArgs, StatusArgs};
 use flowgate::config::{self, Config, ConfigError};
 use flowgate::loadtest::{self, http::HttpLoad, mqtt::MqttLoad, Progress, Ramp};
 use flowgate::status::Reading;
@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run(args) => run(args),
         Command::Status(args) => status(args),
+        Command::Deploy(args) => deploy(args),
         Command::Loadtest { kind } => loadtest(kind),
     }
 }
@@ -94,6 +95,81 @@ fn status(args: StatusArgs) -> ExitCode {
             tokio::select! {
                 () = tokio::time::sleep(args.interval) => {}
                 _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            }
+        }
+    })
+}
+
+/// Starts a rolling deploy through the admin API and follows it to the end.
+fn deploy(args: DeployArgs) -> ExitCode {
+    let flows = match std::fs::read(&args.flows) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", args.flows.display());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let path = format!("/api/instances/{}/deploy", args.instance);
+        let start = format!(
+            "{path}?step_timeout={}",
+            humantime::format_duration(args.step_timeout)
+        );
+        let started = client::request(
+            hyper::Method::POST,
+            &args.admin,
+            &start,
+            &[("content-type", "application/json")],
+            flows.into(),
+        )
+        .await;
+        match started {
+            Ok((202, _)) => {}
+            Ok((code, body)) => {
+                eprintln!(
+                    "error: flowgate answered {code}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        let mut shown = 0;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let status = match client::get(&args.admin, &path).await {
+                Ok((200, body)) => {
+                    serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()
+                }
+                Ok((code, _)) => {
+                    eprintln!("error: deploy status answered {code}");
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let log = status["log"].as_array().cloned().unwrap_or_default();
+            for line in log.iter().skip(shown) {
+                println!("{}", line.as_str().unwrap_or_default());
+            }
+            shown = log.len();
+            match status["state"].as_str() {
+                Some("running") => {}
+                Some("done") => return ExitCode::SUCCESS,
+                _ => {
+                    if let Some(dir) = status["backup_dir"].as_str() {
+                        eprintln!("flows found before the deploy are saved in {dir}");
+                    }
+                    return ExitCode::FAILURE;
+                }
             }
         }
     })

@@ -5,14 +5,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-/// How long one admin request may take.
-const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one request may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -31,6 +31,17 @@ pub enum ClientError {
 
 /// `GET {base}{path}`: the status code and body.
 pub async fn get(base: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
+    request(hyper::Method::GET, base, path, &[], Bytes::new()).await
+}
+
+/// One request to `{base}{path}` on a fresh connection: status and body.
+pub async fn request(
+    method: hyper::Method,
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, Bytes), ClientError> {
     let base = base.trim_end_matches('/');
     let url = format!("{base}{path}");
     let uri: Uri = url.parse().map_err(|_| ClientError::Url(base.into()))?;
@@ -57,10 +68,14 @@ pub async fn get(base: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
             .await
             .map_err(|e| fail(e.to_string()))?;
         tokio::spawn(conn);
-        let req = Request::get(uri.path())
-            .header(hyper::header::HOST, authority.as_str())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| fail(e.to_string()))?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri.path())
+            .header(hyper::header::HOST, authority.as_str());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body)).map_err(|e| fail(e.to_string()))?;
         let resp = send
             .send_request(req)
             .await

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::deploy::{Deploy, DeployStatus};
 use crate::http::backend::Pool;
 use crate::metrics::Metrics;
 use crate::mqtt::replicas::{InstanceView, Instances};
@@ -41,6 +42,119 @@ pub struct AdminState {
     /// The instances' HTTP replica pools.
     pub pools: Vec<Arc<Pool>>,
     pub ready: AtomicBool,
+    /// The last rolling deploy of each instance.
+    pub deploys:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<DeployStatus>>>>,
+}
+
+/// Largest flows file a deploy accepts.
+const MAX_FLOWS: usize = 64 << 20;
+
+/// `GET /api/instances/{name}/deploy`: the last deploy's status.
+fn deploy_status(state: &AdminState, path: &str) -> Option<Response<Full<Bytes>>> {
+    let name = path
+        .strip_prefix("/api/instances/")?
+        .strip_suffix("/deploy")?;
+    let deploys = state.deploys.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(status) = deploys.get(name) else {
+        return Some(text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no deploy for this instance\n",
+        ));
+    };
+    let body = serde_json::to_vec_pretty(&*status.lock().unwrap_or_else(|p| p.into_inner()));
+    Some(match body {
+        Ok(json) => text(StatusCode::OK, "application/json", json),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+    })
+}
+
+/// `POST /api/instances/{name}/deploy[?step_timeout=60s]` with a flows file:
+/// starts a rolling deploy (202), or says why not.
+async fn start_deploy(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let Some(name) = path
+        .strip_prefix("/api/instances/")
+        .and_then(|p| p.strip_suffix("/deploy"))
+        .map(str::to_string)
+    else {
+        return text(StatusCode::NOT_FOUND, "text/plain", "not found\n");
+    };
+    let Some(pool) = state.pools.iter().find(|p| p.instance == name).cloned() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such instance with http replicas (a deploy needs their admin API)\n",
+        );
+    };
+    let step_timeout = match query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("step_timeout="))
+    {
+        Some(v) => match humantime::parse_duration(v) {
+            Ok(d) => d,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("step_timeout: {e}\n"),
+                )
+            }
+        },
+        None => std::time::Duration::from_secs(60),
+    };
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_FLOWS)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("cannot read the flows: {e}\n"),
+            )
+        }
+    };
+    let flows = match crate::deploy::flows_of(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("flows: {e}\n"),
+            )
+        }
+    };
+    let deploy = Deploy::new(pool, state.metrics.clone(), flows, step_timeout);
+    {
+        let mut deploys = state.deploys.lock().unwrap_or_else(|p| p.into_inner());
+        let running = deploys
+            .get(&name)
+            .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state == "running");
+        if running {
+            return text(
+                StatusCode::CONFLICT,
+                "text/plain",
+                "a deploy of this instance is running\n",
+            );
+        }
+        deploys.insert(name.clone(), deploy.status.clone());
+    }
+    tracing::info!(instance = %name, "rolling deploy started through the admin API");
+    tokio::spawn(deploy.run());
+    text(
+        StatusCode::ACCEPTED,
+        "application/json",
+        serde_json::json!({ "instance": name, "status": format!("/api/instances/{name}/deploy") })
+            .to_string(),
+    )
 }
 
 #[derive(Serialize)]
@@ -153,6 +267,9 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
             "method not allowed\n",
         );
     }
+    if let Some(resp) = deploy_status(state, path) {
+        return resp;
+    }
     match path {
         "/metrics" => text(
             StatusCode::OK,
@@ -216,8 +333,15 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let resp = route(&state, req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
+                let state = state.clone();
+                async move {
+                    let resp = if req.method() == Method::POST && req.uri().path().ends_with("/deploy") {
+                        start_deploy(&state, req).await
+                    } else {
+                        route(&state, req.method(), req.uri().path())
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
@@ -250,6 +374,7 @@ mod tests {
             instances,
             pools: Vec::new(),
             ready: AtomicBool::new(true),
+            deploys: Default::default(),
         }
     }
 

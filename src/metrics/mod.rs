@@ -34,6 +34,8 @@ pub struct Metrics {
     pub http_replica_up: IntGaugeVec,
     pub http_retries: IntCounterVec,
     pub failover_seconds: HistogramVec,
+    pub deploys: IntCounterVec,
+    pub replica_sessions: IntCounterVec,
     /// The last failovers, newest last, for the admin API.
     failovers: Mutex<VecDeque<Failover>>,
 }
@@ -236,6 +238,18 @@ impl Metrics {
                 vec
             },
             failovers: Mutex::new(VecDeque::new()),
+            replica_sessions: counter_vec(
+                r,
+                REPLICA_SESSIONS,
+                "Replica MQTT sessions accepted (a replica that reconnects counts again)",
+                &[LABEL_INSTANCE],
+            ),
+            deploys: counter_vec(
+                r,
+                DEPLOYS,
+                "Rolling flow deploys, by result (done, failed)",
+                &[LABEL_INSTANCE, LABEL_RESULT],
+            ),
             registry,
         }
     }

@@ -19,6 +19,8 @@ pub const HTTP_INFLIGHT: &str = "flowgate_http_inflight_requests";
 pub const HTTP_REPLICA_UP: &str = "flowgate_http_replica_up";
 pub const HTTP_RETRIES: &str = "flowgate_http_retries_total";
 pub const FAILOVER_SECONDS: &str = "flowgate_failover_seconds";
+pub const DEPLOYS: &str = "flowgate_deploys_total";
+pub const REPLICA_SESSIONS: &str = "flowgate_replica_sessions_total";
 
 pub const LABEL_INSTANCE: &str = "instance";
 pub const LABEL_REPLICA: &str = "replica";
@@ -28,6 +30,7 @@ pub const LABEL_REASON: &str = "reason";
 pub const LABEL_CODE: &str = "code";
 pub const LABEL_SIDE: &str = "side";
 pub const LABEL_CAUSE: &str = "cause";
+pub const LABEL_RESULT: &str = "result";
 
 /// `side` values of the failover histogram.
 pub const SIDE_MQTT: &str = "mqtt";

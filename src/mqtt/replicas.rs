@@ -194,6 +194,11 @@ impl SlotGuard {
                 r.accepted = true;
                 self.instance
                     .metrics
+                    .replica_sessions
+                    .with_label_values(&[&self.instance.config.name])
+                    .inc();
+                self.instance
+                    .metrics
                     .instance_replicas
                     .with_label_values(&[&self.instance.config.name])
                     .inc();

@@ -39,6 +39,11 @@ impl NodeRed {
     /// Starts `name` with its MQTT broker node pointing at `mqtt`; returns
     /// once its flows answer HTTP.
     async fn start(name: &str, mqtt: SocketAddr) -> Self {
+        Self::start_on(name, mqtt, free_port()).await
+    }
+
+    /// The same on a given HTTP port.
+    async fn start_on(name: &str, mqtt: SocketAddr, port: u16) -> Self {
         let red = root().join("tests/node/node_modules/node-red/red.js");
         assert!(
             red.exists(),
@@ -52,7 +57,7 @@ impl NodeRed {
         .expect("flows copied");
         let mut r = Self {
             name: name.to_string(),
-            port: free_port(),
+            port,
             dir,
             mqtt,
             child: None,
@@ -483,6 +488,160 @@ async fn flowgate_restarted_under_load_loses_no_job_and_replicas_come_back_by_th
         t.sent - t.ok,
         t.duplicates,
         jobs.steps[0].latency_ms.map(|l| l.max.round())
+    );
+    for rep in &mut reps {
+        rep.kill().await;
+    }
+    app.shutdown(Duration::from_secs(2)).await;
+}
+
+async fn rev_of(r: &NodeRed) -> String {
+    let (_, _, _, body) = crate::http::request(
+        r.addr(),
+        "GET",
+        "/flows",
+        &[("Node-RED-API-Version", "v2")],
+        bytes::Bytes::new(),
+    )
+    .await
+    .expect("GET /flows");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("flows JSON");
+    v["rev"].as_str().expect("rev").to_string()
+}
+
+/// Runs `flowgate deploy`; (success, stdout + stderr).
+async fn deploy(admin: SocketAddr, flows: &std::path::Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args([
+            "deploy",
+            "--instance",
+            "line1",
+            "--step-timeout",
+            "10s",
+            "--admin",
+        ])
+        .arg(format!("http://{admin}"))
+        .arg(flows)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("flowgate deploy runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn a_rolling_deploy_under_load_loses_nothing_and_a_broken_one_stops_at_the_first_replica() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // one flowgate: embedded broker (dispatch) and the replicas' HTTP
+    let ports = [free_port(), free_port(), free_port()];
+    let list: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let config = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"embedded\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
+         replicas = [{}]\nhealth_interval = \"200ms\"\n",
+        list.join(", ")
+    );
+    init_logs();
+    let app = App::start(Config::parse(&config, "test").expect("valid config"))
+        .await
+        .expect("flowgate starts");
+    let mut reps = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        reps.push(NodeRed::start_on(&format!("r{}", i + 1), app.mqtt_addr, *port).await);
+    }
+    replicas_connected(&app, 3).await;
+    eventually("every HTTP replica is up", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(&m, "flowgate_http_replica_up", &[("instance", "line1")]) == 3.0
+    })
+    .await;
+    let old_rev = rev_of(&reps[0]).await;
+
+    // version 2 of the flows: the API answers with a version field
+    let dir = temp_dir("deploy-flows");
+    let v1 = std::fs::read_to_string(root().join("deploy/examples/nodered-ha/flows.json"))
+        .expect("flows");
+    let v2 = v1.replace(
+        "{\\\"time\\\": $millis(), \\\"replica\\\": $env(\\\"REPLICA\\\")}",
+        "{\\\"time\\\": $millis(), \\\"replica\\\": $env(\\\"REPLICA\\\"), \\\"version\\\": 2}",
+    );
+    assert_ne!(v1, v2, "the flows file changed shape: update this test");
+    std::fs::write(dir.join("v2.json"), &v2).expect("write v2");
+
+    // steady load through the deploy
+    let mqtt = app.mqtt_addr;
+    let url = format!("http://{}/api", app.http_addrs[0].1);
+    let jobs = tokio::spawn(loadtest("nr-deploy-mqtt", mqtt_args(mqtt, "8", "25s")));
+    let http_args: Vec<String> = ["http", "--url", &url, "--ramp", "8", "--step", "25s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let calls = tokio::spawn(loadtest("nr-deploy-http", http_args));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, out) = deploy(app.admin_addr, &dir.join("v2.json")).await;
+    assert!(ok, "rolling deploy failed:\n{out}");
+    let jobs = jobs.await.expect("mqtt loadtest");
+    let calls = calls.await.expect("http loadtest");
+    for (what, r) in [("jobs", &jobs), ("calls", &calls)] {
+        let t = &r.totals;
+        assert_eq!(
+            (t.ok, t.errors, t.duplicates),
+            (t.sent, 0, 0),
+            "{what} during the deploy: {t:?}\n{}\n{out}",
+            r.table()
+        );
+    }
+    let new_rev = rev_of(&reps[0]).await;
+    assert_ne!(new_rev, old_rev);
+    for r in &reps {
+        assert_eq!(
+            rev_of(r).await,
+            new_rev,
+            "{} is not on the new flows",
+            r.name
+        );
+    }
+    eprintln!("rolling deploy under load:\n{out}");
+
+    // a broken flows file: a node type no replica has, so no flow starts
+    let broken = v2.replacen(
+        "[",
+        "[{\"id\": \"b0rken000000001\", \"type\": \"no-such-node\", \"z\": \"a1f0c0de00000001\", \"wires\": []},",
+        1,
+    );
+    std::fs::write(dir.join("broken.json"), broken).expect("write broken");
+    let (ok, out) = deploy(app.admin_addr, &dir.join("broken.json")).await;
+    assert!(!ok, "a broken deploy succeeded:\n{out}");
+    assert!(
+        out.contains("replica 0") && out.contains("old flows are back"),
+        "{out}"
+    );
+    assert_eq!(
+        rev_of(&reps[0]).await,
+        new_rev,
+        "replica 0 was not restored"
+    );
+    assert_eq!(rev_of(&reps[1]).await, new_rev, "replica 1 was touched");
+    assert_eq!(rev_of(&reps[2]).await, new_rev, "replica 2 was touched");
+    let (_, api) = http_get(app.admin_addr, "/api/instances").await;
+    assert!(
+        api.contains("\"draining\": true"),
+        "the failed replica should stay drained: {api}"
+    );
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    assert_eq!(
+        metric_sum(&m, "flowgate_deploys_total", &[("result", "done")]),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&m, "flowgate_deploys_total", &[("result", "failed")]),
+        1.0
     );
     for rep in &mut reps {
         rep.kill().await;
