@@ -151,6 +151,7 @@ impl App {
         }
         for pool in &pools {
             tracker.spawn(pool.clone().probe_loop(shutdown.clone()));
+            tracker.spawn(pool.clone().rev_loop(shutdown.clone()));
         }
         let admin = Arc::new(AdminState {
             config: config.clone(),

@@ -83,12 +83,16 @@ fn instance(out: &mut String, inst: &InstanceDoc, prev: Option<&InstanceDoc>, se
         );
         for h in &inst.http {
             let before = prev.and_then(|p| p.http.iter().find(|x| x.replica == h.replica));
-            let health = match (h.up, h.draining) {
+            let mut health = match (h.up, h.draining) {
                 (true, false) => "up",
                 (true, true) => "up, draining",
                 (false, false) => "down",
                 (false, true) => "down, draining",
-            };
+            }
+            .to_string();
+            if h.diverged {
+                health.push_str(", flows differ");
+            }
             let _ = writeln!(
                 out,
                 "  {:<5} {:<28} {:>10} {:>9}  {}",

@@ -147,6 +147,10 @@ pub struct HttpReplicaDoc {
     pub inflight: usize,
     #[serde(default)]
     pub requests: u64,
+    #[serde(default)]
+    pub rev: Option<String>,
+    #[serde(default)]
+    pub diverged: bool,
 }
 
 /// Fetches and parses `{base}/api/instances`.

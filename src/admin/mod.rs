@@ -184,6 +184,10 @@ struct HttpReplicaView {
     inflight: usize,
     /// Responses from this replica so far (rate = difference over time).
     requests: u64,
+    /// Its Node-RED flow rev, when its admin API answers (divergence watch).
+    rev: Option<String>,
+    /// Its flows differ from most replicas'.
+    diverged: bool,
 }
 
 fn http_views(pool: &Pool) -> Vec<HttpReplicaView> {
@@ -196,6 +200,8 @@ fn http_views(pool: &Pool) -> Vec<HttpReplicaView> {
             draining: b.is_draining(),
             inflight: b.inflight.load(Ordering::Relaxed),
             requests: b.requests_total(),
+            rev: b.rev().0,
+            diverged: b.rev().1,
         })
         .collect()
 }

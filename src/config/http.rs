@@ -62,6 +62,9 @@ pub struct HttpConfig {
     /// per replica (default: the replica's own host when it is an IP).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mqtt_hosts: Vec<std::net::IpAddr>,
+    /// How often each replica's flow `rev` is read (divergence watch); 0 = off.
+    #[serde(with = "humantime_ser")]
+    pub rev_interval: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +96,7 @@ pub(super) struct FileHttp {
     failback: Option<bool>,
     #[serde(default)]
     mqtt_hosts: Vec<String>,
+    rev_interval: Option<String>,
 }
 
 fn dur(
@@ -262,6 +266,13 @@ impl FileHttp {
             retry_budget,
             failback: self.failback.unwrap_or(false),
             mqtt_hosts,
+            rev_interval: dur(
+                p,
+                path,
+                "rev_interval",
+                self.rev_interval,
+                Duration::from_secs(10),
+            ),
         }
     }
 }

@@ -48,6 +48,10 @@ pub struct Backend {
     tcp_fallback: AtomicBool,
     /// The first failed probe of the current run of failures.
     failing_since: Mutex<Option<Instant>>,
+    /// The replica's Node-RED flow `rev`, as last read (divergence watch).
+    rev: Mutex<Option<String>>,
+    /// Its rev differs from most replicas'.
+    diverged: AtomicBool,
     /// Why and since when the replica is down (active-standby's failover cause).
     down: Mutex<Option<(&'static str, Instant)>>,
     pub up_gauge: IntGauge,
@@ -99,6 +103,15 @@ impl Backend {
     /// Responses sent to clients from this replica, every status code.
     pub fn requests_total(&self) -> u64 {
         self.codes.iter().map(IntCounter::get).sum()
+    }
+
+    /// The flow `rev` last read from the replica, and whether it differs
+    /// from most replicas'.
+    pub fn rev(&self) -> (Option<String>, bool) {
+        (
+            lock(&self.rev).clone(),
+            self.diverged.load(Ordering::Relaxed),
+        )
     }
 
     pub fn set_draining(&self, draining: bool) {
@@ -232,6 +245,8 @@ impl Pool {
                     generation: watch::channel(0).0,
                     tcp_fallback: AtomicBool::new(cfg.health_tcp_only),
                     failing_since: Mutex::new(None),
+                    rev: Mutex::new(None),
+                    diverged: AtomicBool::new(false),
                     down: Mutex::new(None),
                     up_gauge,
                     inflight_gauge,
@@ -455,6 +470,61 @@ impl Pool {
                 self.tie_health(backend, None);
             }
             None => {}
+        }
+    }
+
+    /// Reads every replica's flow `rev` each `rev_interval` and counts the
+    /// replicas whose flows differ from most replicas' (a replica whose admin
+    /// API does not answer has no rev and is not counted).
+    pub async fn rev_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.cfg.rev_interval.is_zero() {
+            return;
+        }
+        let gauge = self
+            .metrics
+            .flows_diverged
+            .with_label_values(&[self.instance.as_str()]);
+        let mut tick = tokio::time::interval(self.cfg.rev_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            for b in &self.backends {
+                let rev = crate::deploy::nodered::NodeRed::new(&b.addr)
+                    .flows()
+                    .await
+                    .ok()
+                    .map(|f| f.rev);
+                *lock(&b.rev) = rev;
+            }
+            let revs: Vec<Option<String>> =
+                self.backends.iter().map(|b| lock(&b.rev).clone()).collect();
+            let mut counts: std::collections::HashMap<&str, usize> =
+                std::collections::HashMap::new();
+            for r in revs.iter().flatten() {
+                *counts.entry(r.as_str()).or_default() += 1;
+            }
+            let most = counts
+                .iter()
+                .max_by_key(|(r, n)| (**n, *r))
+                .map(|(r, _)| *r);
+            let mut diverged = 0;
+            for (b, rev) in self.backends.iter().zip(&revs) {
+                let differs = matches!((rev, most), (Some(r), Some(m)) if r != m);
+                if differs {
+                    diverged += 1;
+                }
+                if b.diverged.swap(differs, Ordering::Relaxed) != differs {
+                    if differs {
+                        tracing::warn!(instance = %self.instance, replica = %b.label, rev = ?rev, most = ?most, "replica's flows differ from the others'");
+                    } else {
+                        tracing::info!(instance = %self.instance, replica = %b.label, "replica's flows match the others' again");
+                    }
+                }
+            }
+            gauge.set(diverged);
         }
     }
 

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub http_retries: IntCounterVec,
     pub failover_seconds: HistogramVec,
     pub deploys: IntCounterVec,
+    pub flows_diverged: IntGaugeVec,
     pub replica_sessions: IntCounterVec,
     /// The last failovers, newest last, for the admin API.
     failovers: Mutex<VecDeque<Failover>>,
@@ -242,6 +243,12 @@ impl Metrics {
                 r,
                 REPLICA_SESSIONS,
                 "Replica MQTT sessions accepted (a replica that reconnects counts again)",
+                &[LABEL_INSTANCE],
+            ),
+            flows_diverged: gauge_vec(
+                r,
+                FLOWS_DIVERGED,
+                "HTTP replicas whose Node-RED flow rev differs from most replicas' (0 = all alike)",
                 &[LABEL_INSTANCE],
             ),
             deploys: counter_vec(

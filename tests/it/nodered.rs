@@ -544,7 +544,7 @@ async fn a_rolling_deploy_under_load_loses_nothing_and_a_broken_one_stops_at_the
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          upstream = \"embedded\"\n[[instance]]\nname = \"line1\"\n\
          match = {{ client_id = \"line1-nodered\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
-         replicas = [{}]\nhealth_interval = \"200ms\"\n",
+         replicas = [{}]\nhealth_interval = \"200ms\"\nrev_interval = \"200ms\"\n",
         list.join(", ")
     );
     init_logs();
@@ -643,6 +643,36 @@ async fn a_rolling_deploy_under_load_loses_nothing_and_a_broken_one_stops_at_the
         metric_sum(&m, "flowgate_deploys_total", &[("result", "failed")]),
         1.0
     );
+    assert_eq!(
+        metric_sum(&m, "flowgate_http_flows_diverged_replicas", &[]),
+        0.0
+    );
+
+    // divergence watch: someone deploys the old flows to replica 2 by hand
+    let body = serde_json::json!({
+        "flows": serde_json::from_str::<serde_json::Value>(&v1).expect("v1 JSON"),
+        "rev": new_rev,
+    });
+    let (status, _, _, _) = crate::http::request(
+        reps[2].addr(),
+        "POST",
+        "/flows",
+        &[
+            ("Node-RED-API-Version", "v2"),
+            ("content-type", "application/json"),
+        ],
+        bytes::Bytes::from(body.to_string()),
+    )
+    .await
+    .expect("POST /flows");
+    assert_eq!(status, 200);
+    eventually("flowgate reports replica 2's flows as diverged", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(&m, "flowgate_http_flows_diverged_replicas", &[]) == 1.0
+    })
+    .await;
+    let (_, api) = http_get(app.admin_addr, "/api/instances").await;
+    assert!(api.contains("\"diverged\": true"), "{api}");
     for rep in &mut reps {
         rep.kill().await;
     }
