@@ -25,6 +25,13 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Exit 0 when a running flowgate is ready (GET /readyz answers 200), 1 if not:
+    /// a container health check with no curl.
+    Health {
+        /// The admin listener of the flowgate to check.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+    },
     /// Show instances and replicas of a running flowgate, refreshed every second.
     Status(StatusArgs),
     /// Deploy a flows file to an instance's Node-RED replicas one at a time.

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Status(args) => status(args),
         Command::Deploy(args) => deploy(args),
+        Command::Health { admin } => health(&admin),
         Command::Loadtest { kind } => loadtest(kind),
     }
 }
@@ -98,6 +99,30 @@ fn status(args: StatusArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// `GET /readyz`: exit 0 on 200.
+fn health(admin: &str) -> ExitCode {
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match rt.block_on(client::get(admin, "/readyz")) {
+        Ok((200, _)) => {
+            println!("ready");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            eprintln!(
+                "not ready: /readyz answered {code}: {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("not ready: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Starts a rolling deploy through the admin API and follows it to the end.

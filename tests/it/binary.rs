@@ -120,6 +120,21 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
     let mut c = Client3::connect(mqtt, "line1-nodered", true);
     c.subscribe("jobs/#", QoS::AtLeastOnce).await;
     assert!(broker.log_text().contains("line1-nodered-bin-0"));
+    // the container health check
+    let admin = format!(
+        "http://{}",
+        announced["admin"].as_str().expect("admin addr")
+    );
+    let health = Command::new(BIN)
+        .args(["health", "--admin", &admin])
+        .output()
+        .expect("health runs");
+    assert!(health.status.success(), "{health:?}");
+    let down = Command::new(BIN)
+        .args(["health", "--admin", "http://127.0.0.1:1"])
+        .output()
+        .expect("health runs");
+    assert_eq!(down.status.code(), Some(1));
 
     let pid = child.0.id().to_string();
     let status = Command::new("kill")

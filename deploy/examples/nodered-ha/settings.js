@@ -1,11 +1,12 @@
 // Node-RED settings for one replica of the HA example. Every replica runs the
 // same flows.json; what differs comes from the environment:
 //   PORT       the replica's own HTTP port (flowgate balances them)
+//   HOST       the address it listens on (default 127.0.0.1)
 //   REPLICA    a name the flows put in their answers
 //   MQTT_HOST, MQTT_PORT  flowgate's MQTT listener (used by flows.json)
 module.exports = {
     uiPort: Number(process.env.PORT || 1880),
-    uiHost: "127.0.0.1",
+    uiHost: process.env.HOST || "127.0.0.1",
     flowFile: "flows.json",
     credentialSecret: false,
     // GET /flows/state answers, so flowgate's health check sees the flows running
