@@ -143,7 +143,7 @@ fn deploy(args: DeployArgs) -> ExitCode {
             "{path}?step_timeout={}",
             humantime::format_duration(args.step_timeout)
         );
-        let started = client::request(
+        let started = client::admin_request(
             hyper::Method::POST,
             &args.admin,
             &start,
@@ -168,7 +168,7 @@ fn deploy(args: DeployArgs) -> ExitCode {
         let mut shown = 0;
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            let status = match client::get(&args.admin, &path).await {
+            let status = match client::admin_get(&args.admin, &path).await {
                 Ok((200, body)) => {
                     serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default()
                 }

@@ -29,6 +29,33 @@ pub enum ClientError {
     },
 }
 
+/// The environment variable holding the token of a flowgate admin API.
+pub const TOKEN_ENV: &str = "FLOWGATE_ADMIN_TOKEN";
+
+/// A request to a flowgate admin API, with its bearer token from
+/// `FLOWGATE_ADMIN_TOKEN` when that is set (never sent to other services).
+pub async fn admin_request(
+    method: hyper::Method,
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, Bytes), ClientError> {
+    let bearer = std::env::var(TOKEN_ENV)
+        .ok()
+        .map(|t| format!("Bearer {}", t.trim()));
+    let mut all: Vec<(&str, &str)> = headers.to_vec();
+    if let Some(b) = &bearer {
+        all.push(("authorization", b.as_str()));
+    }
+    request(method, base, path, &all, body).await
+}
+
+/// `GET {base}{path}` of a flowgate admin API (with its token, if set).
+pub async fn admin_get(base: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
+    admin_request(hyper::Method::GET, base, path, &[], Bytes::new()).await
+}
+
 /// `GET {base}{path}`: the status code and body.
 pub async fn get(base: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
     request(hyper::Method::GET, base, path, &[], Bytes::new()).await
@@ -155,7 +182,7 @@ pub struct HttpReplicaDoc {
 
 /// Fetches and parses `{base}/api/instances`.
 pub async fn instances(base: &str) -> Result<InstancesDoc, ClientError> {
-    let (status, body) = get(base, "/api/instances").await?;
+    let (status, body) = admin_get(base, "/api/instances").await?;
     let url = format!("{}/api/instances", base.trim_end_matches('/'));
     if status != 200 {
         return Err(ClientError::Status { url, status });

@@ -47,6 +47,35 @@ pub struct AdminState {
         std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<DeployStatus>>>>,
 }
 
+/// Does the request carry the admin token (when one is configured)? Health
+/// and readiness always answer; `/metrics` too with `metrics_public`. The
+/// token comes as `Authorization: Bearer ...` or, for the status page opened
+/// in a browser, as `?token=...`.
+fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
+    let Some(token) = &state.config.admin.token else {
+        return true;
+    };
+    let path = req.uri().path();
+    if path == "/healthz"
+        || path == "/readyz"
+        || (path == "/metrics" && state.config.admin.metrics_public)
+    {
+        return true;
+    }
+    let bearer = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    bearer
+        .or(query)
+        .is_some_and(|t| token.matches(t.as_bytes()))
+}
+
 /// Largest flows file a deploy accepts.
 const MAX_FLOWS: usize = 64 << 20;
 
@@ -341,7 +370,12 @@ pub async fn serve(
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
-                    let resp = if req.method() == Method::POST && req.uri().path().ends_with("/deploy") {
+                    let resp = if !authorized(&state, &req) {
+                        tracing::debug!(path = %req.uri().path(), "admin request without the token: 401");
+                        let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "this admin API needs its bearer token\n");
+                        r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                        r
+                    } else if req.method() == Method::POST && req.uri().path().ends_with("/deploy") {
                         start_deploy(&state, req).await
                     } else {
                         route(&state, req.method(), req.uri().path())

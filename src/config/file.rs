@@ -28,6 +28,9 @@ pub(super) struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: Option<String>,
+    token: Option<String>,
+    token_file: Option<String>,
+    metrics_public: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,12 +147,41 @@ impl FileConfig {
             Some(id) => id,
             None => default_node_id(),
         };
+        let listen = p.check(
+            "admin.listen",
+            addr(self.admin.listen.as_deref(), "127.0.0.1:9090"),
+            ([127, 0, 0, 1], 9090).into(),
+        );
+        let token = match (self.admin.token, self.admin.token_file) {
+            (Some(_), Some(_)) => {
+                p.add("admin.token", "set token or token_file, not both");
+                None
+            }
+            (Some(t), None) => Some(t),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) => {
+                    p.add("admin.token_file", format!("cannot read {path:?}: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if token.as_ref().is_some_and(|t| t.len() < 16) {
+            p.add("admin.token", "must be at least 16 characters");
+        }
+        if token.is_none() && !listen.ip().is_loopback() {
+            p.add(
+                "admin.token",
+                format!(
+                    "admin.listen {listen} is not a loopback address: set token_file (or token) so the admin API asks for it"
+                ),
+            );
+        }
         let admin = AdminConfig {
-            listen: p.check(
-                "admin.listen",
-                addr(self.admin.listen.as_deref(), "127.0.0.1:9090"),
-                ([127, 0, 0, 1], 9090).into(),
-            ),
+            listen,
+            token: token.map(super::Secret::new),
+            metrics_public: self.admin.metrics_public.unwrap_or(false),
         };
         let m = self.mqtt;
         let upstream = p.check(

@@ -40,6 +40,46 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Bearer token the admin API asks for (from `token_file` or `token`);
+    /// required when `listen` is not a loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// `/metrics` answers without the token (for a Prometheus on the network).
+    pub metrics_public: bool,
+}
+
+/// A secret string: never printed, compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// Constant-time comparison with what a client sent.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let ours = self.0.as_bytes();
+        if ours.len() != candidate.len() {
+            return false;
+        }
+        ours.iter()
+            .zip(candidate)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -253,6 +293,31 @@ mod tests {
             "t"
         )
         .is_err());
+    }
+
+    #[test]
+    fn admin_off_loopback_needs_a_token_and_never_prints_it() {
+        let found = problems("[admin]\nlisten = \"0.0.0.0:9090\"\n");
+        assert!(
+            found.iter().any(|p| p.starts_with("admin.token:")),
+            "{found:?}"
+        );
+        let short = problems("[admin]\ntoken = \"short\"\n");
+        assert!(
+            short.iter().any(|p| p.contains("16 characters")),
+            "{short:?}"
+        );
+        let c = Config::parse(
+            "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"0123456789abcdef0123\"\n",
+            "t",
+        )
+        .expect("valid");
+        let token = c.admin.token.as_ref().expect("token");
+        assert!(token.matches(b"0123456789abcdef0123"));
+        assert!(!token.matches(b"0123456789abcdef0124"));
+        assert!(!token.matches(b"0123"));
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        assert!(!c.to_toml().contains("0123456789abcdef"));
     }
 
     #[test]
