@@ -240,6 +240,7 @@ fn start_dispatcher(
         max_inflight: inst.max_inflight,
         failback: inst.failback,
         tie,
+        acl: inst.acl.clone(),
         queue_limit: config.mqtt.queue_limit,
         upstream_share: config.mqtt.upstream_share,
         upstream_addr: upstream.to_owned(),

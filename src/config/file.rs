@@ -60,7 +60,16 @@ struct FileInstance {
     ack_timeout: Option<String>,
     max_inflight: Option<usize>,
     failback: Option<bool>,
+    acl: Option<FileAcl>,
     http: Option<super::http::FileHttp>,
+}
+
+/// Topic filters a replica may publish to and subscribe to (dispatch mode).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAcl {
+    publish: Option<Vec<String>>,
+    subscribe: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -317,6 +326,27 @@ impl FileConfig {
                 ack_timeout,
                 max_inflight,
                 failback: inst.failback.unwrap_or(false),
+                acl: inst.acl.map(|a| {
+                    let mut list = |key: &str, v: Option<Vec<String>>| {
+                        v.map(|filters| {
+                            let mut out = Vec::new();
+                            for (j, f) in filters.iter().enumerate() {
+                                match TopicFilter::new(f) {
+                                    Ok(filter) => out.push(filter),
+                                    Err(e) => p.add(
+                                        format!("{path}.acl.{key}[{j}]"),
+                                        format!("{f:?}: {e}"),
+                                    ),
+                                }
+                            }
+                            out
+                        })
+                    };
+                    super::Acl {
+                        publish: list("publish", a.publish),
+                        subscribe: list("subscribe", a.subscribe),
+                    }
+                }),
             });
         }
         if p.0.is_empty() {

@@ -48,6 +48,31 @@ pub struct AdminConfig {
     pub metrics_public: bool,
 }
 
+/// Topic filters an instance's replicas may use; a list left out allows all.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Acl {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<TopicFilter>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<Vec<TopicFilter>>,
+}
+
+impl Acl {
+    /// May a replica publish on `topic`?
+    pub fn may_publish(&self, topic: &str) -> bool {
+        self.publish
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|f| f.matches(topic)))
+    }
+
+    /// May a replica subscribe to `filter` (an allowed filter covers it)?
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        self.subscribe
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|f| f.covers(filter)))
+    }
+}
+
 /// A secret string: never printed, compared in constant time.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -156,6 +181,9 @@ pub struct InstanceConfig {
     /// Active-standby: a lower slot that comes back takes the active role
     /// back (default false: the replica that took over keeps it).
     pub failback: bool,
+    /// Dispatch mode: what the replicas may publish and subscribe to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl: Option<Acl>,
     /// The replicas' web traffic, balanced by flowgate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub http_retries: IntCounterVec,
     pub failover_seconds: HistogramVec,
     pub deploys: IntCounterVec,
+    pub acl_denied: IntCounterVec,
     pub flows_diverged: IntGaugeVec,
     pub replica_sessions: IntCounterVec,
     /// The last failovers, newest last, for the admin API.
@@ -250,6 +251,12 @@ impl Metrics {
                 FLOWS_DIVERGED,
                 "HTTP replicas whose Node-RED flow rev differs from most replicas' (0 = all alike)",
                 &[LABEL_INSTANCE],
+            ),
+            acl_denied: counter_vec(
+                r,
+                ACL_DENIED,
+                "Replica publishes and subscriptions refused by the instance's acl, by action",
+                &[LABEL_INSTANCE, LABEL_KIND],
             ),
             deploys: counter_vec(
                 r,

@@ -20,6 +20,7 @@ pub const HTTP_REPLICA_UP: &str = "flowgate_http_replica_up";
 pub const HTTP_RETRIES: &str = "flowgate_http_retries_total";
 pub const FAILOVER_SECONDS: &str = "flowgate_failover_seconds";
 pub const DEPLOYS: &str = "flowgate_deploys_total";
+pub const ACL_DENIED: &str = "flowgate_acl_denied_total";
 pub const FLOWS_DIVERGED: &str = "flowgate_http_flows_diverged_replicas";
 pub const REPLICA_SESSIONS: &str = "flowgate_replica_sessions_total";
 

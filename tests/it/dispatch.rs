@@ -797,3 +797,105 @@ async fn two_flowgate_nodes_with_upstream_share_split_one_instance() {
         app.shutdown(Duration::from_secs(5)).await;
     }
 }
+
+#[tokio::test]
+async fn the_instance_acl_refuses_subscriptions_and_publishes_with_the_right_codes() {
+    let app = start(
+        &Upstream::Embedded,
+        "acl = { publish = [\"replies/#\"], subscribe = [\"jobs/#\", \"config/#\"] }",
+    )
+    .await;
+    // an outside observer sees what reaches the broker
+    let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+    observer.subscribe("#", QoS::AtLeastOnce).await;
+
+    // 3.1.1 replica: SUBACK carries a failure for the filter outside the acl
+    let mut opts = MqttOptions::new("line1-nodered", "127.0.0.1", app.mqtt_addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    client
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("jobs/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("secret/#".into(), QoS::AtLeastOnce),
+        ])
+        .await
+        .expect("queued");
+    client
+        .publish("secret/x", QoS::AtLeastOnce, false, "no")
+        .await
+        .expect("queued");
+    client
+        .publish("replies/x", QoS::AtLeastOnce, false, "yes")
+        .await
+        .expect("queued");
+    let (mut suback, mut acks) = (None, 0);
+    let start = Instant::now();
+    while suback.is_none() || acks < 2 {
+        assert!(start.elapsed() < DEADLINE, "no SUBACK or PUBACKs");
+        match tokio::time::timeout(DEADLINE, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(s)))) => suback = Some(s.return_codes),
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acks += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("replica connection: {other:?}"),
+        }
+    }
+    assert_eq!(
+        suback.expect("suback"),
+        vec![
+            rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            rumqttc::SubscribeReasonCode::Failure
+        ]
+    );
+    // the allowed publish reaches the broker, the refused one never does
+    let start = Instant::now();
+    loop {
+        match tokio::time::timeout(DEADLINE, observer.events.recv()).await {
+            Ok(Some(Seen::Message(m))) => {
+                assert_ne!(m, b"no", "a refused publish reached the broker");
+                if m == b"yes" {
+                    break;
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("the allowed publish never arrived"),
+        }
+        assert!(start.elapsed() < DEADLINE);
+    }
+
+    // 5.0 replica: PUBACK says "not authorized"
+    let mut opts5 =
+        rumqttc::v5::MqttOptions::new("line1-nodered", "127.0.0.1", app.mqtt_addr.port());
+    opts5.set_keep_alive(Duration::from_secs(30));
+    let (c5, mut el5) = rumqttc::v5::AsyncClient::new(opts5, 100);
+    c5.publish(
+        "secret/y",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        "no",
+    )
+    .await
+    .expect("queued");
+    let reason = loop {
+        match tokio::time::timeout(DEADLINE, el5.poll()).await {
+            Ok(Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a)))) => {
+                break a.reason
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("v5 replica: {other:?}"),
+        }
+    };
+    assert_eq!(
+        reason,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized
+    );
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    assert_eq!(
+        metric_sum(&m, "flowgate_acl_denied_total", &[("kind", "publish")]),
+        2.0
+    );
+    assert_eq!(
+        metric_sum(&m, "flowgate_acl_denied_total", &[("kind", "subscribe")]),
+        1.0
+    );
+    app.shutdown(Duration::from_secs(2)).await;
+}

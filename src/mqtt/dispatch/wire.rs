@@ -57,15 +57,36 @@ pub enum Incoming {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
     ConnAck,
-    Publish { msg: Message, pkid: u16, dup: bool },
+    Publish {
+        msg: Message,
+        pkid: u16,
+        dup: bool,
+    },
     PubAck(u16),
     PubRec(u16),
+    /// The publish was refused (ACL): v5 says "not authorized" (0x87), 3.1.1
+    /// can only acknowledge it.
+    PubAckDenied(u16),
+    PubRecDenied(u16),
     PubRel(u16),
     PubComp(u16),
-    SubAck { pkid: u16, granted: Vec<u8> },
-    UnsubAck { pkid: u16, count: usize },
+    /// `granted`: the QoS (0-2) or a failure code (0x80 and up: 3.1.1 says
+    /// failure, 5.0 the reason below).
+    SubAck {
+        pkid: u16,
+        granted: Vec<u8>,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
     PingResp,
 }
+
+/// SUBACK codes (5.0 reason codes; 3.1.1 sends 0x80 for each).
+pub const SUB_FAILURE: u8 = 0x80;
+pub const SUB_NOT_AUTHORIZED: u8 = 0x87;
+pub const SUB_SHARED_NOT_SUPPORTED: u8 = 0x9E;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -223,15 +244,22 @@ fn to_v4(p: &Outgoing) -> v4::Packet {
             publish.retain = msg.retain;
             v4::Packet::Publish(publish)
         }
-        Outgoing::PubAck(id) => v4::Packet::PubAck(v4::PubAck::new(*id)),
-        Outgoing::PubRec(id) => v4::Packet::PubRec(v4::PubRec::new(*id)),
+        Outgoing::PubAck(id) | Outgoing::PubAckDenied(id) => {
+            v4::Packet::PubAck(v4::PubAck::new(*id))
+        }
+        Outgoing::PubRec(id) | Outgoing::PubRecDenied(id) => {
+            v4::Packet::PubRec(v4::PubRec::new(*id))
+        }
         Outgoing::PubRel(id) => v4::Packet::PubRel(v4::PubRel::new(*id)),
         Outgoing::PubComp(id) => v4::Packet::PubComp(v4::PubComp::new(*id)),
         Outgoing::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
             *pkid,
             granted
                 .iter()
-                .map(|&q| v4::SubscribeReasonCode::Success(qos4(q)))
+                .map(|&q| match q {
+                    0..=2 => v4::SubscribeReasonCode::Success(qos4(q)),
+                    _ => v4::SubscribeReasonCode::Failure,
+                })
                 .collect(),
         )),
         Outgoing::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
@@ -260,13 +288,30 @@ fn to_v5(p: &Outgoing) -> v5::Packet {
         }
         Outgoing::PubAck(id) => v5::Packet::PubAck(v5::PubAck::new(*id, None)),
         Outgoing::PubRec(id) => v5::Packet::PubRec(v5::PubRec::new(*id, None)),
+        Outgoing::PubAckDenied(id) => {
+            let mut ack = v5::PubAck::new(*id, None);
+            ack.reason = v5::PubAckReason::NotAuthorized;
+            v5::Packet::PubAck(ack)
+        }
+        Outgoing::PubRecDenied(id) => {
+            let mut rec = v5::PubRec::new(*id, None);
+            rec.reason = v5::PubRecReason::NotAuthorized;
+            v5::Packet::PubRec(rec)
+        }
         Outgoing::PubRel(id) => v5::Packet::PubRel(v5::PubRel::new(*id, None)),
         Outgoing::PubComp(id) => v5::Packet::PubComp(v5::PubComp::new(*id, None)),
         Outgoing::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
             pkid: *pkid,
             return_codes: granted
                 .iter()
-                .map(|&q| v5::SubscribeReasonCode::Success(qos5(q)))
+                .map(|&q| match q {
+                    0..=2 => v5::SubscribeReasonCode::Success(qos5(q)),
+                    SUB_NOT_AUTHORIZED => v5::SubscribeReasonCode::NotAuthorized,
+                    SUB_SHARED_NOT_SUPPORTED => {
+                        v5::SubscribeReasonCode::SharedSubscriptionsNotSupported
+                    }
+                    _ => v5::SubscribeReasonCode::Unspecified,
+                })
                 .collect(),
             properties: None,
         }),
@@ -336,6 +381,28 @@ mod tests {
         .expect("encode");
         // PUBLISH QoS 1, remaining 11, topic "jobs/1", packet id 7, payload "x"
         assert_eq!(&buf[..], b"\x32\x0b\x00\x06jobs/1\x00\x07x");
+    }
+
+    #[test]
+    fn refused_filters_are_failures_in_suback() {
+        let mut v4 = BytesMut::new();
+        let granted = vec![1, SUB_FAILURE, SUB_NOT_AUTHORIZED];
+        encode(
+            Protocol::V311,
+            &Outgoing::SubAck { pkid: 7, granted },
+            &mut v4,
+        )
+        .expect("encodes");
+        assert_eq!(&v4[..], &[0x90, 5, 0, 7, 1, 0x80, 0x80]);
+        let mut v5 = BytesMut::new();
+        let granted = vec![1, SUB_NOT_AUTHORIZED, SUB_SHARED_NOT_SUPPORTED];
+        encode(
+            Protocol::V5,
+            &Outgoing::SubAck { pkid: 7, granted },
+            &mut v5,
+        )
+        .expect("encodes");
+        assert_eq!(&v5[v5.len() - 3..], &[1, 0x87, 0x9E]);
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct DispatchSettings {
     pub failback: bool,
     /// Active-standby: shared with the instance's HTTP pool.
     pub tie: Option<Arc<crate::tie::Tie>>,
+    /// What replicas may publish and subscribe to.
+    pub acl: Option<crate::config::Acl>,
     pub queue_limit: usize,
     /// Subscribe upstream as `$share/{instance}/{filter}` (several nodes).
     pub upstream_share: bool,

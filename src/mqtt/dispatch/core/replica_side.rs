@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::*;
+use crate::mqtt::dispatch::wire;
 
 impl Dispatcher {
     pub(super) fn on_replica(&mut self, ev: ReplicaEvent) {
@@ -142,7 +143,33 @@ impl Dispatcher {
         self.pump();
     }
 
+    fn denied(&self, slot: u16, action: &'static str, topic: &str) {
+        tracing::warn!(instance = %self.cfg.instance, slot, action, topic, "refused by the instance's acl");
+        self.metrics
+            .acl_denied
+            .with_label_values(&[self.cfg.instance.as_str(), action])
+            .inc();
+    }
+
     pub(super) fn on_replica_publish(&mut self, slot: u16, msg: Message, replica_pkid: u16) {
+        if self
+            .cfg
+            .acl
+            .as_ref()
+            .is_some_and(|a| !a.may_publish(&msg.topic))
+        {
+            self.denied(slot, "publish", &msg.topic);
+            match msg.qos {
+                0 => {}
+                1 => {
+                    self.to_replica(slot, Outgoing::PubAckDenied(replica_pkid));
+                }
+                _ => {
+                    self.to_replica(slot, Outgoing::PubRecDenied(replica_pkid));
+                }
+            }
+            return;
+        }
         if msg.qos == 0 {
             self.send_up(UpCmd::Publish {
                 msg,
@@ -183,12 +210,22 @@ impl Dispatcher {
         let mut fetch = Vec::new();
         for (text, qos) in filters {
             let Ok(filter) = TopicFilter::new(&text) else {
-                granted.push(0x80);
+                granted.push(wire::SUB_FAILURE);
                 continue;
             };
             if text.starts_with("$share/") {
                 // dispatch mode shares by itself; a shared filter is refused
-                granted.push(0x80);
+                granted.push(wire::SUB_SHARED_NOT_SUPPORTED);
+                continue;
+            }
+            if self
+                .cfg
+                .acl
+                .as_ref()
+                .is_some_and(|a| !a.may_subscribe(&text))
+            {
+                self.denied(slot, "subscribe", &text);
+                granted.push(wire::SUB_NOT_AUTHORIZED);
                 continue;
             }
             let qos = qos.min(2);
