@@ -222,15 +222,16 @@ struct HttpReplicaView {
 fn http_views(pool: &Pool) -> Vec<HttpReplicaView> {
     pool.backends
         .iter()
-        .map(|b| HttpReplicaView {
+        .map(|b| (b, b.rev()))
+        .map(|(b, (rev, diverged))| HttpReplicaView {
             replica: b.label.clone(),
             addr: b.addr.clone(),
             up: b.is_up(),
             draining: b.is_draining(),
             inflight: b.inflight.load(Ordering::Relaxed),
             requests: b.requests_total(),
-            rev: b.rev().0,
-            diverged: b.rev().1,
+            rev,
+            diverged,
         })
         .collect()
 }

@@ -290,25 +290,20 @@ impl Deploy {
         mqtt_before: i64,
         sessions_before: u64,
     ) -> Result<(), String> {
-        let start = Instant::now();
-        loop {
+        let running = || async {
             let mqtt_back = mqtt_before == 0
                 || (self.mqtt_sessions() > sessions_before && self.mqtt_connected() >= mqtt_before);
-            let running = mqtt_back
+            mqtt_back
                 && matches!(replica.flows().await, Ok(f) if f.rev == rev)
-                && matches!(replica.state().await.as_deref(), Ok("start"));
-            if running {
-                return Ok(());
-            }
-            if start.elapsed() > self.step_timeout {
-                return Err(format!(
-                    "the new flows did not start within {:?} (rev {rev}, MQTT replicas {} of {mqtt_before})",
-                    self.step_timeout,
-                    self.mqtt_connected()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                && matches!(replica.state().await.as_deref(), Ok("start"))
+        };
+        wait(self.step_timeout, running).await.map_err(|()| {
+            format!(
+                "the new flows did not start within {:?} (rev {rev}, MQTT replicas {} of {mqtt_before})",
+                self.step_timeout,
+                self.mqtt_connected()
+            )
+        })
     }
 }
 

@@ -330,13 +330,11 @@ impl Pool {
             });
         let chosen = match (followed, current, lowest) {
             (Some(f), _, _) => f,
-            (None, current, lowest) => match (current, lowest) {
-                (Some(c), Some(l)) if self.cfg.failback && l.index < c.index => l,
-                (Some(c), _) => c,
-                (None, Some(l)) => l,
-                // none healthy: the last replica is never ejected
-                (None, None) => self.backends.iter().find(usable)?,
-            },
+            (None, Some(c), Some(l)) if self.cfg.failback && l.index < c.index => l,
+            (None, Some(c), _) => c,
+            (None, None, Some(l)) => l,
+            // none healthy: the last replica is never ejected
+            (None, None, None) => self.backends.iter().find(usable)?,
         };
         if st.active != Some(chosen.index) {
             if let Some(prev) = st.active.and_then(|i| self.backends.get(i)) {

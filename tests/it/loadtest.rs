@@ -16,8 +16,9 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
 
-/// Runs `flowgate loadtest ...args --out DIR` and reads the report it wrote.
-async fn loadtest(tag: &str, args: &[&str]) -> Report {
+/// Runs `flowgate loadtest ...args --out DIR` (the real binary), checks it
+/// printed its table and wrote its chart, and reads the report it wrote.
+pub(crate) async fn loadtest(tag: &str, args: Vec<String>) -> Report {
     let dir = temp_dir(tag);
     let out = tokio::process::Command::new(BIN)
         .arg("loadtest")
@@ -31,13 +32,18 @@ async fn loadtest(tag: &str, args: &[&str]) -> Report {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "loadtest failed: {}\n{stdout}",
+        "loadtest {tag} failed: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("achieved/s"), "no table printed:\n{stdout}");
     let svg = std::fs::read_to_string(dir.join("report.svg")).expect("report.svg written");
     assert!(svg.starts_with("<svg") && svg.contains("replica"), "{svg}");
     read_report(&dir.join("report.json"))
+}
+
+/// Owned arguments for a command line.
+pub(crate) fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
 
 fn read_report(path: &Path) -> Report {
@@ -93,7 +99,7 @@ async fn loadtest_http_shows_two_capped_replicas_doing_twice_the_work() {
         let url = format!("http://{addr}/api");
         let report = loadtest(
             &format!("lt-http-{n}"),
-            &["http", "--url", &url, "--ramp", "25", "--step", "3s"],
+            strings(&["http", "--url", &url, "--ramp", "25", "--step", "3s"]),
         )
         .await;
         assert_eq!(report.kind, "http");
@@ -190,7 +196,7 @@ async fn loadtest_mqtt_shows_two_capped_replicas_doing_twice_the_work_in_dispatc
         let broker = app.mqtt_addr.to_string();
         let report = loadtest(
             &format!("lt-mqtt-{n}"),
-            &[
+            strings(&[
                 "mqtt",
                 "--broker",
                 &broker,
@@ -206,7 +212,7 @@ async fn loadtest_mqtt_shows_two_capped_replicas_doing_twice_the_work_in_dispatc
                 "25",
                 "--step",
                 "3s",
-            ],
+            ]),
         )
         .await;
         assert_eq!(report.kind, "mqtt");

@@ -15,6 +15,7 @@ use flowgate::loadtest::Report;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
+use crate::loadtest::{loadtest, strings};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
@@ -175,29 +176,8 @@ async fn replicas_connected(app: &App, n: usize) {
     }
 }
 
-/// Runs the real `flowgate loadtest` and reads its report.
-async fn loadtest(tag: &'static str, args: Vec<String>) -> Report {
-    let dir = temp_dir(tag);
-    let out = Command::new(BIN)
-        .arg("loadtest")
-        .args(args)
-        .arg("--out")
-        .arg(&dir)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("flowgate loadtest runs");
-    assert!(
-        out.status.success(),
-        "loadtest {tag} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = std::fs::read_to_string(dir.join("report.json")).expect("report written");
-    serde_json::from_str(&text).expect("report parses")
-}
-
 fn mqtt_args(broker: SocketAddr, ramp: &str, step: &str) -> Vec<String> {
-    [
+    strings(&[
         "mqtt",
         "--broker",
         &broker.to_string(),
@@ -213,10 +193,7 @@ fn mqtt_args(broker: SocketAddr, ramp: &str, step: &str) -> Vec<String> {
         step,
         "--timeout",
         "20s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ])
 }
 
 /// Every job answered exactly once, each replica with a fair share.
@@ -309,7 +286,7 @@ async fn one_two_and_three_nodered_replicas_serve_ten_twenty_and_thirty_calls_a_
         let app = flowgate_for("mqtt://127.0.0.1:1", "share", &behind).await;
         let url = format!("http://{}/api", app.http_addrs[0].1);
         let rate = (15 * n).to_string();
-        let args: Vec<String> = [
+        let args = strings(&[
             "http",
             "--url",
             &url,
@@ -319,10 +296,7 @@ async fn one_two_and_three_nodered_replicas_serve_ten_twenty_and_thirty_calls_a_
             "5s",
             "--timeout",
             "30s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         let r = loadtest("nr-http", args).await;
         let achieved = r.steps[0].achieved_rate;
         let floor = 0.98 * 10.0 * n as f64;
@@ -358,10 +332,7 @@ async fn killing_a_nodered_replica_under_load_loses_no_job_and_fails_no_call() {
     // 12/s of each for 15 s: 2 survivors (20/s) can carry it
     let start = Instant::now();
     let jobs = tokio::spawn(loadtest("nr-kill-mqtt", mqtt_args(mqtt, "12", "15s")));
-    let http_args: Vec<String> = ["http", "--url", &url, "--ramp", "12", "--step", "15s"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let http_args = strings(&["http", "--url", &url, "--ramp", "12", "--step", "15s"]);
     let calls = tokio::spawn(loadtest("nr-kill-http", http_args));
     tokio::time::sleep_until((start + Duration::from_secs(4)).into()).await;
     let killed_at = start.elapsed().as_secs_f64();
@@ -578,10 +549,7 @@ async fn a_rolling_deploy_under_load_loses_nothing_and_a_broken_one_stops_at_the
     let mqtt = app.mqtt_addr;
     let url = format!("http://{}/api", app.http_addrs[0].1);
     let jobs = tokio::spawn(loadtest("nr-deploy-mqtt", mqtt_args(mqtt, "8", "25s")));
-    let http_args: Vec<String> = ["http", "--url", &url, "--ramp", "8", "--step", "25s"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let http_args = strings(&["http", "--url", &url, "--ramp", "8", "--step", "25s"]);
     let calls = tokio::spawn(loadtest("nr-deploy-http", http_args));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (ok, out) = deploy(app.admin_addr, &dir.join("v2.json")).await;
