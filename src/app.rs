@@ -19,12 +19,14 @@ use crate::broker;
 use crate::config::{Balance, Config, InstanceConfig, Mode, Upstream};
 use crate::http::{self, backend::Pool};
 use crate::metrics::Metrics;
+use crate::mqtt::auth::PasswordFile;
 use crate::mqtt::dispatch::strategy::Strategy;
-use crate::mqtt::dispatch::upstream::UpstreamSession;
+use crate::mqtt::dispatch::upstream::{Login, UpstreamSession};
 use crate::mqtt::dispatch::{DispatchSettings, Dispatcher, Handle};
-use crate::mqtt::proxy::{self, ProxyContext};
+use crate::mqtt::proxy::{self, ProxyContext, Transport};
 use crate::mqtt::replicas::Instances;
 use crate::tie::Tie;
+use crate::tls::{Acceptor, Connector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -36,6 +38,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A running flowgate.
@@ -44,10 +48,17 @@ pub struct App {
     pub admin_addr: SocketAddr,
     /// Each HTTP listener's bound address, by its configured address.
     pub http_addrs: Vec<(SocketAddr, SocketAddr)>,
+    /// `[mqtt.tls]`'s bound address.
+    pub mqtts_addr: Option<SocketAddr>,
+    /// `[mqtt.websocket]`'s bound address.
+    pub ws_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     admin: Arc<AdminState>,
+    /// What SIGHUP reloads.
+    acceptors: Vec<Arc<Acceptor>>,
+    passwords: Vec<Arc<PasswordFile>>,
 }
 
 /// Binds `addr` (named by its config key in errors) and reports the address
@@ -75,6 +86,63 @@ impl App {
         };
         let (mqtt_listener, mqtt_addr) = bind("mqtt.listen", config.mqtt.listen).await?;
         let (admin_listener, admin_addr) = bind("admin.listen", config.admin.listen).await?;
+        let mut acceptors = Vec::new();
+        let mut acceptor = |what: &str, cfg: &crate::config::TlsConfig, alpn: &[&[u8]]| {
+            let a = Acceptor::new(what, cfg, alpn).map_err(StartError::Tls)?;
+            acceptors.push(a.clone());
+            Ok::<_, StartError>(a)
+        };
+        let mqtts = match &config.mqtt.tls {
+            Some(t) => Some((
+                bind("mqtt.tls.listen", t.listen).await?,
+                acceptor("mqtt.tls", &t.tls, &[b"mqtt"])?,
+            )),
+            None => None,
+        };
+        let ws = match &config.mqtt.websocket {
+            Some(w) => {
+                let tls = match &w.tls {
+                    Some(t) => Some(acceptor("mqtt.websocket.tls", t, &[b"http/1.1"])?),
+                    None => None,
+                };
+                Some((
+                    bind("mqtt.websocket.listen", w.listen).await?,
+                    w.path.clone(),
+                    tls,
+                ))
+            }
+            None => None,
+        };
+        let admin_tls = match &config.admin.tls {
+            Some(t) => Some(acceptor("admin.tls", t, &[b"http/1.1"])?),
+            None => None,
+        };
+        let upstream_tls = match config.mqtt.upstream.tls_host() {
+            Some(host) => Some(Arc::new(
+                Connector::new(host, &config.mqtt.upstream_tls)
+                    .map_err(|e| StartError::Tls(format!("mqtt.upstream_ca_file: {e}")))?,
+            )),
+            None => None,
+        };
+        let load = |path: &std::path::Path| {
+            PasswordFile::load(path)
+                .map(Arc::new)
+                .map_err(StartError::Tls)
+        };
+        let mut passwords = Vec::new();
+        let global_passwords = match &config.mqtt.password_file {
+            Some(p) => Some(load(p)?),
+            None => None,
+        };
+        passwords.extend(global_passwords.clone());
+        let mut instance_passwords = HashMap::new();
+        for inst in &config.instances {
+            if let Some(p) = &inst.password_file {
+                let file = load(p)?;
+                passwords.push(file.clone());
+                instance_passwords.insert(inst.name.clone(), file);
+            }
+        }
 
         let metrics = Arc::new(Metrics::new());
         let instances = Arc::new(Instances::new(&config.instances, &metrics));
@@ -104,10 +172,15 @@ impl App {
         if config.mqtt.mode == Mode::Dispatch {
             for inst in &config.instances {
                 let tie = ties.get(&inst.name).cloned();
+                let login = Login {
+                    tls: upstream_tls.clone(),
+                    username: inst.upstream_username.clone(),
+                    password: inst.upstream_password.clone(),
+                };
                 let handle = start_dispatcher(
                     &config,
                     inst,
-                    &upstream_v3,
+                    (&upstream_v3, login),
                     &metrics,
                     (&shutdown, &tracker),
                     tie,
@@ -121,14 +194,41 @@ impl App {
             metrics: metrics.clone(),
             upstream_v3,
             upstream_v5,
+            upstream_tls,
             dispatchers,
+            passwords: global_passwords,
+            instance_passwords,
+            connections: Default::default(),
         });
         tracker.spawn(proxy::serve(
             mqtt_listener,
-            ctx,
+            ctx.clone(),
+            Transport::Tcp,
             shutdown.clone(),
             tracker.clone(),
         ));
+        let mut mqtts_addr = None;
+        if let Some(((listener, bound), tls)) = mqtts {
+            mqtts_addr = Some(bound);
+            tracker.spawn(proxy::serve(
+                listener,
+                ctx.clone(),
+                Transport::Tls(tls),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        let mut ws_addr = None;
+        if let Some(((listener, bound), path, tls)) = ws {
+            ws_addr = Some(bound);
+            tracker.spawn(proxy::serve(
+                listener,
+                ctx,
+                Transport::WebSocket { path, tls },
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
         let pools: Vec<Arc<Pool>> = config
             .instances
             .iter()
@@ -142,9 +242,20 @@ impl App {
         for (addr, site) in http::sites(&pools) {
             let (listener, bound) = bind("instance.http.listen", addr).await?;
             http_addrs.push((addr, bound));
+            let tls = match site.tls() {
+                Some(t) => {
+                    let a =
+                        Acceptor::new(&format!("instance.http.tls ({addr})"), t, &[b"http/1.1"])
+                            .map_err(StartError::Tls)?;
+                    acceptors.push(a.clone());
+                    Some(a)
+                }
+                None => None,
+            };
             tracker.spawn(http::serve(
                 listener,
                 Arc::new(site),
+                tls,
                 shutdown.clone(),
                 tracker.clone(),
             ));
@@ -164,19 +275,53 @@ impl App {
         tracker.spawn(admin::serve(
             admin_listener,
             admin.clone(),
+            admin_tls,
             shutdown.clone(),
             tracker.clone(),
         ));
-        tracing::info!(mqtt = %mqtt_addr, admin = %admin_addr, upstream = %config.mqtt.upstream, mode = ?config.mqtt.mode, node_id = %config.node_id, "flowgate started");
+        tracing::info!(mqtt = %mqtt_addr, mqtts = ?mqtts_addr, ws = ?ws_addr, admin = %admin_addr, upstream = %config.mqtt.upstream, mode = ?config.mqtt.mode, node_id = %config.node_id, "flowgate started");
         Ok(Self {
             mqtt_addr,
             admin_addr,
             http_addrs,
+            mqtts_addr,
+            ws_addr,
             metrics,
             shutdown,
             tracker,
             admin,
+            acceptors,
+            passwords,
         })
+    }
+
+    /// SIGHUP: reads every certificate and password file again. New
+    /// connections use the new ones; open connections are not touched. A
+    /// file with a problem is logged and its old contents stay in use.
+    /// Returns how many reloads failed.
+    pub fn reload(&self) -> usize {
+        let mut failed = 0;
+        let mut record = |what: &str, r: Result<(), String>| {
+            let result = match r {
+                Ok(()) => {
+                    tracing::info!(what, "reloaded");
+                    "ok"
+                }
+                Err(e) => {
+                    tracing::warn!(what, error = %e, "reload failed; the old one stays in use");
+                    failed += 1;
+                    "failed"
+                }
+            };
+            self.metrics.tls_reloads.with_label_values(&[result]).inc();
+        };
+        for a in &self.acceptors {
+            record(&a.what, a.reload());
+        }
+        for p in &self.passwords {
+            record(&p.path.display().to_string(), p.reload().map(|_| ()));
+        }
+        failed
     }
 
     /// Stops: readiness goes 503, listeners close, connections end; waits up
@@ -214,7 +359,7 @@ async fn probe_upstream(upstream: String, timeout: Duration) {
 fn start_dispatcher(
     config: &Config,
     inst: &InstanceConfig,
-    upstream: &str,
+    (upstream, login): (&str, Login),
     metrics: &Arc<Metrics>,
     (shutdown, tracker): (&CancellationToken, &TaskTracker),
     tie: Option<Arc<Tie>>,
@@ -222,13 +367,17 @@ fn start_dispatcher(
     let (replica_tx, replica_rx) = mpsc::channel(4096);
     let (up_cmd_tx, up_cmd_rx) = mpsc::channel(65_536);
     let (up_ev_tx, up_ev_rx) = mpsc::channel(1024);
-    let client_id = format!("flowgate-{}-{}", config.node_id, inst.name);
+    let client_id = inst
+        .upstream_client_id
+        .clone()
+        .unwrap_or_else(|| format!("flowgate-{}-{}", config.node_id, inst.name));
     let session = UpstreamSession {
         addr: upstream.to_owned(),
         client_id: client_id.clone(),
         keep_alive: config.mqtt.upstream_keep_alive,
         connect_timeout: config.mqtt.upstream_connect_timeout,
         will: None,
+        login: login.clone(),
     };
     tracker.spawn(session.run(up_cmd_rx, up_ev_tx, shutdown.clone()));
     let settings = DispatchSettings {
@@ -246,6 +395,7 @@ fn start_dispatcher(
         upstream_addr: upstream.to_owned(),
         upstream_client_id: client_id,
         retained_timeout: config.mqtt.upstream_connect_timeout,
+        upstream_login: login,
     };
     let dispatcher = Dispatcher::new(settings, up_cmd_tx, metrics.clone());
     tracker.spawn(dispatcher.run(replica_rx, up_ev_rx, shutdown.clone()));

@@ -36,6 +36,14 @@ pub enum Command {
     Status(StatusArgs),
     /// Deploy a flows file to an instance's Node-RED replicas one at a time.
     Deploy(DeployArgs),
+    /// Add a user to an MQTT password file (created if missing), or change its
+    /// password; the password is read from the first line of stdin.
+    Passwd {
+        /// The password file (`mqtt.password_file` or an instance's).
+        file: PathBuf,
+        /// The username.
+        user: String,
+    },
     /// Drive a ramp of target rates at replicas and report what they achieved.
     Loadtest {
         #[command(subcommand)]

@@ -26,6 +26,8 @@
 //! - [`deploy`]: rolling flow deploys to Node-RED replicas, one at a time;
 //! - [`tie`]: active-standby: the MQTT and HTTP sides of an instance agree on the active replica;
 //! - [`listener`]: the accept loop every listener shares;
+//! - [`stream`], [`tls`]: one connection type for TCP, TLS and WebSocket; rustls
+//!   configs, reloaded on SIGHUP;
 //! - [`app`]: starts everything from a config, stops it.
 //!
 //! Glossary: an *instance* is one Node-RED application; a *replica* is one
@@ -44,4 +46,6 @@ pub mod loadtest;
 pub mod metrics;
 pub mod mqtt;
 pub mod status;
+pub mod stream;
 pub mod tie;
+pub mod tls;

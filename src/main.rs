@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Deploy(args) => deploy(args),
         Command::Health { admin } => health(&admin),
         Command::Loadtest { kind } => loadtest(kind),
+        Command::Passwd { file, user } => passwd(&file, &user),
     }
 }
 
@@ -389,6 +390,8 @@ fn run(args: RunArgs) -> ExitCode {
             "mqtt": app.mqtt_addr.to_string(),
             "admin": app.admin_addr.to_string(),
             "http": http,
+            "mqtts": app.mqtts_addr.map(|a| a.to_string()),
+            "ws": app.ws_addr.map(|a| a.to_string()),
         });
         println!("{ready}");
         if let Some(path) = &args.ready_file {
@@ -396,29 +399,68 @@ fn run(args: RunArgs) -> ExitCode {
                 eprintln!("error: cannot write ready file {}: {e}", path.display());
             }
         }
-        wait_for_signal().await;
+        wait_for_signal(&app).await;
         tracing::info!(grace = ?args.grace, "shutting down");
         app.shutdown(args.grace).await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
+/// `flowgate passwd FILE USER`: the password from stdin's first line.
+fn passwd(file: &std::path::Path, user: &str) -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("error: cannot read the password from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!(
+            "error: empty password (give it on stdin: echo 'secret' | flowgate passwd FILE USER)"
+        );
+        return ExitCode::FAILURE;
+    }
+    match flowgate::mqtt::auth::set_user(file, user, password.as_bytes()) {
+        Ok(()) => {
+            eprintln!(
+                "{user} set in {}; send flowgate SIGHUP to reload",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM; each SIGHUP meanwhile reloads certificates
+/// and password files.
+async fn wait_for_signal(app: &App) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops flowgate");
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops flowgate");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        let mut hup = signal(SignalKind::hangup()).ok();
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => return,
+                _ = term.recv() => return,
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP: reloading certificates and password files");
+                    app.reload();
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]

@@ -5,7 +5,7 @@
 #![no_main]
 
 use flowgate::mqtt::codec::{
-    write_remaining_length, Connect, ConnectReturn, FrameScanner, PacketType, Protocol, Scan,
+    write_remaining_length, Connect, ConnectReturn, Credentials, FrameScanner, PacketType, Protocol, Scan,
     Subscribe, Unsubscribe,
 };
 use libfuzzer_sys::fuzz_target;
@@ -87,6 +87,18 @@ fuzz_target!(|data: &[u8]| {
                                 }
                             }) {
                                 assert_eq!(c.encode_with_client_id(c.client_id), frame);
+                                // new upstream credentials: a CONNECT that
+                                // decodes to them, everything else kept
+                                let creds = Credentials {
+                                    username: "line1-up",
+                                    password: Some(b"secret"),
+                                };
+                                let again = c.encode_with("x", Some(creds));
+                                let d = Connect::decode(&again).expect("re-encoded CONNECT");
+                                assert_eq!(d.username, Some("line1-up"));
+                                assert_eq!(d.password, Some(&b"secret"[..]));
+                                assert_eq!((d.client_id, d.keep_alive), ("x", c.keep_alive));
+                                assert_eq!(d.will, c.will);
                             }
                         }
                     }

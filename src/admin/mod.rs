@@ -76,6 +76,9 @@ fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
         .is_some_and(|t| token.matches(t.as_bytes()))
 }
 
+/// Time a client has for the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest flows file a deploy accepts.
 const MAX_FLOWS: usize = 64 << 20;
 
@@ -360,14 +363,23 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
+    tls: Option<Arc<crate::tls::Acceptor>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    while let Some((stream, _)) = crate::listener::accept(&listener, &shutdown, "admin", None).await
+    while let Some((tcp, peer)) = crate::listener::accept(&listener, &shutdown, "admin", None).await
     {
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
+            let stream = match crate::tls::accept(tls.as_deref(), tcp, HANDSHAKE_TIMEOUT).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "admin connection refused");
+                    return;
+                }
+            };
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {

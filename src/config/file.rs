@@ -3,6 +3,7 @@
 //! problem with its path instead of stopping at the first.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -31,6 +32,7 @@ struct FileAdmin {
     token: Option<String>,
     token_file: Option<String>,
     metrics_public: Option<bool>,
+    tls: Option<super::tls::FileTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +47,23 @@ struct FileMqtt {
     queue_limit: Option<usize>,
     upstream_share: Option<bool>,
     upstream_keep_alive: Option<String>,
+    tls: Option<super::tls::FileMqttTls>,
+    websocket: Option<FileWebSocket>,
+    upstream_ca_file: Option<String>,
+    upstream_cert_file: Option<String>,
+    upstream_key_file: Option<String>,
+    upstream_server_name: Option<String>,
+    password_file: Option<String>,
+    max_connections: Option<usize>,
+    max_publish_rate: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebSocket {
+    listen: Option<String>,
+    path: Option<String>,
+    tls: Option<super::tls::FileTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +81,12 @@ struct FileInstance {
     failback: Option<bool>,
     acl: Option<FileAcl>,
     http: Option<super::http::FileHttp>,
+    password_file: Option<String>,
+    upstream_username: Option<String>,
+    upstream_password: Option<String>,
+    upstream_password_file: Option<String>,
+    upstream_client_id: Option<String>,
+    max_replicas: Option<usize>,
 }
 
 /// Topic filters a replica may publish to and subscribe to (dispatch mode).
@@ -113,6 +138,25 @@ fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
         Some(t) => humantime::parse_duration(t)
             .map_err(|e| format!("{t:?} is not a duration such as \"5s\": {e}")),
     }
+}
+
+/// Reads a password file once so a bad one shows at `flowgate check`.
+fn password_file(p: &mut Problems, path: &str, file: Option<String>) -> Option<PathBuf> {
+    let file = PathBuf::from(file?);
+    if let Err(e) = crate::mqtt::auth::PasswordFile::load(&file) {
+        p.add(path, e);
+    }
+    Some(file)
+}
+
+/// Runs a sub-table's validation that reports (path, message) pairs.
+fn collect<T>(p: &mut Problems, f: impl FnOnce(&mut Vec<(String, String)>) -> T) -> T {
+    let mut found = Vec::new();
+    let out = f(&mut found);
+    for (path, message) in found {
+        p.add(path, message);
+    }
+    out
 }
 
 fn default_node_id() -> String {
@@ -191,6 +235,10 @@ impl FileConfig {
             listen,
             token: token.map(super::Secret::new),
             metrics_public: self.admin.metrics_public.unwrap_or(false),
+            tls: self
+                .admin
+                .tls
+                .and_then(|t| collect(&mut p, |f| t.validate("admin.tls", f))),
         };
         let m = self.mqtt;
         let upstream = p.check(
@@ -238,7 +286,64 @@ impl FileConfig {
                 duration(m.upstream_keep_alive.as_deref(), Duration::from_secs(30)),
                 Duration::from_secs(30),
             ),
+            tls: m.tls.and_then(|t| {
+                let listen = p.check(
+                    "mqtt.tls.listen",
+                    addr(t.listen.as_deref(), "0.0.0.0:8883"),
+                    ([0, 0, 0, 0], 8883).into(),
+                );
+                let tls = collect(&mut p, |f| t.tls().validate("mqtt.tls", f))?;
+                Some(super::MqttTls { listen, tls })
+            }),
+            websocket: m.websocket.map(|w| {
+                let path = w.path.unwrap_or_else(|| "/mqtt".into());
+                if !path.starts_with('/') {
+                    p.add("mqtt.websocket.path", "must start with /");
+                }
+                super::MqttWebSocket {
+                    listen: p.check(
+                        "mqtt.websocket.listen",
+                        addr(w.listen.as_deref(), "0.0.0.0:8083"),
+                        ([0, 0, 0, 0], 8083).into(),
+                    ),
+                    path,
+                    tls: w
+                        .tls
+                        .and_then(|t| collect(&mut p, |f| t.validate("mqtt.websocket.tls", f))),
+                }
+            }),
+            upstream_tls: super::UpstreamTls {
+                ca_file: m.upstream_ca_file.map(PathBuf::from),
+                cert_file: m.upstream_cert_file.map(PathBuf::from),
+                key_file: m.upstream_key_file.map(PathBuf::from),
+                server_name: m.upstream_server_name,
+            },
+            password_file: password_file(&mut p, "mqtt.password_file", m.password_file),
+            max_connections: m.max_connections,
+            max_publish_rate: m.max_publish_rate,
         };
+        if let Some(host) = mqtt.upstream.tls_host() {
+            if let Err(e) = crate::tls::Connector::new(host, &mqtt.upstream_tls) {
+                p.add("mqtt.upstream_ca_file", e);
+            }
+        } else if mqtt.upstream_tls != super::UpstreamTls::default() {
+            p.add(
+                "mqtt.upstream_ca_file",
+                "upstream TLS settings need upstream = \"mqtts://host:port\"",
+            );
+        }
+        if mqtt.upstream_tls.cert_file.is_some() != mqtt.upstream_tls.key_file.is_some() {
+            p.add(
+                "mqtt.upstream_cert_file",
+                "upstream_cert_file and upstream_key_file go together",
+            );
+        }
+        if mqtt.max_connections == Some(0) {
+            p.add("mqtt.max_connections", "must be at least 1");
+        }
+        if mqtt.max_publish_rate == Some(0) {
+            p.add("mqtt.max_publish_rate", "must be at least 1");
+        }
         if mqtt.queue_limit == 0 {
             p.add("mqtt.queue_limit", "must be at least 1");
         }
@@ -309,15 +414,61 @@ impl FileConfig {
                 );
             }
             let http = inst.http.map(|h| {
-                let mut found = Vec::new();
-                let http = h.validate(&format!("{path}.http"), &inst.name, &mut found);
-                for (path, message) in found {
-                    p.add(path, message);
-                }
-                http
+                collect(&mut p, |f| {
+                    h.validate(&format!("{path}.http"), &inst.name, f)
+                })
             });
+            let upstream_password = match (inst.upstream_password, inst.upstream_password_file) {
+                (Some(_), Some(_)) => {
+                    p.add(
+                        format!("{path}.upstream_password"),
+                        "set upstream_password or upstream_password_file, not both",
+                    );
+                    None
+                }
+                (Some(pw), None) => Some(pw),
+                (None, Some(file)) => match std::fs::read_to_string(&file) {
+                    Ok(pw) => Some(pw.trim_end_matches(['\r', '\n']).to_owned()),
+                    Err(e) => {
+                        p.add(
+                            format!("{path}.upstream_password_file"),
+                            format!("cannot read {file:?}: {e}"),
+                        );
+                        None
+                    }
+                },
+                (None, None) => None,
+            };
+            if upstream_password.is_some() && inst.upstream_username.is_none() {
+                p.add(
+                    format!("{path}.upstream_username"),
+                    "is required with upstream_password (MQTT sends no password without a username in 3.1.1)",
+                );
+            }
+            if inst.max_replicas == Some(0) {
+                p.add(format!("{path}.max_replicas"), "must be at least 1");
+            }
+            if inst
+                .upstream_client_id
+                .as_deref()
+                .is_some_and(|c| c.is_empty() || c.len() > 65_535)
+            {
+                p.add(
+                    format!("{path}.upstream_client_id"),
+                    "must be 1-65535 bytes",
+                );
+            }
             instances.push(InstanceConfig {
                 http,
+                password_file: password_file(
+                    &mut p,
+                    &format!("{path}.password_file"),
+                    inst.password_file,
+                ),
+                upstream_username: inst.upstream_username,
+                upstream_password: upstream_password.map(super::Secret::new),
+                upstream_client_id: inst.upstream_client_id,
+                max_replicas: inst.max_replicas,
                 name: inst.name,
                 match_rule,
                 broadcast,
@@ -348,6 +499,23 @@ impl FileConfig {
                     }
                 }),
             });
+        }
+        for (i, a) in instances.iter().enumerate() {
+            let Some(ha) = &a.http else { continue };
+            let clash = instances[..i].iter().any(|b| {
+                b.http
+                    .as_ref()
+                    .is_some_and(|hb| hb.listen == ha.listen && hb.tls != ha.tls)
+            });
+            if clash {
+                p.add(
+                    format!("instance[{i}].http.tls"),
+                    format!(
+                        "instances on one listener ({}) need the same tls table",
+                        ha.listen
+                    ),
+                );
+            }
         }
         if p.0.is_empty() {
             Ok(Config {

@@ -65,6 +65,14 @@ pub struct HttpConfig {
     /// How often each replica's flow `rev` is read (divergence watch); 0 = off.
     #[serde(with = "humantime_ser")]
     pub rev_interval: Duration,
+    /// Serve this listener over HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::TlsConfig>,
+    /// Largest request head (request line and headers); more is answered 431.
+    pub max_header_size: ByteSize,
+    /// Time a client has to send a whole request head (slowloris); 408 after.
+    #[serde(with = "humantime_ser")]
+    pub header_timeout: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +105,9 @@ pub(super) struct FileHttp {
     #[serde(default)]
     mqtt_hosts: Vec<String>,
     rev_interval: Option<String>,
+    tls: Option<super::tls::FileTls>,
+    max_header_size: Option<String>,
+    header_timeout: Option<String>,
 }
 
 fn dur(
@@ -184,6 +195,22 @@ impl FileHttp {
                 ByteSize(10 << 20)
             }
         };
+        let max_header_size =
+            match ByteSize::parse(self.max_header_size.as_deref().unwrap_or("64KiB")) {
+                Ok(b) if b.bytes() >= 8192 => b,
+                Ok(_) => {
+                    p.push((
+                        format!("{path}.max_header_size"),
+                        "must be at least 8KiB".into(),
+                    ));
+                    ByteSize(64 << 10)
+                }
+                Err(e) => {
+                    p.push((format!("{path}.max_header_size"), e));
+                    ByteSize(64 << 10)
+                }
+            };
+        let tls = self.tls.and_then(|t| t.validate(&format!("{path}.tls"), p));
         let retry_budget = self.retry_budget.unwrap_or(0.2);
         if !(0.0..=1.0).contains(&retry_budget) {
             p.push((
@@ -271,6 +298,15 @@ impl FileHttp {
                 path,
                 "rev_interval",
                 self.rev_interval,
+                Duration::from_secs(10),
+            ),
+            tls,
+            max_header_size,
+            header_timeout: dur(
+                p,
+                path,
+                "header_timeout",
+                self.header_timeout,
                 Duration::from_secs(10),
             ),
         }

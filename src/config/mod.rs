@@ -8,13 +8,15 @@
 
 mod file;
 mod http;
+mod tls;
 mod types;
 
 pub use http::{Balance, HttpConfig};
+pub use tls::{ClientAuth, TlsConfig, UpstreamTls};
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -46,6 +48,27 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
     /// `/metrics` answers without the token (for a Prometheus on the network).
     pub metrics_public: bool,
+    /// Serve the admin API over HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[mqtt.tls]`: an MQTT listener over TLS.
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttTls {
+    pub listen: SocketAddr,
+    #[serde(flatten)]
+    pub tls: TlsConfig,
+}
+
+/// `[mqtt.websocket]`: MQTT over WebSocket (`ws://`, or `wss://` with `tls`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttWebSocket {
+    pub listen: SocketAddr,
+    /// The URL path clients connect to (`/mqtt`, as Mosquitto and EMQX).
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 /// Topic filters an instance's replicas may use; a list left out allows all.
@@ -80,6 +103,11 @@ pub struct Secret(String);
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
+    }
+
+    /// The secret itself, for sending where it belongs.
+    pub fn expose(&self) -> &str {
+        &self.0
     }
 
     /// Constant-time comparison with what a client sent.
@@ -129,6 +157,24 @@ pub struct MqttConfig {
     /// Dispatch mode: keep-alive of the upstream sessions.
     #[serde(with = "types::humantime_ser")]
     pub upstream_keep_alive: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MqttTls>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<MqttWebSocket>,
+    /// TLS to an `mqtts://` upstream.
+    pub upstream_tls: UpstreamTls,
+    /// Usernames and argon2 password hashes every client must log in with
+    /// (an instance's own `password_file` takes over for its replicas);
+    /// absent: credentials go to the broker untouched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Client connections at once on this node, all listeners together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// PUBLISH packets a second one replica may send; beyond it flowgate
+    /// stops reading that connection for a while (no packet is dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_publish_rate: Option<u32>,
 }
 
 /// How an instance's replicas share their MQTT work.
@@ -187,6 +233,21 @@ pub struct InstanceConfig {
     /// The replicas' web traffic, balanced by flowgate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,
+    /// The replicas log in to flowgate with these credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// flowgate logs in to the broker as this user for this instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_password: Option<Secret>,
+    /// Dispatch mode: the client id of the instance's upstream session
+    /// (default `flowgate-{node_id}-{name}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_client_id: Option<String>,
+    /// Replicas connected at once on this node; one more is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_replicas: Option<usize>,
 }
 
 /// One problem found in a config, with the path of the key.

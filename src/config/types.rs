@@ -71,8 +71,9 @@ impl Serialize for ByteSize {
 pub enum Upstream {
     /// The broker embedded in this process.
     Embedded,
-    /// A broker over plain TCP, `mqtt://host:port` (host may be a name).
-    Mqtt { host: String, port: u16 },
+    /// A broker over plain TCP, `mqtt://host:port` (host may be a name), or
+    /// over TLS, `mqtts://host:port`.
+    Mqtt { host: String, port: u16, tls: bool },
 }
 
 impl Upstream {
@@ -80,10 +81,14 @@ impl Upstream {
         if text == "embedded" {
             return Ok(Self::Embedded);
         }
-        let Some(rest) = text.strip_prefix("mqtt://") else {
-            return Err(format!(
-                "{text:?} is not \"embedded\" or \"mqtt://host:port\""
-            ));
+        let (rest, tls) = match (text.strip_prefix("mqtt://"), text.strip_prefix("mqtts://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => {
+                return Err(format!(
+                    "{text:?} is not \"embedded\", \"mqtt://host:port\" or \"mqtts://host:port\""
+                ))
+            }
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
@@ -93,7 +98,7 @@ impl Upstream {
                     .map_err(|_| format!("{port:?} is not a port number"))?;
                 (host, port)
             }
-            _ => (rest, 1883),
+            _ => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -102,6 +107,7 @@ impl Upstream {
         Ok(Self::Mqtt {
             host: host.to_owned(),
             port,
+            tls,
         })
     }
 
@@ -109,8 +115,18 @@ impl Upstream {
     pub fn authority(&self) -> Option<String> {
         match self {
             Self::Embedded => None,
-            Self::Mqtt { host, port } if host.contains(':') => Some(format!("[{host}]:{port}")),
-            Self::Mqtt { host, port } => Some(format!("{host}:{port}")),
+            Self::Mqtt { host, port, .. } if host.contains(':') => Some(format!("[{host}]:{port}")),
+            Self::Mqtt { host, port, .. } => Some(format!("{host}:{port}")),
+        }
+    }
+
+    /// The broker's host name, when it is reached over TLS.
+    pub fn tls_host(&self) -> Option<&str> {
+        match self {
+            Self::Mqtt {
+                host, tls: true, ..
+            } => Some(host),
+            _ => None,
         }
     }
 }
@@ -119,6 +135,7 @@ impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.authority() {
             None => f.write_str("embedded"),
+            Some(a) if self.tls_host().is_some() => write!(f, "mqtts://{a}"),
             Some(a) => write!(f, "mqtt://{a}"),
         }
     }
@@ -162,15 +179,29 @@ mod tests {
             Upstream::parse("mqtt://broker:1884"),
             Ok(Upstream::Mqtt {
                 host: "broker".into(),
-                port: 1884
+                port: 1884,
+                tls: false
             })
         );
         assert_eq!(
             Upstream::parse("mqtt://broker"),
             Ok(Upstream::Mqtt {
                 host: "broker".into(),
-                port: 1883
+                port: 1883,
+                tls: false
             })
+        );
+        assert_eq!(
+            Upstream::parse("mqtts://broker"),
+            Ok(Upstream::Mqtt {
+                host: "broker".into(),
+                port: 8883,
+                tls: true
+            })
+        );
+        assert_eq!(
+            Upstream::parse("mqtts://b:8884").map(|u| u.to_string()),
+            Ok("mqtts://b:8884".into())
         );
         assert_eq!(
             Upstream::parse("mqtt://[::1]:1883").map(|u| u.to_string()),

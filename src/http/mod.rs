@@ -30,6 +30,14 @@ pub struct Site {
 }
 
 impl Site {
+    /// The TLS table of the listener (the first instance on it that has one;
+    /// validation makes instances sharing a listener agree).
+    pub fn tls(&self) -> Option<&crate::config::TlsConfig> {
+        self.pools.iter().find_map(|(_, p)| p.cfg.tls.as_ref())
+    }
+}
+
+impl Site {
     /// The pool for a request's `Host` (port ignored): an exact host match,
     /// else the pool without a host.
     fn route(&self, host: Option<&str>) -> Option<Arc<Pool>> {
@@ -68,16 +76,36 @@ pub fn sites(pools: &[Arc<Pool>]) -> BTreeMap<SocketAddr, Site> {
 pub async fn serve(
     listener: TcpListener,
     site: Arc<Site>,
+    tls: Option<Arc<crate::tls::Acceptor>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    while let Some((stream, peer)) =
-        crate::listener::accept(&listener, &shutdown, "http", None).await
+    // limits of the request head: the strictest of the instances on it
+    let max_header = site
+        .pools
+        .iter()
+        .map(|(_, p)| p.cfg.max_header_size.bytes())
+        .min()
+        .unwrap_or(64 << 10);
+    let header_timeout = site
+        .pools
+        .iter()
+        .map(|(_, p)| p.cfg.header_timeout)
+        .min()
+        .unwrap_or(std::time::Duration::from_secs(10));
+    while let Some((tcp, peer)) = crate::listener::accept(&listener, &shutdown, "http", None).await
     {
-        let _ = stream.set_nodelay(true);
         let site = site.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
+            let stream = match crate::tls::accept(tls.as_deref(), tcp, header_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "http connection refused");
+                    return;
+                }
+            };
             let service = service_fn(move |req: Request<Incoming>| {
                 let site = site.clone();
                 async move {
@@ -99,6 +127,9 @@ pub async fn serve(
                 }
             });
             let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(max_header)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub acl_denied: IntCounterVec,
     pub flows_diverged: IntGaugeVec,
     pub replica_sessions: IntCounterVec,
+    pub mqtt_auth: IntCounterVec,
+    pub mqtt_refused: IntCounterVec,
+    pub mqtt_throttled: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
     /// The last failovers, newest last, for the admin API.
     failovers: Mutex<VecDeque<Failover>>,
 }
@@ -257,6 +261,30 @@ impl Metrics {
                 ACL_DENIED,
                 "Replica publishes and subscriptions refused by the instance's acl, by action",
                 &[LABEL_INSTANCE, LABEL_KIND],
+            ),
+            mqtt_auth: counter_vec(
+                r,
+                MQTT_AUTH,
+                "MQTT logins checked by flowgate, by instance (empty: no instance) and result (ok, bad_password, unknown_user, no_credentials)",
+                &[LABEL_INSTANCE, LABEL_RESULT],
+            ),
+            mqtt_refused: counter_vec(
+                r,
+                MQTT_REFUSED,
+                "CONNECTs flowgate answered with a refusal, by reason (bad_credentials, not_authorized, max_connections, max_replicas)",
+                &[LABEL_REASON],
+            ),
+            mqtt_throttled: counter_vec(
+                r,
+                MQTT_THROTTLED,
+                "Times a replica went over mqtt.max_publish_rate and flowgate paused reading it",
+                &[LABEL_INSTANCE],
+            ),
+            tls_reloads: counter_vec(
+                r,
+                TLS_RELOADS,
+                "Certificate and password file reloads (SIGHUP), by result (ok, failed)",
+                &[LABEL_RESULT],
             ),
             deploys: counter_vec(
                 r,

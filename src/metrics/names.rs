@@ -23,6 +23,10 @@ pub const DEPLOYS: &str = "flowgate_deploys_total";
 pub const ACL_DENIED: &str = "flowgate_acl_denied_total";
 pub const FLOWS_DIVERGED: &str = "flowgate_http_flows_diverged_replicas";
 pub const REPLICA_SESSIONS: &str = "flowgate_replica_sessions_total";
+pub const MQTT_AUTH: &str = "flowgate_mqtt_auth_total";
+pub const MQTT_REFUSED: &str = "flowgate_mqtt_connect_refused_total";
+pub const MQTT_THROTTLED: &str = "flowgate_mqtt_throttled_total";
+pub const TLS_RELOADS: &str = "flowgate_tls_reloads_total";
 
 pub const LABEL_INSTANCE: &str = "instance";
 pub const LABEL_REPLICA: &str = "replica";

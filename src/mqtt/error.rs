@@ -31,12 +31,18 @@ pub enum ConnError {
     UpstreamConnect { addr: String, reason: String },
     #[error("rewritten client id is {0} bytes, over MQTT's 65535")]
     ClientIdTooLong(usize),
-    #[error("no free replica slot in instance {0}")]
-    NoSlot(String),
     #[error("client sent an invalid packet: {0}")]
     ClientWire(String),
     #[error("no packet from the client within {0:?} (1.5 x keep-alive)")]
     KeepAliveTimeout(Duration),
+    #[error("{0}")]
+    Handshake(String),
+    #[error("refused {client_id:?}: {reason}")]
+    Refused {
+        client_id: String,
+        reason: String,
+        kind: &'static str,
+    },
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -54,9 +60,10 @@ impl ConnError {
             Self::UpstreamIo(_) => "upstream_io",
             Self::UpstreamConnect { .. } => "upstream_unreachable",
             Self::ClientIdTooLong(_) => "client_id_too_long",
-            Self::NoSlot(_) => "no_slot",
             Self::ClientWire(_) => "malformed_packet",
             Self::KeepAliveTimeout(_) => "keep_alive_timeout",
+            Self::Handshake(_) => "handshake",
+            Self::Refused { kind, .. } => kind,
             Self::Internal(_) => "internal",
         }
     }

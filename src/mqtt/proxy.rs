@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,20 +20,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::auth::{PasswordFile, Verdict};
 use super::codec::{
-    check_header, connack_refusal, Connect, FrameScanner, PacketType, Protocol,
-    MAX_REMAINING_LENGTH,
+    check_header, connack_refusal, Connect, Credentials, FrameScanner, PacketType, Protocol,
+    Refusal, MAX_REMAINING_LENGTH,
 };
 use super::dispatch::{
     self,
     session::{self, Session},
 };
 use super::error::ConnError;
+use super::limit::RateLimit;
 use super::pump::{pump, Direction, FromReplica, ToReplica};
 use super::replicas::{InstanceState, Instances, NewReplica, SlotGuard};
 use super::rewrite::ShareRules;
 use crate::config::Config;
 use crate::metrics::{names, Metrics};
+use crate::stream::Stream;
+use crate::tls::{Acceptor, Connector};
 
 /// After one direction of a connection ends, how long the other may go on.
 const LINGER: Duration = Duration::from_secs(5);
@@ -47,26 +52,64 @@ pub struct ProxyContext {
     /// `host:port` of the broker for 5.0 clients (the embedded broker has
     /// one listener per version).
     pub upstream_v5: String,
+    /// TLS to an `mqtts://` broker.
+    pub upstream_tls: Option<Arc<Connector>>,
     /// Dispatch mode: each instance's dispatcher, by instance name.
     pub dispatchers: HashMap<String, dispatch::Handle>,
+    /// `mqtt.password_file`, for every client.
+    pub passwords: Option<Arc<PasswordFile>>,
+    /// Each instance's own `password_file`, by instance name.
+    pub instance_passwords: HashMap<String, Arc<PasswordFile>>,
+    /// Client connections open on every MQTT listener.
+    pub connections: AtomicUsize,
+}
+
+/// What a listener speaks before MQTT.
+pub enum Transport {
+    Tcp,
+    Tls(Arc<Acceptor>),
+    WebSocket {
+        path: String,
+        tls: Option<Arc<Acceptor>>,
+    },
+}
+
+impl Transport {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Tcp => "mqtt",
+            Self::Tls(_) => "mqtts",
+            Self::WebSocket { tls: None, .. } => "ws",
+            Self::WebSocket { tls: Some(_), .. } => "wss",
+        }
+    }
 }
 
 /// Accepts connections until `shutdown`, spawning one task each on `tracker`.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ProxyContext>,
+    transport: Transport,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let transport = Arc::new(transport);
     while let Some((stream, peer)) =
-        crate::listener::accept(&listener, &shutdown, "mqtt", Some(&ctx.metrics)).await
+        crate::listener::accept(&listener, &shutdown, transport.name(), Some(&ctx.metrics)).await
     {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        let span = tracing::debug_span!("mqtt", %peer);
+        let transport = transport.clone();
+        let span = tracing::debug_span!("mqtt", %peer, listener = transport.name());
         tracker.spawn(
             async move {
-                if let Err(e) = handle(&ctx, stream, peer, &shutdown).await {
+                let open = ctx.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                let result = match open_transport(&ctx, &transport, stream).await {
+                    Ok(stream) => handle(&ctx, stream, peer, open, &shutdown).await,
+                    Err(e) => Err(e),
+                };
+                ctx.connections.fetch_sub(1, Ordering::Relaxed);
+                if let Err(e) = result {
                     ctx.metrics.error(e.kind());
                     e.log();
                 }
@@ -76,12 +119,38 @@ pub async fn serve(
     }
 }
 
+/// The TLS handshake and WebSocket upgrade a listener asks for, within the
+/// CONNECT deadline.
+async fn open_transport(
+    ctx: &ProxyContext,
+    transport: &Transport,
+    tcp: TcpStream,
+) -> Result<Stream, ConnError> {
+    let _ = tcp.set_nodelay(true);
+    let deadline = ctx.config.mqtt.connect_timeout;
+    let max = ctx.config.mqtt.max_packet_size.bytes();
+    let open = async {
+        match transport {
+            Transport::Tcp => Ok(Stream::Tcp(tcp)),
+            Transport::Tls(tls) => tls.accept(tcp, deadline).await,
+            Transport::WebSocket { path, tls } => {
+                let stream = match tls {
+                    Some(tls) => tls.accept(tcp, deadline).await?,
+                    None => Stream::Tcp(tcp),
+                };
+                super::ws::accept(stream, path, max).await
+            }
+        }
+    };
+    tokio::time::timeout(deadline, open)
+        .await
+        .map_err(|_| ConnError::Handshake(format!("no handshake within {deadline:?}")))?
+        .map_err(ConnError::Handshake)
+}
+
 /// Reads until one whole frame is buffered; returns the buffer and the frame's
 /// length (bytes after it are the client's next packets).
-async fn read_first_frame(
-    stream: &mut TcpStream,
-    max: usize,
-) -> Result<(BytesMut, usize), ConnError> {
+async fn read_first_frame(stream: &mut Stream, max: usize) -> Result<(BytesMut, usize), ConnError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some(header) = check_header(&buf, max).map_err(ConnError::ClientCodec)? {
@@ -105,32 +174,61 @@ async fn read_first_frame(
     }
 }
 
-async fn connect_upstream(ctx: &ProxyContext, protocol: Protocol) -> Result<TcpStream, ConnError> {
-    let timeout = ctx.config.mqtt.upstream_connect_timeout;
+async fn connect_upstream(ctx: &ProxyContext, protocol: Protocol) -> Result<Stream, ConnError> {
     let addr = if protocol.is_v5() {
         &ctx.upstream_v5
     } else {
         &ctx.upstream_v3
     };
-    let fail = |reason: String| ConnError::UpstreamConnect {
+    crate::tls::connect(
+        addr,
+        ctx.config.mqtt.upstream_connect_timeout,
+        ctx.upstream_tls.as_deref(),
+    )
+    .await
+    .map_err(|reason| ConnError::UpstreamConnect {
         addr: addr.clone(),
         reason,
-    };
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    })
+}
+
+/// Answers a CONNECT with a refusal and ends the connection with an error
+/// naming why.
+async fn refuse(
+    ctx: &ProxyContext,
+    client: &mut Stream,
+    connect: &Connect<'_>,
+    refusal: Refusal,
+    kind: &'static str,
+    reason: String,
+) -> ConnError {
+    ctx.metrics.mqtt_refused.with_label_values(&[kind]).inc();
+    let _ = client.write_all(&refusal.frame(connect.protocol)).await;
+    let _ = client.shutdown().await;
+    ConnError::Refused {
+        client_id: connect.client_id.to_owned(),
+        reason,
+        kind,
+    }
+}
+
+/// Checks a CONNECT's credentials against `file` on a blocking thread.
+async fn check_login(file: &Arc<PasswordFile>, connect: &Connect<'_>) -> Verdict {
+    let file = file.clone();
+    let user = connect.username.map(str::to_owned);
+    let password = connect.password.map(<[u8]>::to_vec);
+    tokio::task::spawn_blocking(move || file.check(user.as_deref(), password.as_deref()))
         .await
-        .map_err(|_| fail(format!("no answer within {timeout:?}")))?
-        .map_err(|e| fail(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+        .unwrap_or(Verdict::NoCredentials)
 }
 
 async fn handle(
     ctx: &ProxyContext,
-    mut client: TcpStream,
+    mut client: Stream,
     peer: SocketAddr,
+    open: usize,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError> {
-    let _ = client.set_nodelay(true);
     let max = ctx
         .config
         .mqtt
@@ -145,8 +243,48 @@ async fn handle(
         () = shutdown.cancelled() => return Ok(()),
     };
     let connect = Connect::decode(&buf[..frame_len]).map_err(ConnError::ClientCodec)?;
+    if let Some(limit) = ctx.config.mqtt.max_connections.filter(|m| open > *m) {
+        let reason = format!("{open} connections open, mqtt.max_connections is {limit}");
+        return Err(refuse(
+            ctx,
+            &mut client,
+            &connect,
+            Refusal::Busy,
+            "max_connections",
+            reason,
+        )
+        .await);
+    }
+    let instance = ctx.instances.find(connect.client_id, connect.username);
+    let passwords = instance
+        .and_then(|i| ctx.instance_passwords.get(&i.config.name))
+        .or(ctx.passwords.as_ref());
+    if let Some(file) = passwords {
+        let verdict = check_login(file, &connect).await;
+        let name = instance.map_or("", |i| i.config.name.as_str());
+        ctx.metrics
+            .mqtt_auth
+            .with_label_values(&[name, verdict.label()])
+            .inc();
+        let refusal = match verdict {
+            Verdict::Accepted => None,
+            Verdict::NoCredentials => Some((Refusal::NotAuthorized, "not_authorized")),
+            Verdict::UnknownUser | Verdict::BadPassword => {
+                Some((Refusal::BadCredentials, "bad_credentials"))
+            }
+        };
+        if let Some((refusal, kind)) = refusal {
+            let reason = format!(
+                "{} (user {:?}, {})",
+                verdict.label(),
+                connect.username.unwrap_or(""),
+                file.path.display()
+            );
+            return Err(refuse(ctx, &mut client, &connect, refusal, kind, reason).await);
+        }
+    }
 
-    let Some(instance) = ctx.instances.find(connect.client_id, connect.username) else {
+    let Some(instance) = instance else {
         tracing::debug!(client_id = connect.client_id, "pass-through client");
         let _active = ActiveGuard::new(&ctx.metrics, names::CONN_PASSTHROUGH);
         let mut upstream = connect_upstream(ctx, connect.protocol).await?;
@@ -163,22 +301,51 @@ async fn handle(
     let instance = instance.clone();
     let protocol = connect.protocol;
     let client_id = connect.client_id.to_owned();
-    let (guard, new_id) = instance
-        .claim(NewReplica {
-            client_id: &client_id,
-            peer,
-            protocol,
-            node_id: &ctx.config.node_id,
-        })
-        .ok_or_else(|| ConnError::NoSlot(instance.config.name.clone()))?;
+    let Some((guard, new_id)) = instance.claim(NewReplica {
+        client_id: &client_id,
+        peer,
+        protocol,
+        node_id: &ctx.config.node_id,
+    }) else {
+        let reason = format!(
+            "instance {} has max_replicas = {} connected",
+            instance.config.name,
+            instance
+                .config
+                .max_replicas
+                .unwrap_or(usize::from(u16::MAX))
+        );
+        return Err(refuse(
+            ctx,
+            &mut client,
+            &connect,
+            Refusal::Busy,
+            "max_replicas",
+            reason,
+        )
+        .await);
+    };
     if new_id.len() > usize::from(u16::MAX) {
         return Err(ConnError::ClientIdTooLong(new_id.len()));
     }
-    let rewritten = connect.encode_with_client_id(&new_id);
+    let credentials = instance
+        .config
+        .upstream_username
+        .as_deref()
+        .map(|username| Credentials {
+            username,
+            password: instance
+                .config
+                .upstream_password
+                .as_ref()
+                .map(|p| p.expose().as_bytes()),
+        });
+    let rewritten = connect.encode_with(&new_id, credentials);
     let will = session::will_of(&connect);
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
     let _ = buf.split_to(frame_len);
     let span = tracing::info_span!("replica", instance = %instance.config.name, slot = guard.slot);
+    let transport = client.transport();
     if let Some(handle) = ctx.dispatchers.get(&instance.config.name) {
         let session = Session {
             protocol,
@@ -189,9 +356,14 @@ async fn handle(
             handle: handle.clone(),
             will,
             peer,
+            publish_rate: ctx.config.mqtt.max_publish_rate,
+            throttled: ctx
+                .metrics
+                .mqtt_throttled
+                .with_label_values(&[instance.config.name.as_str()]),
         };
         return async move {
-            tracing::info!(%client_id, session_id = %new_id, ?protocol, "replica connected (dispatch)");
+            tracing::info!(%client_id, session_id = %new_id, ?protocol, transport, "replica connected (dispatch)");
             let _active = ActiveGuard::new(&ctx.metrics, names::CONN_REPLICA);
             let result = session.run(client, buf, shutdown).await;
             tracing::info!("replica disconnected");
@@ -208,7 +380,7 @@ async fn handle(
         max,
     };
     async move {
-        tracing::info!(%client_id, upstream_client_id = %new_id, ?protocol, "replica connected");
+        tracing::info!(%client_id, upstream_client_id = %new_id, ?protocol, transport, "replica connected");
         let result = replica.run(client, buf, rewritten, shutdown).await;
         tracing::info!("replica disconnected");
         result
@@ -229,7 +401,7 @@ struct Replica<'a> {
 impl Replica<'_> {
     async fn run(
         self,
-        mut client: TcpStream,
+        mut client: Stream,
         buf: BytesMut,
         rewritten: Vec<u8>,
         shutdown: &CancellationToken,
@@ -249,8 +421,8 @@ impl Replica<'_> {
                 return Err(e);
             }
         };
-        let (client_rd, client_wr) = client.into_split();
-        let (up_rd, mut up_wr) = upstream.into_split();
+        let (client_rd, client_wr) = client.split();
+        let (up_rd, mut up_wr) = upstream.split();
         up_wr
             .write_all(&rewritten)
             .await
@@ -265,6 +437,8 @@ impl Replica<'_> {
             protocol: self.protocol,
             guard,
             metrics: &ctx.metrics,
+            limit: ctx.config.mqtt.max_publish_rate.map(RateLimit::new),
+            publishes: 0,
         };
         let mut to = ToReplica {
             guard,

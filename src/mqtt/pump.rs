@@ -13,6 +13,7 @@ use super::codec::{
     CodecError, ConnectReturn, FrameScanner, PacketType, Protocol, Scan, Subscribe, Unsubscribe,
 };
 use super::error::ConnError;
+use super::limit::RateLimit;
 use super::replicas::SlotGuard;
 use super::rewrite::ShareRules;
 use crate::metrics::Metrics;
@@ -32,6 +33,10 @@ pub trait Handler {
         frame: BytesMut,
         out: &mut BytesMut,
     ) -> Result<(), ConnError>;
+    /// After a batch is written: how long to stop reading (a rate limit).
+    fn pause(&mut self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// How one direction frames and counts its bytes.
@@ -105,6 +110,12 @@ where
             wr.write_all(&out).await.map_err(write_err)?;
         }
         drop(out);
+        if let Some(wait) = handler.pause() {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
         inbuf.reserve(READ_CHUNK);
         let n = tokio::select! {
             r = rd.read_buf(&mut inbuf) => r.map_err(read_err)?,
@@ -130,6 +141,9 @@ pub struct FromReplica<'a> {
     pub protocol: Protocol,
     pub guard: &'a SlotGuard,
     pub metrics: &'a Metrics,
+    /// `mqtt.max_publish_rate`, and the publishes seen since the last batch.
+    pub limit: Option<RateLimit>,
+    pub publishes: u32,
 }
 
 impl Handler for FromReplica<'_> {
@@ -143,7 +157,18 @@ impl Handler for FromReplica<'_> {
     fn on_start(&mut self, packet: PacketType) {
         if packet == PacketType::Publish {
             self.guard.counters.messages_from.inc();
+            self.publishes += 1;
         }
+    }
+
+    fn pause(&mut self) -> Option<std::time::Duration> {
+        let n = std::mem::take(&mut self.publishes);
+        let wait = self.limit.as_mut()?.take(n)?;
+        self.metrics
+            .mqtt_throttled
+            .with_label_values(&[self.rules.instance])
+            .inc();
+        Some(wait)
     }
 
     fn on_whole(

@@ -115,10 +115,17 @@ impl InstanceState {
         self.replicas.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the lowest free slot; `None` when all 65536 are taken.
-    /// Returns the guard and the client id the replica gets upstream.
+    /// Takes the lowest free slot; `None` when `max_replicas` (or all 65536)
+    /// are taken. Returns the guard and the client id the replica gets upstream.
     pub fn claim(self: &Arc<Self>, new: NewReplica<'_>) -> Option<(SlotGuard, String)> {
         let mut replicas = self.lock();
+        if self
+            .config
+            .max_replicas
+            .is_some_and(|m| replicas.len() >= m)
+        {
+            return None;
+        }
         let slot = (0..=u16::MAX).find(|s| !replicas.contains_key(s))?;
         let upstream_client_id =
             super::rewrite::replica_client_id(new.client_id, &self.config.name, new.node_id, slot);

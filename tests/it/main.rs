@@ -10,6 +10,7 @@ mod hostile;
 mod http;
 mod loadtest;
 mod nodered;
+mod security;
 mod share_mode;
 mod standby;
 mod status;

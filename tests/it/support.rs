@@ -59,6 +59,17 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// A broker with `extra` lines in its config (`allow_anonymous false`,
+    /// `password_file ...`).
+    pub async fn start_with(extra: &str) -> Self {
+        let anonymous = if extra.contains("allow_anonymous") {
+            ""
+        } else {
+            "allow_anonymous true\n"
+        };
         let dir = temp_dir("mosquitto");
         let bin = std::env::var("FLOWGATE_MOSQUITTO").unwrap_or_else(|_| "mosquitto".into());
         for attempt in 0..5 {
@@ -68,9 +79,9 @@ impl Mosquitto {
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                    "listener {port} 127.0.0.1\n{anonymous}persistence false\n\
                      set_tcp_nodelay true\nmax_queued_messages 100000\nmax_inflight_messages 0\n\
-                     log_dest stderr\nlog_type all\nconnection_messages true\n"
+                     log_dest stderr\nlog_type all\nconnection_messages true\n{extra}\n"
                 ),
             )
             .expect("mosquitto config can be written");
@@ -184,6 +195,11 @@ impl Client3 {
     pub fn connect(addr: SocketAddr, id: &str, clean: bool) -> Self {
         let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
         opts.set_clean_session(clean);
+        Self::with_options(opts)
+    }
+
+    /// A client with its own options (transport, credentials).
+    pub fn with_options(mut opts: rumqttc::MqttOptions) -> Self {
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_inflight(1000);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10_000);

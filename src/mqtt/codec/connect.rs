@@ -8,8 +8,8 @@ use super::{
     check_header, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader,
 };
 
-/// A decoded CONNECT that borrows its frame. Only the client id can be
-/// changed on encode; every other byte is copied from the frame.
+/// A decoded CONNECT that borrows its frame. Only the client id and the
+/// credentials can be changed on encode; every other byte is copied.
 pub struct Connect<'a> {
     pub protocol: Protocol,
     /// The connect flags byte as sent.
@@ -18,11 +18,25 @@ pub struct Connect<'a> {
     pub client_id: &'a str,
     pub username: Option<&'a str>,
     pub has_password: bool,
+    /// The password, never logged.
+    pub password: Option<&'a [u8]>,
     pub will: Option<Will<'a>>,
     /// The body (after the fixed header).
     body: &'a [u8],
+    /// Where the connect flags byte lies in `body`.
+    flags_pos: usize,
     /// Where the client id (with its length prefix) lies in `body`.
     client_id_range: Range<usize>,
+    /// Where the username and password (the payload's last fields) start.
+    credentials_start: usize,
+}
+
+/// The username and password flowgate logs in with upstream instead of a
+/// replica's own.
+#[derive(Clone, Copy)]
+pub struct Credentials<'a> {
+    pub username: &'a str,
+    pub password: Option<&'a [u8]>,
 }
 
 /// The will message a CONNECT carries.
@@ -105,6 +119,7 @@ impl<'a> Connect<'a> {
                 })
             }
         };
+        let flags_pos = r.pos();
         let flags = r.u8("connect flags")?;
         if flags & FLAG_RESERVED != 0 {
             return Err(CodecError::ReservedBit {
@@ -143,15 +158,18 @@ impl<'a> Connect<'a> {
             }
             None
         };
+        let credentials_start = r.pos();
         let username = if flags & FLAG_USERNAME != 0 {
             Some(r.string("username")?)
         } else {
             None
         };
         let has_password = flags & FLAG_PASSWORD != 0;
-        if has_password {
-            r.binary("password")?;
-        }
+        let password = if has_password {
+            Some(r.binary("password")?)
+        } else {
+            None
+        };
         if r.remaining() != 0 {
             return Err(CodecError::TrailingBytes(r.remaining()));
         }
@@ -162,9 +180,12 @@ impl<'a> Connect<'a> {
             client_id,
             username,
             has_password,
+            password,
             will,
             body,
+            flags_pos,
             client_id_range,
+            credentials_start,
         })
     }
 
@@ -175,17 +196,46 @@ impl<'a> Connect<'a> {
     /// Encodes this CONNECT with `client_id` in place of the original; all
     /// other bytes are the frame's own.
     pub fn encode_with_client_id(&self, client_id: &str) -> Vec<u8> {
+        self.encode_with(client_id, None)
+    }
+
+    /// Encodes this CONNECT with `client_id`, and with `credentials` in place
+    /// of the client's username and password when given.
+    pub fn encode_with(&self, client_id: &str, credentials: Option<Credentials<'_>>) -> Vec<u8> {
         let head = &self.body[..self.client_id_range.start];
-        let tail = &self.body[self.client_id_range.end..];
-        let remaining = head.len() + 2 + client_id.len() + tail.len();
+        let tail = match credentials {
+            None => &self.body[self.client_id_range.end..],
+            Some(_) => &self.body[self.client_id_range.end..self.credentials_start],
+        };
+        let creds_len = credentials.map_or(0, |c| {
+            2 + c.username.len() + c.password.map_or(0, |p| 2 + p.len())
+        });
+        let remaining = head.len() + 2 + client_id.len() + tail.len() + creds_len;
         let mut out = Vec::with_capacity(remaining + 5);
         out.push(0x10);
         write_remaining_length(&mut out, remaining);
+        let flags_at = out.len() + self.flags_pos;
         out.extend_from_slice(head);
         write_str(&mut out, client_id);
         out.extend_from_slice(tail);
+        if let Some(c) = credentials {
+            let mut flags = self.flags & !(FLAG_USERNAME | FLAG_PASSWORD) | FLAG_USERNAME;
+            write_str(&mut out, c.username);
+            if let Some(p) = c.password {
+                flags |= FLAG_PASSWORD;
+                write_remaining_u16_bytes(&mut out, p);
+            }
+            out[flags_at] = flags;
+        }
         out
     }
+}
+
+/// A length-prefixed binary field.
+fn write_remaining_u16_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&bytes[..usize::from(len)]);
 }
 
 /// What a CONNACK says about the session.
@@ -228,6 +278,45 @@ pub fn connack_refusal(protocol: Protocol) -> &'static [u8] {
         &[0x20, 0x03, 0x00, 0x88, 0x00]
     } else {
         &[0x20, 0x02, 0x00, 0x03]
+    }
+}
+
+/// Why flowgate itself refuses a CONNECT, with the code each protocol
+/// version has for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong password or unknown user: 3.x 4, 5.0 0x86.
+    BadCredentials,
+    /// No credentials where they are required, or a client certificate
+    /// missing: 3.x 5, 5.0 0x87.
+    NotAuthorized,
+    /// A connection limit: 3.x 3 (server unavailable), 5.0 0x97 (quota
+    /// exceeded).
+    Busy,
+}
+
+impl Refusal {
+    /// The whole CONNACK frame.
+    pub fn frame(self, protocol: Protocol) -> Vec<u8> {
+        let (v3, v5) = match self {
+            Self::BadCredentials => (4, 0x86),
+            Self::NotAuthorized => (5, 0x87),
+            Self::Busy => (3, 0x97),
+        };
+        if protocol.is_v5() {
+            vec![0x20, 0x03, 0x00, v5, 0x00]
+        } else {
+            vec![0x20, 0x02, 0x00, v3]
+        }
+    }
+
+    /// The label of `flowgate_mqtt_connect_refused_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::BadCredentials => "bad_credentials",
+            Self::NotAuthorized => "not_authorized",
+            Self::Busy => "limit",
+        }
     }
 }
 

@@ -17,7 +17,7 @@ mod connect;
 mod frame;
 mod subscribe;
 
-pub use connect::{connack_refusal, Connect, ConnectReturn, Will};
+pub use connect::{connack_refusal, Connect, ConnectReturn, Credentials, Refusal, Will};
 pub use frame::{FrameScanner, Scan};
 pub use subscribe::{Subscribe, SubscribeEntry, Unsubscribe, NO_LOCAL};
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +14,9 @@ use super::core::{Handle, ReplicaEvent};
 use super::wire::{self, Incoming, Message, Outgoing};
 use crate::mqtt::codec::{check_flags, check_header, Connect, Protocol};
 use crate::mqtt::error::ConnError;
+use crate::mqtt::limit::RateLimit;
 use crate::mqtt::replicas::SlotGuard;
+use crate::stream::Stream;
 
 /// Capacity of a replica's outgoing channel beyond its in-flight window.
 const OUT_SLACK: usize = 256;
@@ -40,6 +41,10 @@ pub struct Session<'a> {
     pub handle: Handle,
     pub will: Option<Message>,
     pub peer: std::net::SocketAddr,
+    /// `mqtt.max_publish_rate`: PUBLISH packets a second.
+    pub publish_rate: Option<u32>,
+    /// Counts the pauses that rate forces.
+    pub throttled: prometheus::IntCounter,
 }
 
 impl Session<'_> {
@@ -47,7 +52,7 @@ impl Session<'_> {
     /// it left, and whether cleanly.
     pub async fn run(
         self,
-        stream: TcpStream,
+        stream: Stream,
         inbuf: BytesMut,
         shutdown: &CancellationToken,
     ) -> Result<(), ConnError> {
@@ -75,13 +80,16 @@ impl Session<'_> {
 
     async fn serve(
         &self,
-        stream: TcpStream,
+        stream: Stream,
         mut inbuf: BytesMut,
         mut rx: mpsc::Receiver<Outgoing>,
         clean: &mut bool,
         shutdown: &CancellationToken,
     ) -> Result<(), ConnError> {
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = stream.split();
+        let mut limit = self.publish_rate.map(RateLimit::new);
+        // over the publish rate: nothing more is read (or decoded) until then
+        let mut paused: Option<tokio::time::Instant> = None;
         let counters = &self.guard.counters;
         let mut out = BytesMut::new();
         wire::encode(self.protocol, &Outgoing::ConnAck, &mut out)
@@ -100,7 +108,7 @@ impl Session<'_> {
         let mut aliases: HashMap<u16, String> = HashMap::new();
         loop {
             // everything complete in the buffer goes to the dispatcher first
-            loop {
+            while paused.is_none() {
                 let before = inbuf.len();
                 // the size limit holds from the fixed header, before the body is buffered
                 if check_header(&inbuf, self.max_packet)
@@ -129,6 +137,10 @@ impl Session<'_> {
                         if let Incoming::Publish { msg, .. } = &mut packet {
                             counters.messages_from.inc();
                             resolve_alias(&mut aliases, msg)?;
+                            if let Some(wait) = limit.as_mut().and_then(|l| l.take(1)) {
+                                self.throttled.inc();
+                                paused = Some(tokio::time::Instant::now() + wait);
+                            }
                         }
                         let ev = ReplicaEvent::Packet {
                             slot: self.guard.slot,
@@ -142,10 +154,15 @@ impl Session<'_> {
             }
             inbuf.reserve(16 * 1024);
             tokio::select! {
-                r = rd.read_buf(&mut inbuf) => {
+                r = rd.read_buf(&mut inbuf), if paused.is_none() => {
                     if r.map_err(ConnError::ClientIo)? == 0 {
                         return Ok(());
                     }
+                    deadline = tokio::time::Instant::now() + silence;
+                }
+                () = tokio::time::sleep_until(paused.unwrap_or(deadline)), if paused.is_some() => {
+                    paused = None;
+                    // a paused replica is not silent: it was not read
                     deadline = tokio::time::Instant::now() + silence;
                 }
                 first = rx.recv() => {

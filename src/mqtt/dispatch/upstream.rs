@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::config::Secret;
+use crate::stream::Stream;
+use crate::tls::Connector;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +56,27 @@ pub struct UpstreamSession {
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
     pub will: Option<Message>,
+    pub login: Login,
+}
+
+/// How flowgate reaches and logs in to the broker for one instance.
+#[derive(Clone, Default)]
+pub struct Login {
+    /// TLS for an `mqtts://` broker.
+    pub tls: Option<Arc<Connector>>,
+    /// The instance's `upstream_username` / `upstream_password`.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("tls", &self.tls.is_some())
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .finish()
+    }
 }
 
 fn encode(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
@@ -95,6 +120,10 @@ impl UpstreamSession {
         let mut c = v4::Connect::new(self.client_id.clone());
         c.clean_session = clean;
         c.keep_alive = u16::try_from(self.keep_alive.as_secs()).unwrap_or(u16::MAX);
+        if let Some(user) = &self.login.username {
+            let password = self.login.password.as_ref().map_or("", |p| p.expose());
+            c.set_login(user.clone(), password.to_owned());
+        }
         c.last_will = self
             .will
             .as_ref()
@@ -150,21 +179,19 @@ impl UpstreamSession {
         }
     }
 
-    async fn connect(&self) -> Result<(TcpStream, BytesMut, bool), String> {
+    async fn connect(&self) -> Result<(Stream, BytesMut, bool), String> {
         self.handshake(false).await
     }
 
     /// A clean session, for short-lived side sessions.
-    async fn connect_clean(&self) -> Result<(TcpStream, BytesMut, bool), String> {
+    async fn connect_clean(&self) -> Result<(Stream, BytesMut, bool), String> {
         self.handshake(true).await
     }
 
-    async fn handshake(&self, clean: bool) -> Result<(TcpStream, BytesMut, bool), String> {
-        let mut stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.connect_timeout))?
-            .map_err(|e| e.to_string())?;
-        let _ = stream.set_nodelay(true);
+    async fn handshake(&self, clean: bool) -> Result<(Stream, BytesMut, bool), String> {
+        let mut stream =
+            crate::tls::connect(&self.addr, self.connect_timeout, self.login.tls.as_deref())
+                .await?;
         stream
             .write_all(&self.connect_packet(clean)?)
             .await
@@ -197,13 +224,13 @@ impl UpstreamSession {
     /// One connected period. Returns `Ok` when asked to reconnect or stop.
     async fn serve(
         &mut self,
-        stream: TcpStream,
+        stream: Stream,
         mut buf: BytesMut,
         cmds: &mut mpsc::Receiver<UpCmd>,
         events: &mpsc::Sender<UpEvent>,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = stream.split();
         let mut ping = tokio::time::interval(self.keep_alive / 2);
         ping.tick().await;
         let mut last_read = tokio::time::Instant::now();
@@ -266,6 +293,7 @@ pub struct RetainedFetch {
     pub filters: Vec<String>,
     /// Upper bound on the whole fetch.
     pub timeout: Duration,
+    pub login: Login,
 }
 
 /// After the SUBACK (and a PINGRESP behind the retained messages of brokers
@@ -282,10 +310,11 @@ impl RetainedFetch {
             keep_alive: Duration::from_secs(30),
             connect_timeout: self.timeout,
             will: None,
+            login: self.login.clone(),
         };
         let fetch = async {
             let (stream, mut buf, _) = session.connect_clean().await?;
-            let (mut rd, mut wr) = stream.into_split();
+            let (mut rd, mut wr) = stream.split();
             let mut out = BytesMut::new();
             let sub = UpCmd::Subscribe {
                 pkid: 1,

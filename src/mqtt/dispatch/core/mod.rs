@@ -46,6 +46,8 @@ pub struct DispatchSettings {
     pub upstream_client_id: String,
     /// How long a side session waits for retained messages.
     pub retained_timeout: Duration,
+    /// TLS and credentials for side sessions.
+    pub upstream_login: super::upstream::Login,
 }
 
 /// What replica sessions tell the dispatcher.

@@ -281,6 +281,7 @@ impl Dispatcher {
             client_id: format!("{}-r{}", self.cfg.upstream_client_id, self.fetches),
             filters: fetch,
             timeout: self.cfg.retained_timeout,
+            login: self.cfg.upstream_login.clone(),
         };
         let tx = r.tx.clone();
         let counters = r.counters.clone();

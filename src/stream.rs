@@ -1,0 +1,158 @@
+//! One connection whatever carries it: plain TCP, TLS over TCP, or a
+//! [`DuplexStream`] fed by a task (MQTT over WebSocket). The MQTT proxy, the
+//! dispatch sessions and the upstream sessions read and write a [`Stream`];
+//! plain TCP keeps tokio's lock-free split.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// A client or upstream connection.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// The local end of a pipe a bridging task feeds (WebSocket frames).
+    Duplex(DuplexStream),
+}
+
+/// The reading half of a [`Stream`].
+pub enum ReadHalf {
+    Tcp(OwnedReadHalf),
+    Other(tokio::io::ReadHalf<Stream>),
+}
+
+/// The writing half of a [`Stream`].
+pub enum WriteHalf {
+    Tcp(OwnedWriteHalf),
+    Other(tokio::io::WriteHalf<Stream>),
+}
+
+impl Stream {
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Self::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            other => {
+                let (r, w) = tokio::io::split(other);
+                (ReadHalf::Other(r), WriteHalf::Other(w))
+            }
+        }
+    }
+
+    /// What carries it, for logs: `tcp`, `tls` or `ws`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Self::Tcp(_) => "tcp",
+            Self::Tls(_) => "tls",
+            Self::Duplex(_) => "ws",
+        }
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Self {
+        Self::Tcp(s)
+    }
+}
+
+/// Runs `$e` with `$s` bound to whichever stream `$self` holds.
+macro_rules! each {
+    ($self:expr, $s:ident => $e:expr, $($variant:path),+) => {
+        match $self {
+            $($variant($s) => $e,)+
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf), Stream::Tcp, Stream::Tls, Stream::Duplex)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf), Stream::Tcp, Stream::Tls, Stream::Duplex)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx), Stream::Tcp, Stream::Tls, Stream::Duplex)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx), Stream::Tcp, Stream::Tls, Stream::Duplex)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs), Stream::Tcp, Stream::Tls, Stream::Duplex)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+            Self::Duplex(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf), ReadHalf::Tcp, ReadHalf::Other)
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf), WriteHalf::Tcp, WriteHalf::Other)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx), WriteHalf::Tcp, WriteHalf::Other)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx), WriteHalf::Tcp, WriteHalf::Other)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs), WriteHalf::Tcp, WriteHalf::Other)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Other(s) => s.is_write_vectored(),
+        }
+    }
+}
