@@ -45,9 +45,12 @@ pub enum UpCmd {
 /// What the upstream session reports.
 #[derive(Debug)]
 pub enum UpEvent {
-    Up { session_present: bool },
+    Up {
+        session_present: bool,
+    },
     Down,
-    Packet(Incoming),
+    /// The packets of one read, in order.
+    Packets(Vec<Incoming>),
 }
 
 pub struct UpstreamSession {
@@ -235,12 +238,17 @@ impl UpstreamSession {
         ping.tick().await;
         let mut last_read = tokio::time::Instant::now();
         loop {
+            // everything one read brought goes to the dispatcher in one event
+            let mut batch = Vec::new();
             while let Some(p) =
                 wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())?
             {
-                if p != Incoming::PingResp && events.send(UpEvent::Packet(p)).await.is_err() {
-                    return Ok(());
+                if p != Incoming::PingResp {
+                    batch.push(p);
                 }
+            }
+            if !batch.is_empty() && events.send(UpEvent::Packets(batch)).await.is_err() {
+                return Ok(());
             }
             buf.reserve(16 * 1024);
             tokio::select! {

@@ -6,18 +6,39 @@ use std::time::Instant;
 use super::*;
 
 impl Dispatcher {
-    /// Sends one message to one replica; false when it cannot take it.
-    pub(super) fn deliver(&mut self, slot: u16, queued: Queued) -> bool {
+    /// Sends one message to one replica; hands it back when the replica
+    /// cannot take it.
+    pub(super) fn deliver(&mut self, slot: u16, queued: Queued) -> Result<(), Queued> {
         let Some(r) = self.replicas.get_mut(&slot) else {
-            return false;
+            return Err(queued);
         };
         let Some(granted) = r.granted(&queued.msg.topic) else {
-            return false;
+            return Err(queued);
         };
+        // the dispatcher is the only sender: room now is room for the send
+        if r.tx.capacity() == 0 || r.tx.is_closed() {
+            return Err(queued);
+        }
         let qos = queued.msg.qos.min(granted);
+        if qos == 0 {
+            // at most once: the message itself goes, no copy is kept
+            let Queued {
+                mut msg, origin, ..
+            } = queued;
+            msg.qos = 0;
+            tracing::trace!(slot, topic = %msg.topic, "delivered");
+            let _ = r.tx.try_send(Outgoing::Publish {
+                msg,
+                pkid: 0,
+                dup: false,
+            });
+            r.counters.messages_to.inc();
+            self.ack_upstream(origin);
+            return Ok(());
+        }
         let mut msg = queued.msg.clone();
         msg.qos = qos;
-        let pkid = if qos > 0 { r.alloc_pkid() } else { 0 };
+        let pkid = r.alloc_pkid();
         if r.tx
             .try_send(Outgoing::Publish {
                 msg,
@@ -26,23 +47,19 @@ impl Dispatcher {
             })
             .is_err()
         {
-            return false;
+            return Err(queued);
         }
         r.counters.messages_to.inc();
         tracing::trace!(slot, pkid, topic = %queued.msg.topic, "delivered");
-        if qos > 0 {
-            r.inflight.insert(
-                pkid,
-                Inflight {
-                    queued,
-                    sent: Instant::now(),
-                },
-            );
-            r.inflight_gauge.set(r.inflight.len() as i64);
-        } else {
-            self.ack_upstream(queued.origin);
-        }
-        true
+        r.inflight.insert(
+            pkid,
+            Inflight {
+                queued,
+                sent: Instant::now(),
+            },
+        );
+        r.inflight_gauge.set(r.inflight.len() as i64);
+        Ok(())
     }
 
     /// Hands queued messages to replicas that can take them, in order.
@@ -106,11 +123,12 @@ impl Dispatcher {
             let Some(queued) = self.queue.remove(i) else {
                 break;
             };
-            if self.deliver(slot, queued.clone()) {
-                self.served(slot);
-            } else {
-                self.queue.insert(i, queued);
-                i += 1;
+            match self.deliver(slot, queued) {
+                Ok(()) => self.served(slot),
+                Err(queued) => {
+                    self.queue.insert(i, queued);
+                    i += 1;
+                }
             }
         }
         self.update_queue_gauge();

@@ -56,7 +56,11 @@ impl Dispatcher {
                 let waiting = self.pending_subacks.drain().flat_map(|(_, v)| v);
                 self.waiting_for_up.extend(waiting.collect::<Vec<_>>());
             }
-            UpEvent::Packet(p) => self.on_upstream_packet(p),
+            UpEvent::Packets(ps) => {
+                for p in ps {
+                    self.on_upstream_packet(p);
+                }
+            }
         }
     }
 
@@ -141,7 +145,7 @@ impl Dispatcher {
                 origin: Origin::None,
                 redelivery: false,
             };
-            if !self.deliver(slot, queued) {
+            if self.deliver(slot, queued).is_err() {
                 self.metrics
                     .dispatch_dropped
                     .with_label_values(&[self.cfg.instance.as_str(), "replica_backlog"])
