@@ -531,6 +531,56 @@ async fn retained_messages_reach_each_subscribing_replica() {
 }
 
 #[tokio::test]
+async fn retained_messages_reach_a_replica_that_subscribes_while_a_stream_flows() {
+    for upstream in Upstream::both().await {
+        let app = start(&upstream, "").await;
+        let mut opts = MqttOptions::new("streamer", "127.0.0.1", app.mqtt_addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (c, mut el) = AsyncClient::new(opts, 1000);
+        c.publish("settings/mode", QoS::AtLeastOnce, true, "auto")
+            .await
+            .expect("queued");
+        // a live stream on the same filter, every 5 ms, before and during the
+        // replicas' subscription (the retained fetch must not wait for it to stop)
+        let stream = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            for i in 0u64.. {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let _ = c.try_publish("settings/live", QoS::AtMostOnce, false, i.to_string());
+                    }
+                    ev = el.poll() => if ev.is_err() { tokio::time::sleep(Duration::from_millis(50)).await },
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_reps, mut rx) =
+            replicas(app.mqtt_addr, &[(Duration::ZERO, true); 2], "settings/#").await;
+        let mut got = [false; 2];
+        let start_wait = Instant::now();
+        while !(got[0] && got[1]) {
+            // well under the fetch's 5 s bound (upstream_connect_timeout)
+            assert!(
+                start_wait.elapsed() < Duration::from_secs(3),
+                "{}: retained reached {got:?} while the stream flowed",
+                upstream.name()
+            );
+            if let Ok(Some(Got::Msg {
+                replica,
+                payload,
+                retain: true,
+            })) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await
+            {
+                assert_eq!(payload, "auto");
+                got[replica] = true;
+            }
+        }
+        stream.abort();
+        app.shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test]
 async fn v5_replicas_get_each_message_once_and_their_publishes_go_upstream() {
     use rumqttc::v5::mqttbytes::v5::Packet as P5;
     use rumqttc::v5::mqttbytes::QoS as Q5;

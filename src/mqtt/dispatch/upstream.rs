@@ -304,9 +304,11 @@ pub struct RetainedFetch {
     pub login: Login,
 }
 
-/// After the SUBACK (and a PINGRESP behind the retained messages of brokers
-/// that queue them in order), the fetch ends once the broker stays quiet this
+/// After the PINGRESP (behind the retained messages of brokers that queue
+/// them in order), the fetch ends once no retained message came for this
 /// long: some brokers (rumqttd) send retained messages from another thread.
+/// Live messages on the same filters do not count, or a steady stream would
+/// keep the side session (and a second copy of the stream) going.
 const RETAINED_QUIET: Duration = Duration::from_millis(150);
 
 impl RetainedFetch {
@@ -332,23 +334,30 @@ impl RetainedFetch {
             out.extend_from_slice(&[0xc0, 0x00]); // PINGREQ
             wr.write_all(&out).await.map_err(|e| e.to_string())?;
             let mut messages = Vec::new();
+            // until the PINGRESP: the whole fetch's deadline; then quiet
+            // (of retained messages) for RETAINED_QUIET
+            let mut until = deadline;
             let mut answered = false;
             loop {
                 while let Some(p) =
                     wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())?
                 {
+                    let now = tokio::time::Instant::now();
                     match p {
-                        Incoming::Publish { msg, .. } if msg.retain => messages.push(msg),
-                        Incoming::PingResp => answered = true,
+                        Incoming::Publish { msg, .. } if msg.retain => {
+                            messages.push(msg);
+                            if answered {
+                                until = now + RETAINED_QUIET;
+                            }
+                        }
+                        Incoming::PingResp if !answered => {
+                            answered = true;
+                            until = now + RETAINED_QUIET;
+                        }
                         _ => {}
                     }
                 }
-                let wait = if answered {
-                    RETAINED_QUIET
-                } else {
-                    self.timeout
-                };
-                match tokio::time::timeout(wait, rd.read_buf(&mut buf)).await {
+                match tokio::time::timeout_at(until, rd.read_buf(&mut buf)).await {
                     Ok(Ok(0)) => return Err("broker closed the retained fetch".to_owned()),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(e.to_string()),
