@@ -203,7 +203,7 @@ impl App {
         tracker.spawn(proxy::serve(
             mqtt_listener,
             ctx.clone(),
-            Transport::Tcp,
+            Transport::default(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -213,7 +213,10 @@ impl App {
             tracker.spawn(proxy::serve(
                 listener,
                 ctx.clone(),
-                Transport::Tls(tls),
+                Transport {
+                    tls: Some(tls),
+                    websocket: None,
+                },
                 shutdown.clone(),
                 tracker.clone(),
             ));
@@ -224,7 +227,10 @@ impl App {
             tracker.spawn(proxy::serve(
                 listener,
                 ctx,
-                Transport::WebSocket { path, tls },
+                Transport {
+                    tls,
+                    websocket: Some(path),
+                },
                 shutdown.clone(),
                 tracker.clone(),
             ));

@@ -64,23 +64,21 @@ pub struct ProxyContext {
     pub connections: AtomicUsize,
 }
 
-/// What a listener speaks before MQTT.
-pub enum Transport {
-    Tcp,
-    Tls(Arc<Acceptor>),
-    WebSocket {
-        path: String,
-        tls: Option<Arc<Acceptor>>,
-    },
+/// What a listener speaks before MQTT: TLS, then a WebSocket upgrade on
+/// `websocket`'s path, each when given.
+#[derive(Default)]
+pub struct Transport {
+    pub tls: Option<Arc<Acceptor>>,
+    pub websocket: Option<String>,
 }
 
 impl Transport {
     fn name(&self) -> &'static str {
-        match self {
-            Self::Tcp => "mqtt",
-            Self::Tls(_) => "mqtts",
-            Self::WebSocket { tls: None, .. } => "ws",
-            Self::WebSocket { tls: Some(_), .. } => "wss",
+        match (self.tls.is_some(), self.websocket.is_some()) {
+            (false, false) => "mqtt",
+            (true, false) => "mqtts",
+            (false, true) => "ws",
+            (true, true) => "wss",
         }
     }
 }
@@ -126,20 +124,13 @@ async fn open_transport(
     transport: &Transport,
     tcp: TcpStream,
 ) -> Result<Stream, ConnError> {
-    let _ = tcp.set_nodelay(true);
     let deadline = ctx.config.mqtt.connect_timeout;
     let max = ctx.config.mqtt.max_packet_size.bytes();
     let open = async {
-        match transport {
-            Transport::Tcp => Ok(Stream::Tcp(tcp)),
-            Transport::Tls(tls) => tls.accept(tcp, deadline).await,
-            Transport::WebSocket { path, tls } => {
-                let stream = match tls {
-                    Some(tls) => tls.accept(tcp, deadline).await?,
-                    None => Stream::Tcp(tcp),
-                };
-                super::ws::accept(stream, path, max).await
-            }
+        let stream = crate::tls::accept(transport.tls.as_deref(), tcp, deadline).await?;
+        match &transport.websocket {
+            Some(path) => super::ws::accept(stream, path, max).await,
+            None => Ok(stream),
         }
     };
     tokio::time::timeout(deadline, open)

@@ -224,17 +224,16 @@ async fn mqtt_over_tls_with_client_certificates_and_a_wrong_one_refused() {
     publish_numbered(app.mqtt_addr, "jobs", 5).await;
     assert_eq!(receive(&mut replica, 5).await.len(), 5);
 
+    // a fresh client's CONNACK over TLS, trusting `ca`, with `cert`
+    let login = |id: &str, ca: &str, cert: Option<&str>| {
+        connack3(tls_opts(id, mqtts, certs.client(ca, cert)))
+    };
     // no client certificate, one from another CA, a server nobody trusts
-    let none = connack3(tls_opts("c2", mqtts, certs.client("ca", None))).await;
+    let none = login("c2", "ca", None).await;
     assert!(none.is_err(), "a client without a certificate got in");
-    let rogue = connack3(tls_opts("c3", mqtts, certs.client("ca", Some("rogue")))).await;
+    let rogue = login("c3", "ca", Some("rogue")).await;
     assert!(rogue.is_err(), "a client with a rogue certificate got in");
-    let untrusted = connack3(tls_opts(
-        "c4",
-        mqtts,
-        certs.client("rogue-ca", Some("client")),
-    ))
-    .await;
+    let untrusted = login("c4", "rogue-ca", Some("client")).await;
     assert!(
         untrusted.is_err(),
         "the client trusted a server it should not"
@@ -250,14 +249,9 @@ async fn mqtt_over_tls_with_client_certificates_and_a_wrong_one_refused() {
     std::fs::copy(certs.path("server2.pem"), certs.path("server.pem")).expect("swap cert");
     std::fs::copy(certs.path("server2.key"), certs.path("server.key")).expect("swap key");
     assert_eq!(app.reload(), 0, "reload failed");
-    let old_ca = connack3(tls_opts("c5", mqtts, certs.client("ca", Some("client")))).await;
+    let old_ca = login("c5", "ca", Some("client")).await;
     assert!(old_ca.is_err(), "the old certificate is still served");
-    let new_ca = connack3(tls_opts(
-        "c6",
-        mqtts,
-        certs.client("rogue-ca", Some("client")),
-    ))
-    .await;
+    let new_ca = login("c6", "rogue-ca", Some("client")).await;
     assert!(new_ca.is_ok(), "the reloaded certificate: {new_ca:?}");
     publish_numbered(app.mqtt_addr, "jobs", 3).await;
     assert_eq!(
@@ -268,12 +262,7 @@ async fn mqtt_over_tls_with_client_certificates_and_a_wrong_one_refused() {
     // a broken file keeps the old certificate
     std::fs::write(certs.path("server.pem"), "not a certificate").expect("break");
     assert_eq!(app.reload(), 1);
-    let still = connack3(tls_opts(
-        "c7",
-        mqtts,
-        certs.client("rogue-ca", Some("client")),
-    ))
-    .await;
+    let still = login("c7", "rogue-ca", Some("client")).await;
     assert!(
         still.is_ok(),
         "a failed reload dropped the certificate: {still:?}"

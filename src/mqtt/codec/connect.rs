@@ -5,7 +5,8 @@ use std::fmt;
 use std::ops::Range;
 
 use super::{
-    check_header, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader,
+    check_header, write_binary, write_remaining_length, write_str, CodecError, PacketType,
+    Protocol, Reader,
 };
 
 /// A decoded CONNECT that borrows its frame. Only the client id and the
@@ -223,19 +224,12 @@ impl<'a> Connect<'a> {
             write_str(&mut out, c.username);
             if let Some(p) = c.password {
                 flags |= FLAG_PASSWORD;
-                write_remaining_u16_bytes(&mut out, p);
+                write_binary(&mut out, p);
             }
             out[flags_at] = flags;
         }
         out
     }
-}
-
-/// A length-prefixed binary field.
-fn write_remaining_u16_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&bytes[..usize::from(len)]);
 }
 
 /// What a CONNACK says about the session.
@@ -307,15 +301,6 @@ impl Refusal {
             vec![0x20, 0x03, 0x00, v5, 0x00]
         } else {
             vec![0x20, 0x02, 0x00, v3]
-        }
-    }
-
-    /// The label of `flowgate_mqtt_connect_refused_total`.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::BadCredentials => "bad_credentials",
-            Self::NotAuthorized => "not_authorized",
-            Self::Busy => "limit",
         }
     }
 }

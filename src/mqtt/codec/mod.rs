@@ -222,9 +222,14 @@ pub fn write_remaining_length(out: &mut Vec<u8>, mut len: usize) {
 /// Appends a length-prefixed UTF-8 string. The caller guarantees `s` fits in
 /// 65535 bytes (filters and client ids are checked where they are built).
 pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
-    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    write_binary(out, s.as_bytes());
+}
+
+/// Appends length-prefixed binary data (at most 65535 bytes are written).
+pub(crate) fn write_binary(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+    out.extend_from_slice(&bytes[..usize::from(len)]);
 }
 
 /// A cursor over a packet body that remembers positions, for decoders that
