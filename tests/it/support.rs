@@ -178,6 +178,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// What a v3.1.1 client saw.
+#[derive(Debug)]
 pub enum Seen {
     Message(Vec<u8>),
     SubAck,

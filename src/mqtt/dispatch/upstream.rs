@@ -268,6 +268,7 @@ impl UpstreamSession {
                             self.will = will;
                             let _ = wr.write_all(&out).await;
                             let _ = wr.write_all(&[0xe0, 0x00]).await;
+                            await_close(&mut rd).await;
                             return Ok(());
                         }
                         encode(&cmd, &mut out)?;
@@ -292,6 +293,32 @@ impl UpstreamSession {
         }
     }
 }
+
+/// After our DISCONNECT, waits (bounded) until the broker has closed the
+/// connection, so that the reconnect with a new will is not taken for the old
+/// connection's end. rumqttd 0.20 looks up the will of a connection that
+/// ended by client id, after the fact: a new session with the same id that
+/// registers first has its own will published at once.
+async fn await_close(rd: &mut crate::stream::ReadHalf) {
+    let mut scratch = BytesMut::with_capacity(4096);
+    let closed = async {
+        loop {
+            scratch.clear();
+            match rd.read_buf(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    if tokio::time::timeout(CLOSE_WAIT, closed).await.is_err() {
+        tracing::debug!("broker kept the connection open after DISCONNECT");
+    }
+    // the broker's own clean-up of the old connection runs after its close
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// How long a will change waits for the broker to close the old connection.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A short-lived clean session that subscribes to filters and collects the
 /// retained messages the broker sends for them, for one replica.
