@@ -20,7 +20,8 @@ use crate::support::*;
 
 /// A stand-in replica: `/api` answers its name, one request per 100 ms at
 /// most; `/flows/state` answers 200; `/echo-len` answers the body's length;
-/// an Upgrade request is answered 101 and echoed byte for byte.
+/// a WebSocket handshake gets a real WebSocket echoing each message; any
+/// other Upgrade request is answered 101 and echoed byte for byte.
 pub(crate) struct Replica {
     pub(crate) addr: SocketAddr,
     tasks: Arc<Mutex<JoinSet<()>>>,
@@ -60,6 +61,9 @@ async fn serve_replica(name: String, listener: TcpListener, tasks: Arc<Mutex<Joi
                         }
                         n.to_string()
                     }
+                    _ if req.headers().contains_key("sec-websocket-key") => {
+                        return Ok(websocket_echo(&mut req));
+                    }
                     _ if req.headers().contains_key(hyper::header::UPGRADE) => {
                         let on = hyper::upgrade::on(&mut req);
                         tokio::spawn(async move {
@@ -93,6 +97,40 @@ async fn serve_replica(name: String, listener: TcpListener, tasks: Arc<Mutex<Joi
                 .await;
         });
     }
+}
+
+/// An RFC 6455 server handshake, then every data message echoed (tungstenite
+/// answers pings and the closing handshake itself).
+fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role};
+    let accept = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .unwrap_or_default();
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(up) = on.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(up),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", "websocket".parse().expect("header"));
+    h.insert("connection", "Upgrade".parse().expect("header"));
+    h.insert("sec-websocket-accept", accept.parse().expect("header"));
+    r
 }
 
 impl Replica {
@@ -366,6 +404,87 @@ async fn an_upgraded_connection_is_spliced_both_ways() {
             .expect("read");
         assert_eq!(back, msg);
     }
+    app.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_websocket_echoes_through_the_balancer_and_closes_when_its_replica_goes_down() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let reps = [Replica::start("r0", 0).await, Replica::start("r1", 0).await];
+    let (app, addr) = balancer(&reps.iter().collect::<Vec<_>>(), "").await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, resp) = tokio::time::timeout(
+        DEADLINE,
+        tokio_tungstenite::client_async("ws://web.local/ui/ws", tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("RFC 6455 handshake through the balancer");
+    assert_eq!(resp.status().as_u16(), 101);
+    let served_by: usize = resp
+        .headers()
+        .get("x-flowgate-replica")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("the 101 names its replica");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = [
+        Message::text("hello"),
+        Message::binary(big),
+        Message::text("é, ü and 水"),
+    ];
+    for msg in sent {
+        ws.send(msg.clone()).await.expect("send");
+        let back = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("echo in time")
+            .expect("open")
+            .expect("a frame");
+        assert_eq!(back, msg);
+    }
+    ws.send(Message::Ping(Bytes::from_static(b"p1")))
+        .await
+        .expect("ping");
+    match tokio::time::timeout(DEADLINE, ws.next()).await {
+        Ok(Some(Ok(Message::Pong(p)))) => assert_eq!(&p[..], b"p1"),
+        other => panic!("expected the pong, got {other:?}"),
+    }
+    // its replica dies: flowgate closes the spliced connection once the probe
+    // marks it down, though the replica's own socket would linger
+    reps[served_by].kill();
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the WebSocket stayed open after its replica went down"
+    );
+    // a new one goes to the survivor
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://web.local/ui/ws", tcp)
+        .await
+        .expect("handshake to the survivor");
+    assert_eq!(
+        resp.headers()
+            .get("x-flowgate-replica")
+            .and_then(|v| v.to_str().ok()),
+        Some((1 - served_by).to_string().as_str())
+    );
+    ws.send(Message::text("still here")).await.expect("send");
+    let back = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .expect("echo in time")
+        .expect("open")
+        .expect("a frame");
+    assert_eq!(back, Message::text("still here"));
+    ws.close(None).await.expect("closing handshake");
     app.shutdown(Duration::from_secs(5)).await;
 }
 
