@@ -22,6 +22,9 @@ const EXIT_USAGE: u8 = 64;
 /// as errors, so it is silent unless asked for (`RUST_LOG=info,rumqttd=info`).
 const DEFAULT_LOG: &str = "info,rumqttd=off";
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
