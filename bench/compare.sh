@@ -3,6 +3,7 @@
 # through HAProxy (TCP mode), in one run, alternating targets.
 #
 #   bash bench/compare.sh            # ROUNDS=3 DURATION=5 RATE=5000 by default
+#   FG_THREADS=1 bash bench/compare.sh   # flowgate with worker_threads = 1
 #
 # For each QoS (0, 1) x payload size (64, 1024 B): at saturation (--rate 0)
 # for throughput, then at a fixed RATE msgs/s for latency; each measured run is
@@ -20,6 +21,8 @@ SUBSCRIBERS=${SUBSCRIBERS:-2}
 PUBLISHERS=${PUBLISHERS:-1}
 QOSES=${QOSES:-"0 1"}
 SIZES=${SIZES:-"64 1024"}
+# flowgate's worker_threads (both modes); empty: one per core
+FG_THREADS=${FG_THREADS:-}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -94,6 +97,7 @@ wait_port "$MOSQ_PORT" "$MOSQ_PID" mosquitto
 # --- flowgate (share mode) -------------------------------------------------
 cat >"$WORK/flowgate.toml" <<EOF
 node_id = "bench"
+$([[ -n $FG_THREADS ]] && echo "worker_threads = $FG_THREADS")
 [admin]
 listen = "127.0.0.1:0"
 [mqtt]
@@ -250,7 +254,7 @@ python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" +
     "$FG_ADMIN" >"$WORK/flowgate-metrics.txt" || log "cannot read flowgate /metrics"
 {
     echo
-    echo "flowgate $(git describe --always --dirty 2>/dev/null || echo '?'), $(nproc) CPUs," \
+    echo "flowgate $(git describe --always --dirty 2>/dev/null || echo '?') (worker_threads ${FG_THREADS:-one per core}), $(nproc) CPUs," \
         "$(mosquitto -h 2>/dev/null | head -1 || true), $(haproxy -v | head -1 | cut -d' ' -f1-3)."
     echo "flowgate counters at the end (\`/metrics\`):"
     echo '```'

@@ -46,10 +46,17 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    runtime_with(None)
+}
+
+/// The multi-threaded runtime with `threads` workers (default: one per core,
+/// or `TOKIO_WORKER_THREADS`).
+fn runtime_with(threads: Option<usize>) -> Option<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    match builder.enable_all().build() {
         Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -373,7 +380,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime_with(config.worker_threads) else {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async move {

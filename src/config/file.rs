@@ -17,6 +17,7 @@ use crate::mqtt::topic::TopicFilter;
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     node_id: Option<String>,
+    worker_threads: Option<usize>,
     #[serde(default)]
     admin: FileAdmin,
     #[serde(default)]
@@ -200,6 +201,15 @@ impl FileConfig {
             Some(id) => id,
             None => default_node_id(),
         };
+        if self
+            .worker_threads
+            .is_some_and(|n| !(1..=1024).contains(&n))
+        {
+            p.add(
+                "worker_threads",
+                "must be 1-1024 (leave it out for one per core)",
+            );
+        }
         let listen = p.check(
             "admin.listen",
             addr(self.admin.listen.as_deref(), "127.0.0.1:9090"),
@@ -520,6 +530,7 @@ impl FileConfig {
         if p.0.is_empty() {
             Ok(Config {
                 node_id,
+                worker_threads: self.worker_threads,
                 admin,
                 mqtt,
                 instances,

@@ -33,6 +33,10 @@ pub const DEFAULT_PATH: &str = "config/flowgate.toml";
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node_id: String,
+    /// Threads of the async runtime; `None`: one per core (or
+    /// `TOKIO_WORKER_THREADS`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
     pub admin: AdminConfig,
     pub mqtt: MqttConfig,
     #[serde(rename = "instance")]
@@ -363,6 +367,18 @@ mod tests {
         assert_eq!(c.mqtt.mode, Mode::Dispatch);
         assert_eq!(c.mqtt.upstream, Upstream::Embedded);
         assert!(c.instances.is_empty());
+    }
+
+    #[test]
+    fn worker_threads_is_optional_and_bounded() {
+        assert_eq!(Config::parse("", "t").expect("valid").worker_threads, None);
+        let c = Config::parse("worker_threads = 1\n", "t").expect("valid");
+        assert_eq!(c.worker_threads, Some(1));
+        let found = problems("worker_threads = 0\n");
+        assert!(
+            found.iter().any(|p| p.starts_with("worker_threads:")),
+            "{found:?}"
+        );
     }
 
     #[test]
