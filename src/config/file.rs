@@ -455,6 +455,12 @@ impl FileConfig {
                     "is required with upstream_password (MQTT sends no password without a username in 3.1.1)",
                 );
             }
+            if inst.acl.is_some() && mode == Mode::Share {
+                p.add(
+                    format!("{path}.acl"),
+                    "is applied in dispatch mode only; in share mode use the broker's ACL (or set mqtt.mode = \"dispatch\")",
+                );
+            }
             if inst.max_replicas == Some(0) {
                 p.add(format!("{path}.max_replicas"), "must be at least 1");
             }

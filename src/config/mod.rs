@@ -370,6 +370,17 @@ mod tests {
     }
 
     #[test]
+    fn an_acl_in_share_mode_is_refused_not_ignored() {
+        let found = problems(
+            "[mqtt]\nupstream = \"mqtt://127.0.0.1:1883\"\nmode = \"share\"\n[[instance]]\nname = \"a\"\nmatch = { client_id = \"x\" }\nacl = { publish = [\"a/#\"] }\n",
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("instance[0].acl:")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn worker_threads_is_optional_and_bounded() {
         assert_eq!(Config::parse("", "t").expect("valid").worker_threads, None);
         let c = Config::parse("worker_threads = 1\n", "t").expect("valid");
