@@ -1,7 +1,10 @@
 //! Who may connect: password files of `username:hash` lines, the hashes in
 //! PHC form from argon2 (`$argon2id$v=19$...`, as `flowgate passwd` writes
-//! them). Checking a password costs tens of milliseconds by design, so callers
-//! run [`PasswordFile::check`] on a blocking thread. Reloaded on SIGHUP.
+//! them) or as Mosquitto's `mosquitto_passwd` writes them (`$7$`: PBKDF2 with
+//! HMAC-SHA512; `$6$`: salted SHA-512), so a Mosquitto password file works
+//! as it is. Checking an argon2 password costs tens of milliseconds by design,
+//! so callers run [`PasswordFile::check`] on a blocking thread. Reloaded on
+//! SIGHUP.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -36,13 +39,140 @@ impl Verdict {
 /// A loaded password file.
 pub struct PasswordFile {
     pub path: PathBuf,
-    users: RwLock<HashMap<String, String>>,
+    users: RwLock<Users>,
 }
 
-fn parse(path: &Path) -> Result<HashMap<String, String>, String> {
+/// The users of a file, and the hash an unknown user is checked against:
+/// one of the file's own kind, so an unknown user and a wrong password take
+/// as long.
+struct Users {
+    by_name: HashMap<String, Stored>,
+    decoy: Stored,
+}
+
+/// One user's stored hash.
+#[derive(Clone)]
+enum Stored {
+    /// PHC string (argon2id, argon2i, argon2d).
+    Argon2(String),
+    /// Mosquitto `$7$iterations$salt$hash`: PBKDF2-HMAC-SHA512.
+    Pbkdf2Sha512 {
+        iterations: std::num::NonZeroU32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    /// Mosquitto `$6$salt$hash`: SHA-512 of the password then the salt.
+    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+}
+
+fn b64(field: &str, what: &str) -> Result<Vec<u8>, String> {
+    use base64ct::Encoding;
+    base64ct::Base64::decode_vec(field).map_err(|e| format!("{what} is not base64: {e}"))
+}
+
+impl Stored {
+    fn parse(hash: &str) -> Result<Self, String> {
+        if let Some(rest) = hash.strip_prefix("$7$") {
+            let mut parts = rest.split('$');
+            let (Some(iterations), Some(salt), Some(digest), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err("a $7$ hash is $7$iterations$salt$hash".into());
+            };
+            let iterations = iterations
+                .parse()
+                .map_err(|_| format!("{iterations:?} is not an iteration count"))?;
+            let hash = b64(digest, "the hash")?;
+            if hash.len() != 64 {
+                return Err(format!("a $7$ hash has 64 bytes, not {}", hash.len()));
+            }
+            return Ok(Self::Pbkdf2Sha512 {
+                iterations,
+                salt: b64(salt, "the salt")?,
+                hash,
+            });
+        }
+        if let Some(rest) = hash.strip_prefix("$6$") {
+            let Some((salt, digest)) = rest.split_once('$') else {
+                return Err("a $6$ hash is $6$salt$hash".into());
+            };
+            let hash = b64(digest, "the hash")?;
+            if hash.len() != 64 {
+                return Err(format!("a $6$ hash has 64 bytes, not {}", hash.len()));
+            }
+            return Ok(Self::Sha512 {
+                salt: b64(salt, "the salt")?,
+                hash,
+            });
+        }
+        let parsed = PasswordHash::new(hash)
+            .map_err(|e| format!("not a PHC hash ({e}) nor a mosquitto_passwd one ($7$ or $6$)"))?;
+        if !parsed.algorithm.as_str().starts_with("argon2") {
+            return Err(format!(
+                "{} hashes are not supported (argon2id, argon2i, argon2d, or mosquitto_passwd's $7$ and $6$)",
+                parsed.algorithm
+            ));
+        }
+        Ok(Self::Argon2(hash.to_owned()))
+    }
+
+    /// A hash of the same kind and cost that no password matches.
+    fn decoy(&self) -> Self {
+        match self {
+            Self::Argon2(_) => argon2_decoy().clone(),
+            Self::Pbkdf2Sha512 {
+                iterations, salt, ..
+            } => Self::Pbkdf2Sha512 {
+                iterations: *iterations,
+                salt: salt.clone(),
+                hash: vec![0; 64],
+            },
+            Self::Sha512 { salt, .. } => Self::Sha512 {
+                salt: salt.clone(),
+                hash: vec![0; 64],
+            },
+        }
+    }
+
+    fn verify(&self, password: &[u8]) -> bool {
+        match self {
+            Self::Argon2(phc) => PasswordHash::new(phc)
+                .is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok()),
+            Self::Pbkdf2Sha512 {
+                iterations,
+                salt,
+                hash,
+            } => ring::pbkdf2::verify(
+                ring::pbkdf2::PBKDF2_HMAC_SHA512,
+                *iterations,
+                salt,
+                password,
+                hash,
+            )
+            .is_ok(),
+            Self::Sha512 { salt, hash } => {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
+                ctx.update(password);
+                ctx.update(salt);
+                let digest = ctx.finish();
+                // every byte compared, whatever the first difference
+                digest.as_ref().len() == hash.len()
+                    && digest
+                        .as_ref()
+                        .iter()
+                        .zip(hash)
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        == 0
+            }
+        }
+    }
+}
+
+fn parse(path: &Path) -> Result<Users, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut users = HashMap::new();
+    let mut decoy = None;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -52,26 +182,22 @@ fn parse(path: &Path) -> Result<HashMap<String, String>, String> {
         let Some((user, hash)) = line.split_once(':') else {
             return Err(format!("{}: not \"username:hash\"", where_()));
         };
-        let parsed =
-            PasswordHash::new(hash).map_err(|e| format!("{}: not a PHC hash: {e}", where_()))?;
-        if !parsed.algorithm.as_str().starts_with("argon2") {
-            return Err(format!(
-                "{}: {} hashes are not supported (argon2id, argon2i or argon2d)",
-                where_(),
-                parsed.algorithm
-            ));
-        }
-        if users.insert(user.to_owned(), hash.to_owned()).is_some() {
+        let stored = Stored::parse(hash).map_err(|e| format!("{}: {e}", where_()))?;
+        decoy.get_or_insert_with(|| stored.decoy());
+        if users.insert(user.to_owned(), stored).is_some() {
             return Err(format!("{}: user {user:?} appears twice", where_()));
         }
     }
-    Ok(users)
+    Ok(Users {
+        by_name: users,
+        decoy: decoy.unwrap_or_else(|| argon2_decoy().clone()),
+    })
 }
 
-/// A hash checked when the user is unknown, so both failures take as long.
-fn decoy() -> &'static str {
-    static DECOY: OnceLock<String> = OnceLock::new();
-    DECOY.get_or_init(|| hash(b"flowgate decoy password").unwrap_or_default())
+/// The argon2 hash an unknown user is checked against.
+fn argon2_decoy() -> &'static Stored {
+    static DECOY: OnceLock<Stored> = OnceLock::new();
+    DECOY.get_or_init(|| Stored::Argon2(hash(b"flowgate decoy password").unwrap_or_default()))
 }
 
 impl PasswordFile {
@@ -86,7 +212,7 @@ impl PasswordFile {
     /// many users it holds.
     pub fn reload(&self) -> Result<usize, String> {
         let users = parse(&self.path)?;
-        let n = users.len();
+        let n = users.by_name.len();
         *self
             .users
             .write()
@@ -100,18 +226,17 @@ impl PasswordFile {
         let (Some(user), Some(password)) = (username, password) else {
             return Verdict::NoCredentials;
         };
-        let stored = self
-            .users
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(user)
-            .cloned();
-        let (hash, known) = match &stored {
-            Some(h) => (h.as_str(), true),
-            None => (decoy(), false),
+        let (hash, known) = {
+            let users = self
+                .users
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match users.by_name.get(user) {
+                Some(h) => (h.clone(), true),
+                None => (users.decoy.clone(), false),
+            }
         };
-        let ok = PasswordHash::new(hash)
-            .is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok());
+        let ok = hash.verify(password);
         match (known, ok) {
             (true, true) => Verdict::Accepted,
             (true, false) => Verdict::BadPassword,
@@ -192,6 +317,36 @@ mod tests {
         assert_eq!(file.check(Some("carol"), Some(b"x")), Verdict::UnknownUser);
         assert_eq!(file.check(None, None), Verdict::NoCredentials);
         assert_eq!(file.check(Some("alice"), None), Verdict::NoCredentials);
+        // lines written by mosquitto_passwd (Mosquitto 2: $7$; 1.x: $6$),
+        // here made with Python's hashlib for the password "n0de-red"
+        std::fs::write(
+            &path,
+            "m2:$7$101$AAECAwQFBgcICQoL$w2vvLpQfuHATtJcXx2ZAa+j2eTZkamR43Vh1iIIeEjSR3wfQfywfy1uVRTlZ4HzeXQKemrrmQ2Vffaxor46Fsw==\n\
+             m1:$6$AAECAwQFBgcICQoL$6SE1M/+ka6vRm36TrfCYnuUGmzfgqtzPLq61czT3PFMgK7MZctl9rZr6AL91zPhOYj10fiPw2GBpI2pBUrhyuA==\n",
+        )
+        .expect("write");
+        let mosq = PasswordFile::load(&path).expect("mosquitto_passwd lines load");
+        for user in ["m1", "m2"] {
+            assert_eq!(
+                mosq.check(Some(user), Some(b"n0de-red")),
+                Verdict::Accepted,
+                "{user}"
+            );
+            assert_eq!(
+                mosq.check(Some(user), Some(b"n0de-rex")),
+                Verdict::BadPassword,
+                "{user}"
+            );
+        }
+        for bad in [
+            "x:$7$0$AAECAwQFBgcICQoL$w2vv\n",
+            "x:$7$101$AAECAwQFBgcICQoL$AAAA\n",
+            "x:$6$!!$AAAA\n",
+            "x:$5$abc$def\n",
+        ] {
+            std::fs::write(&path, bad).expect("write");
+            assert!(PasswordFile::load(&path).is_err(), "{bad}");
+        }
         std::fs::write(&path, "alice:plaintext\n").expect("write");
         assert!(file.reload().is_err());
         assert_eq!(

@@ -521,6 +521,27 @@ async fn logins_are_checked_with_the_right_connack_codes_for_3_1_1_and_5() {
     passwords(&dir, &[("bob", "hunter2")]);
     assert_eq!(app.reload(), 0);
     assert!(connack3(v3(Some(("bob", "hunter2")))).await.is_ok());
+    // a line from Mosquitto's own mosquitto_passwd works as it is
+    let mosq_pw = dir.join("mosquitto.pw");
+    std::fs::write(&mosq_pw, "").expect("pw file");
+    let out = Command::new("mosquitto_passwd")
+        .args(["-b", &mosq_pw.display().to_string(), "carol", "n0de-red"])
+        .output()
+        .expect("mosquitto_passwd runs");
+    assert!(out.status.success(), "{out:?}");
+    let line = std::fs::read_to_string(&mosq_pw).expect("read");
+    assert!(line.starts_with("carol:$7$"), "{line}");
+    let mut all = std::fs::read_to_string(&file).expect("read");
+    all.push_str(&line);
+    std::fs::write(&file, all).expect("write");
+    assert_eq!(app.reload(), 0);
+    assert!(connack3(v3(Some(("carol", "n0de-red")))).await.is_ok());
+    match connack3(v3(Some(("carol", "n0de-rex")))).await {
+        Err(ConnectionError::ConnectionRefused(got)) => {
+            assert_eq!(got, ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("carol with a wrong password: {other:?}"),
+    }
     app.shutdown(Duration::from_secs(2)).await;
 }
 
