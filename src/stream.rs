@@ -11,6 +11,39 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+/// How much room the next read of a connection gets: little while it is
+/// idle (10,000 idle replicas must not hold 16 KiB each), doubling each time a
+/// read fills the room (a busy one reaches [`ReadSize::MAX`] in a few reads).
+#[derive(Debug)]
+pub struct ReadSize(usize);
+
+impl ReadSize {
+    pub const MIN: usize = 1024;
+    pub const MAX: usize = 64 * 1024;
+
+    pub fn new() -> Self {
+        Self(Self::MIN)
+    }
+
+    /// The spare capacity to reserve before the next read.
+    pub fn get(&self) -> usize {
+        self.0
+    }
+
+    /// After a read of `n` bytes into `room` bytes of spare capacity.
+    pub fn update(&mut self, n: usize, room: usize) {
+        if n >= room {
+            self.0 = (self.0 * 2).min(Self::MAX);
+        }
+    }
+}
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A client or upstream connection.
 pub enum Stream {
     Tcp(TcpStream),
@@ -154,5 +187,22 @@ impl AsyncWrite for WriteHalf {
             Self::Tcp(s) => s.is_write_vectored(),
             Self::Other(s) => s.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadSize;
+
+    #[test]
+    fn read_size_stays_small_until_reads_fill_it() {
+        let mut r = ReadSize::new();
+        r.update(2, 1024);
+        assert_eq!(r.get(), ReadSize::MIN);
+        for _ in 0..10 {
+            let room = r.get();
+            r.update(room, room);
+        }
+        assert_eq!(r.get(), ReadSize::MAX);
     }
 }

@@ -18,8 +18,6 @@ use super::replicas::SlotGuard;
 use super::rewrite::ShareRules;
 use crate::metrics::Metrics;
 
-const READ_CHUNK: usize = 16 * 1024;
-
 /// What a direction does with frames.
 pub trait Handler {
     /// Should a frame of this type be handed over whole?
@@ -77,6 +75,7 @@ where
     } else {
         (ConnError::UpstreamIo, ConnError::ClientIo)
     };
+    let mut read_size = crate::stream::ReadSize::new();
     loop {
         let mut out = BytesMut::new();
         loop {
@@ -116,11 +115,13 @@ where
                 () = shutdown.cancelled() => return Ok(()),
             }
         }
-        inbuf.reserve(READ_CHUNK);
+        inbuf.reserve(read_size.get());
+        let room = inbuf.capacity() - inbuf.len();
         let n = tokio::select! {
             r = rd.read_buf(&mut inbuf) => r.map_err(read_err)?,
             () = shutdown.cancelled() => return Ok(()),
         };
+        read_size.update(n, room);
         if n == 0 {
             if !scanner.at_boundary() || !inbuf.is_empty() {
                 let e = CodecError::Truncated {

@@ -92,6 +92,7 @@ impl Session<'_> {
         let mut paused: Option<tokio::time::Instant> = None;
         let counters = &self.guard.counters;
         let mut out = BytesMut::new();
+        let mut read_size = crate::stream::ReadSize::new();
         wire::encode(self.protocol, &Outgoing::ConnAck, &mut out)
             .map_err(|e| ConnError::Internal(e.0))?;
         wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
@@ -152,12 +153,15 @@ impl Session<'_> {
                     }
                 }
             }
-            inbuf.reserve(16 * 1024);
+            inbuf.reserve(read_size.get());
+            let room = inbuf.capacity() - inbuf.len();
             tokio::select! {
                 r = rd.read_buf(&mut inbuf), if paused.is_none() => {
-                    if r.map_err(ConnError::ClientIo)? == 0 {
+                    let n = r.map_err(ConnError::ClientIo)?;
+                    if n == 0 {
                         return Ok(());
                     }
+                    read_size.update(n, room);
                     deadline = tokio::time::Instant::now() + silence;
                 }
                 () = tokio::time::sleep_until(paused.unwrap_or(deadline)), if paused.is_some() => {
