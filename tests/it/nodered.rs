@@ -300,8 +300,9 @@ async fn one_two_and_three_nodered_replicas_serve_ten_twenty_and_thirty_calls_a_
         let r = loadtest("nr-http", args).await;
         let achieved = r.steps[0].achieved_rate;
         let floor = 0.98 * 10.0 * n as f64;
+        // 0.98 * 30 is 29.400000000000002 in f64: 147 calls in 5 s met it
         assert!(
-            achieved >= floor && achieved <= 10.0 * n as f64 + 1.0,
+            achieved + 1e-9 >= floor && achieved <= 10.0 * n as f64 + 1.0,
             "{n} replicas: {achieved:.1} calls/s (want >= {floor:.1})\n{}",
             r.table()
         );
