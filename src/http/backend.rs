@@ -41,6 +41,8 @@ pub struct Backend {
     draining: AtomicBool,
     pub inflight: AtomicUsize,
     idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+    /// Idle connections of the lean path (no HTTP state but the socket).
+    idle_raw: Mutex<Vec<(TcpStream, Instant)>>,
     /// Bumped when the replica goes down: spliced (WebSocket) connections
     /// watching it close.
     generation: watch::Sender<u64>,
@@ -133,6 +135,7 @@ impl Backend {
             tracing::warn!(%instance, replica = %self.label, addr = %self.addr, cause, "http replica down");
             self.generation.send_modify(|g| *g += 1);
             lock(&self.idle).clear();
+            lock(&self.idle_raw).clear();
         }
     }
 
@@ -164,13 +167,42 @@ impl Backend {
         }
     }
 
-    /// A new connection (HTTP/1.1, upgrades allowed).
-    pub async fn connect(&self, timeout: Duration) -> Result<SendRequest<Body>, ConnectError> {
+    /// An idle lean-path connection that is still open, if any.
+    pub fn checkout_raw(&self, idle_timeout: Duration) -> Option<TcpStream> {
+        let mut idle = lock(&self.idle_raw);
+        while let Some((tcp, since)) = idle.pop() {
+            // a replica that closed it (or sent what nobody asked for) shows
+            // as readable; an open, quiet one would block
+            let mut probe = [0u8; 1];
+            let quiet = matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            if quiet && since.elapsed() < idle_timeout {
+                return Some(tcp);
+            }
+        }
+        None
+    }
+
+    /// Gives a lean-path connection back for reuse.
+    pub fn checkin_raw(&self, tcp: TcpStream) {
+        let mut idle = lock(&self.idle_raw);
+        if idle.len() < MAX_IDLE {
+            idle.push((tcp, Instant::now()));
+        }
+    }
+
+    /// A new TCP connection to the replica.
+    pub async fn connect_tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| ConnectError::Timeout)?
             .map_err(ConnectError::Io)?;
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// A new connection (HTTP/1.1, upgrades allowed).
+    pub async fn connect(&self, timeout: Duration) -> Result<SendRequest<Body>, ConnectError> {
+        let stream = self.connect_tcp(timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(ConnectError::Handshake)?;
@@ -242,6 +274,7 @@ impl Pool {
                     draining: AtomicBool::new(false),
                     inflight: AtomicUsize::new(0),
                     idle: Mutex::new(Vec::new()),
+                    idle_raw: Mutex::new(Vec::new()),
                     generation: watch::channel(0).0,
                     tcp_fallback: AtomicBool::new(cfg.health_tcp_only),
                     failing_since: Mutex::new(None),

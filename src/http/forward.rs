@@ -72,7 +72,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn path_matches(path: &str, prefix: &str) -> bool {
+pub(super) fn path_matches(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return path == "/";
     }
@@ -82,24 +82,35 @@ fn path_matches(path: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?'))
 }
 
-/// The replica a sticky cookie names.
-fn sticky_index(headers: &HeaderMap, cookie: &str) -> Option<usize> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(';'))
+/// The replica a sticky cookie names, in one `Cookie` header's value.
+pub(super) fn sticky_in(cookies: &str, cookie: &str) -> Option<usize> {
+    cookies
+        .split(';')
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == cookie)
         .and_then(|(_, v)| v.strip_prefix('r'))
         .and_then(|v| v.parse().ok())
 }
 
+/// The replica a sticky cookie names.
+fn sticky_index(headers: &HeaderMap, cookie: &str) -> Option<usize> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|s| sticky_in(s, cookie))
+}
+
+/// The `Set-Cookie` value that pins a client to replica `index`.
+pub(super) fn sticky_cookie(name: &str, index: usize) -> String {
+    format!("{name}=r{index}; Path=/; HttpOnly; SameSite=Lax")
+}
+
 /// Keeps a replica's in-flight count right whatever way a request ends.
-struct InflightGuard(Arc<Backend>);
+pub(super) struct InflightGuard(Arc<Backend>);
 
 impl InflightGuard {
-    fn new(b: Arc<Backend>) -> Self {
+    pub(super) fn new(b: Arc<Backend>) -> Self {
         b.inflight.fetch_add(1, Ordering::Relaxed);
         b.inflight_gauge.inc();
         Self(b)
@@ -118,6 +129,7 @@ pub async fn handle(
     pool: Arc<Pool>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    proto: &'static str,
 ) -> Response<Body> {
     let cfg = &pool.cfg;
     let path = req.uri().path().to_owned();
@@ -155,7 +167,7 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     if let Some(h) = host {
         headers.insert("x-forwarded-host", h);
     }
@@ -225,10 +237,7 @@ pub async fn handle(
                     }
                 }
                 if sticky_path && !upgraded {
-                    let cookie = format!(
-                        "{}=r{}; Path=/; HttpOnly; SameSite=Lax",
-                        cfg.sticky_cookie, backend.index
-                    );
+                    let cookie = sticky_cookie(&cfg.sticky_cookie, backend.index);
                     if let Ok(v) = HeaderValue::from_str(&cookie) {
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }

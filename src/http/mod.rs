@@ -6,7 +6,9 @@
 pub mod backend;
 pub mod balancer;
 pub mod forward;
+pub mod h1;
 pub mod health;
+pub mod lean;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -72,6 +74,16 @@ pub fn sites(pools: &[Arc<Pool>]) -> BTreeMap<SocketAddr, Site> {
     out
 }
 
+/// Longest response head accepted from a replica.
+pub const MAX_RESPONSE_HEAD: usize = 64 << 10;
+
+/// Limits of a listener's request heads: the strictest of its instances'.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_header: usize,
+    pub header_timeout: std::time::Duration,
+}
+
 /// Serves one listener until `shutdown`, then lets requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
@@ -80,66 +92,88 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    // limits of the request head: the strictest of the instances on it
-    let max_header = site
-        .pools
-        .iter()
-        .map(|(_, p)| p.cfg.max_header_size.bytes())
-        .min()
-        .unwrap_or(64 << 10);
-    let header_timeout = site
-        .pools
-        .iter()
-        .map(|(_, p)| p.cfg.header_timeout)
-        .min()
-        .unwrap_or(std::time::Duration::from_secs(10));
+    let limits = Limits {
+        max_header: site
+            .pools
+            .iter()
+            .map(|(_, p)| p.cfg.max_header_size.bytes())
+            .min()
+            .unwrap_or(64 << 10),
+        header_timeout: site
+            .pools
+            .iter()
+            .map(|(_, p)| p.cfg.header_timeout)
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(10)),
+    };
+    let proto = if tls.is_some() { "https" } else { "http" };
     while let Some((tcp, peer)) = crate::listener::accept(&listener, &shutdown, "http", None).await
     {
         let site = site.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
-            let stream = match crate::tls::accept(tls.as_deref(), tcp, header_timeout).await {
+            let stream = match crate::tls::accept(tls.as_deref(), tcp, limits.header_timeout).await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "http connection refused");
                     return;
                 }
             };
-            let service = service_fn(move |req: Request<Incoming>| {
-                let site = site.clone();
-                async move {
-                    let host = req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                    let resp = match site.route(host.as_deref()) {
-                        Some(pool) => forward::handle(pool, req, peer).await,
-                        None => {
-                            let mut r = hyper::Response::new(
-                                http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
-                                    http_body_util::Full::new(bytes::Bytes::from_static(b"unknown host\n")),
-                                    |e| match e {},
-                                )),
-                            );
-                            *r.status_mut() = StatusCode::MISDIRECTED_REQUEST;
-                            r
-                        }
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let conn = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(max_header)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "http connection error") },
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            lean::serve(stream, site, peer, proto, limits, shutdown).await;
         });
+    }
+}
+
+/// Serves the rest of a connection with hyper: what the lean path does not
+/// carry (upgrades, HTTP/1.0, chunked request bodies, `Expect`).
+pub async fn serve_hyper<S>(
+    io: S,
+    site: Arc<Site>,
+    peer: SocketAddr,
+    proto: &'static str,
+    limits: Limits,
+    shutdown: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let site = site.clone();
+        async move {
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let resp = match site.route(host.as_deref()) {
+                Some(pool) => forward::handle(pool, req, peer, proto).await,
+                None => {
+                    let mut r = hyper::Response::new(http_body_util::BodyExt::boxed(
+                        http_body_util::BodyExt::map_err(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"unknown host\n")),
+                            |e| match e {},
+                        ),
+                    ));
+                    *r.status_mut() = StatusCode::MISDIRECTED_REQUEST;
+                    r
+                }
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header.max(8192))
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "http connection error") },
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }

@@ -1,0 +1,512 @@
+//! HTTP/1.1 heads and body framing as bytes, no I/O: what the lean path
+//! ([`super::lean`]) needs to forward a request and its response without
+//! building header maps. A request head is read once into a [`RequestHead`]
+//! (routing and policy facts) and copied to the replica with the hop-by-hop
+//! headers left out and the forwarded headers added; a response head is copied
+//! back the same way. Bodies are never changed: [`Chunked`] only finds where a
+//! chunked body ends so its bytes pass as they came.
+
+use bytes::{BufMut, BytesMut};
+
+/// Most headers a head may carry (more is answered 431, like a head too large).
+pub const MAX_HEADERS: usize = 100;
+
+/// Headers that belong to one hop, never forwarded (RFC 9110 7.6.1), except
+/// `transfer-encoding` and `trailer` of a response: its body passes as it came.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum H1Error {
+    #[error("malformed head: {0}")]
+    Malformed(&'static str),
+    #[error("head has more than {MAX_HEADERS} headers")]
+    TooManyHeaders,
+    #[error("bad content-length")]
+    BadLength,
+    #[error("malformed chunked body")]
+    BadChunk,
+}
+
+impl From<httparse::Error> for H1Error {
+    fn from(e: httparse::Error) -> Self {
+        match e {
+            httparse::Error::TooManyHeaders => Self::TooManyHeaders,
+            httparse::Error::HeaderName => Self::Malformed("header name"),
+            httparse::Error::HeaderValue => Self::Malformed("header value"),
+            httparse::Error::NewLine => Self::Malformed("line ending"),
+            httparse::Error::Status => Self::Malformed("status"),
+            httparse::Error::Token => Self::Malformed("token"),
+            httparse::Error::Version => Self::Malformed("version"),
+        }
+    }
+}
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// `content-length` bytes.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (responses only).
+    Close,
+}
+
+/// The facts of a request head that routing and policy need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Bytes of the head, its blank line included.
+    pub len: usize,
+    pub method: String,
+    pub target: String,
+    /// HTTP/1.`minor`.
+    pub minor: u8,
+    pub host: Option<String>,
+    pub body: Framing,
+    /// `Upgrade` named in `Connection` (WebSocket).
+    pub upgrade: bool,
+    /// `Expect: 100-continue`.
+    pub expect: bool,
+    /// The client wants the connection closed after this exchange.
+    pub close: bool,
+    /// The `Cookie` headers, joined by `;`.
+    pub cookie: Option<String>,
+}
+
+impl RequestHead {
+    /// The path of the target, without its query.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    /// Can the lean path carry it? HTTP/1.1, no upgrade, no `Expect`, a body
+    /// of known length. Anything else goes to the full HTTP stack.
+    pub fn lean(&self) -> bool {
+        self.minor == 1 && !self.upgrade && !self.expect && self.body != Framing::Chunked
+    }
+
+    /// May it be sent again after it reached a replica (no body, idempotent)?
+    pub fn replayable(&self) -> bool {
+        self.body == Framing::Empty
+            && matches!(
+                self.method.as_str(),
+                "GET" | "HEAD" | "OPTIONS" | "DELETE" | "PUT"
+            )
+    }
+}
+
+/// Connection tokens of the head's `Connection` headers, lowercased.
+fn connection_tokens(headers: &[httparse::Header<'_>]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn hop_by_hop(name: &str, named: &[String], response: bool) -> bool {
+    if response
+        && (name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("trailer"))
+    {
+        return false;
+    }
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || named.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// The body framing the headers give; `None` when there is no framing header.
+fn framing(headers: &[httparse::Header<'_>]) -> Result<Option<Framing>, H1Error> {
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let v = std::str::from_utf8(h.value).map_err(|_| H1Error::BadLength)?;
+            // chunked must be the last coding; anything after it is read to close
+            let last = v.rsplit(',').next().unwrap_or("").trim();
+            chunked = Some(last.eq_ignore_ascii_case("chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value).map_err(|_| H1Error::BadLength)?;
+            for part in v.split(',') {
+                let part = part.trim();
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) || part.len() > 19 {
+                    return Err(H1Error::BadLength);
+                }
+                let n: u64 = part.parse().map_err(|_| H1Error::BadLength)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::BadLength);
+                }
+                length = Some(n);
+            }
+        }
+    }
+    Ok(match (chunked, length) {
+        (Some(true), _) => Some(Framing::Chunked),
+        (Some(false), _) => Some(Framing::Close),
+        (None, Some(0)) => Some(Framing::Empty),
+        (None, Some(n)) => Some(Framing::Length(n)),
+        (None, None) => None,
+    })
+}
+
+/// What the balancer adds to a request on its way to a replica.
+pub struct Forwarded<'a> {
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub client_ip: &'a str,
+    /// `http` or `https`.
+    pub proto: &'a str,
+}
+
+/// Reads a request head from the start of `buf`: `Ok(None)` while it is
+/// incomplete. Once it is whole, writes it to `out` as it goes to a replica:
+/// HTTP/1.1, hop-by-hop headers left out, `X-Forwarded-For` (the client
+/// appended), `-Proto` and `-Host` set.
+pub fn parse_request(
+    buf: &[u8],
+    fwd: &Forwarded<'_>,
+    out: &mut BytesMut,
+) -> Result<Option<RequestHead>, H1Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(H1Error::Malformed("request line"));
+    };
+    let headers = &*req.headers;
+    let body = match framing(headers)? {
+        // a request with a coding other than chunked has no length: refused
+        Some(Framing::Close) => return Err(H1Error::BadLength),
+        Some(f) => f,
+        None => Framing::Empty,
+    };
+    let tokens = connection_tokens(headers);
+    let mut host = None;
+    let mut upgrade = false;
+    let mut expect = false;
+    let mut length = false;
+    let mut cookie: Option<String> = None;
+    out.reserve(len + 96);
+    out.put_slice(method.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    let mut xff: Vec<&[u8]> = Vec::new();
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            xff.push(h.value);
+            continue;
+        }
+        if name.eq_ignore_ascii_case("host") {
+            host = std::str::from_utf8(h.value).ok();
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect = h.value.eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case("content-length") {
+            length = true;
+        } else if name.eq_ignore_ascii_case("cookie") {
+            if let Ok(v) = std::str::from_utf8(h.value) {
+                match &mut cookie {
+                    Some(c) => {
+                        c.push_str("; ");
+                        c.push_str(v);
+                    }
+                    None => cookie = Some(v.to_owned()),
+                }
+            }
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-proto")
+            || name.eq_ignore_ascii_case("x-forwarded-host")
+            || hop_by_hop(name, &tokens, false)
+        {
+            continue;
+        }
+        put_header(out, name.as_bytes(), h.value);
+    }
+    if body == Framing::Chunked && length {
+        // both framings: a smuggling attempt (RFC 9112 6.3)
+        return Err(H1Error::BadLength);
+    }
+    out.put_slice(b"x-forwarded-for: ");
+    for prev in xff {
+        out.put_slice(prev);
+        out.put_slice(b", ");
+    }
+    out.put_slice(fwd.client_ip.as_bytes());
+    out.put_slice(b"\r\nx-forwarded-proto: ");
+    out.put_slice(fwd.proto.as_bytes());
+    out.put_slice(b"\r\n");
+    if let Some(h) = host {
+        put_header(out, b"x-forwarded-host", h.as_bytes());
+    }
+    out.put_slice(b"\r\n");
+    Ok(Some(RequestHead {
+        len,
+        method: method.to_owned(),
+        target: target.to_owned(),
+        minor,
+        host: host.map(str::to_owned),
+        body,
+        upgrade: upgrade && tokens.iter().any(|t| t == "upgrade"),
+        expect,
+        close: if minor == 0 {
+            !tokens.iter().any(|t| t == "keep-alive")
+        } else {
+            tokens.iter().any(|t| t == "close")
+        },
+        cookie,
+    }))
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// The facts of a response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub body: Framing,
+    /// The replica keeps the connection open after this response.
+    pub keep_alive: bool,
+}
+
+/// What the balancer adds to a response on its way to the client.
+pub struct Answer<'a> {
+    /// The `x-flowgate-replica` value, if the header is on.
+    pub replica: Option<(&'a str, &'a str)>,
+    /// A `Set-Cookie` value to add (sticky sessions).
+    pub set_cookie: Option<&'a str>,
+    /// The connection closes after this response (said to the client; also
+    /// said when the body ends with the replica's connection).
+    pub close: bool,
+}
+
+/// Reads a response head to a request with `method` from the start of
+/// `buf`: `Ok(None)` while it is incomplete. Once it is whole, writes it to
+/// `out` as it goes to the client: HTTP/1.1, hop-by-hop headers (but the
+/// body's own framing) left out, `answer`'s headers added (not to a 1xx).
+pub fn parse_response(
+    buf: &[u8],
+    method: &str,
+    answer: &Answer<'_>,
+    out: &mut BytesMut,
+) -> Result<Option<ResponseHead>, H1Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
+        return Err(H1Error::Malformed("status line"));
+    };
+    let reason = resp.reason.unwrap_or("");
+    let headers = &*resp.headers;
+    let tokens = connection_tokens(headers);
+    let framed = framing(headers)?;
+    let informational = (100..200).contains(&status);
+    let body = if method == "HEAD" || informational || status == 204 || status == 304 {
+        Framing::Empty
+    } else {
+        framed.unwrap_or(Framing::Close)
+    };
+    let keep_alive = body != Framing::Close
+        && if minor == 0 {
+            tokens.iter().any(|t| t == "keep-alive")
+        } else {
+            !tokens.iter().any(|t| t == "close")
+        };
+    let replica = answer.replica.filter(|_| !informational);
+    out.reserve(len + 128);
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(&itoa3(status));
+    out.put_u8(b' ');
+    out.put_slice(reason.as_bytes());
+    out.put_slice(b"\r\n");
+    for h in headers {
+        if hop_by_hop(h.name, &tokens, true)
+            || replica.is_some_and(|(name, _)| h.name.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        put_header(out, h.name.as_bytes(), h.value);
+    }
+    if !informational {
+        if let Some((name, value)) = replica {
+            put_header(out, name.as_bytes(), value.as_bytes());
+        }
+        if let Some(c) = answer.set_cookie {
+            put_header(out, b"set-cookie", c.as_bytes());
+        }
+        if answer.close || body == Framing::Close {
+            out.put_slice(b"connection: close\r\n");
+        }
+    }
+    out.put_slice(b"\r\n");
+    Ok(Some(ResponseHead {
+        len,
+        status,
+        body,
+        keep_alive,
+    }))
+}
+
+/// A status code as its three digits (httparse guarantees 100..=999).
+fn itoa3(n: u16) -> [u8; 3] {
+    let n = n.min(999);
+    [
+        b'0' + (n / 100) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]
+}
+
+/// A whole response of flowgate's own (errors, refusals).
+pub fn error_response(status: u16, reason: &str, text: &str, close: bool, out: &mut BytesMut) {
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(&itoa3(status));
+    out.put_u8(b' ');
+    out.put_slice(reason.as_bytes());
+    out.put_slice(b"\r\ncontent-type: text/plain\r\ncontent-length: ");
+    out.put_slice(text.len().to_string().as_bytes());
+    out.put_slice(b"\r\n");
+    if close {
+        out.put_slice(b"connection: close\r\n");
+    }
+    out.put_slice(b"\r\n");
+    out.put_slice(text.as_bytes());
+}
+
+/// Finds the end of a chunked body in the bytes fed to it, a piece at a
+/// time, without changing them.
+#[derive(Debug, Default, Clone)]
+pub struct Chunked {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// At the start of a size line.
+    #[default]
+    Size,
+    /// In a chunk's data, this many bytes left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataCr,
+    DataLf,
+    /// In the trailer section, at the start of a line.
+    TrailerStart,
+    /// In a trailer line.
+    Trailer,
+    Done,
+}
+
+/// Longest size line (digits and extensions) accepted.
+const MAX_SIZE_LINE: usize = 4096;
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Feeds the next bytes of the body: how many of them belong to it (all
+    /// of them unless it ends inside `buf`).
+    pub fn feed(&mut self, buf: &[u8]) -> Result<usize, H1Error> {
+        let mut at = 0;
+        while at < buf.len() {
+            let rest = &buf[at..];
+            match self.state {
+                ChunkState::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, 0))) => {
+                        at += n;
+                        self.state = ChunkState::TrailerStart;
+                    }
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        at += n;
+                        self.state = ChunkState::Data(size);
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        if rest.len() > MAX_SIZE_LINE {
+                            return Err(H1Error::BadChunk);
+                        }
+                        // the size line is not whole yet: hold it back
+                        return Ok(at);
+                    }
+                    Err(_) => return Err(H1Error::BadChunk),
+                },
+                ChunkState::Data(left) => {
+                    let take = left.min(rest.len() as u64);
+                    at += take as usize;
+                    self.state = if take == left {
+                        ChunkState::DataCr
+                    } else {
+                        ChunkState::Data(left - take)
+                    };
+                }
+                ChunkState::DataCr => {
+                    if rest[0] != b'\r' {
+                        return Err(H1Error::BadChunk);
+                    }
+                    at += 1;
+                    self.state = ChunkState::DataLf;
+                }
+                ChunkState::DataLf => {
+                    if rest[0] != b'\n' {
+                        return Err(H1Error::BadChunk);
+                    }
+                    at += 1;
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::TrailerStart => {
+                    if rest[0] == b'\r' {
+                        if rest.len() < 2 {
+                            return Ok(at);
+                        }
+                        if rest[1] != b'\n' {
+                            return Err(H1Error::BadChunk);
+                        }
+                        at += 2;
+                        self.state = ChunkState::Done;
+                    } else if rest[0] == b'\n' {
+                        at += 1;
+                        self.state = ChunkState::Done;
+                    } else {
+                        self.state = ChunkState::Trailer;
+                    }
+                }
+                ChunkState::Trailer => match rest.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        at += i + 1;
+                        self.state = ChunkState::TrailerStart;
+                    }
+                    None => at = buf.len(),
+                },
+                ChunkState::Done => return Ok(at),
+            }
+        }
+        Ok(at)
+    }
+}
