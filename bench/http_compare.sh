@@ -2,10 +2,14 @@
 # HTTP balancer benchmark: the same two replicas (nginx answering a small
 # body) behind flowgate and behind nginx as the balancer, same load tool
 # (wrk), alternating rounds in one run; medians and ratios on stdout and in
-# bench/results/. Usage: bash bench/http_compare.sh   (ROUNDS=3 DURATION=8 CONNS=50)
+# bench/results/. Each balancer is a process of its own next to the replicas'
+# nginx (LAYOUT=shared runs the nginx balancer inside the replicas' worker
+# processes instead, as the first runs of this script did).
+# Usage: bash bench/http_compare.sh   (ROUNDS=5 DURATION=8 CONNS=50 LAYOUT=separate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
+LAYOUT=${LAYOUT:-separate}
 DURATION=${DURATION:-8}
 CONNS=${CONNS:-50}
 for tool in nginx wrk python3; do
@@ -19,31 +23,43 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 R1=$(port); R2=$(port); NG=$(port)
 
-# the replicas and nginx-as-balancer: one nginx master, two worker processes
-cat > "$work/nginx.conf" <<CONF
+# nginx configs: the replicas, and nginx as the balancer (2 worker processes each)
+nginx_conf() { # dir, servers...
+  mkdir -p "$1"
+  cat > "$1/nginx.conf" <<CONF
 worker_processes 2;
-pid $work/nginx.pid;
-error_log $work/error.log warn;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
 daemon off;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 100000;
-  server { listen 127.0.0.1:$R1; location / { return 200 "replica-1 ok\n"; } }
-  server { listen 127.0.0.1:$R2; location / { return 200 "replica-2 ok\n"; } }
-  upstream replicas { server 127.0.0.1:$R1; server 127.0.0.1:$R2; least_conn; keepalive 64; }
+  $2
+}
+CONF
+}
+replicas="server { listen 127.0.0.1:$R1; location / { return 200 \"replica-1 ok\\n\"; } }
+  server { listen 127.0.0.1:$R2; location / { return 200 \"replica-2 ok\\n\"; } }"
+balancer="upstream replicas { server 127.0.0.1:$R1; server 127.0.0.1:$R2; least_conn; keepalive 64; }
   server {
     listen 127.0.0.1:$NG;
     location / {
       proxy_pass http://replicas;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      proxy_set_header Connection \"\";
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
     }
-  }
-}
-CONF
-nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+  }"
+if [ "$LAYOUT" = shared ]; then
+  nginx_conf "$work/replicas" "$replicas
+  $balancer"
+else
+  nginx_conf "$work/replicas" "$replicas"
+  nginx_conf "$work/balancer" "$balancer"
+  nginx -c "$work/balancer/nginx.conf" -p "$work/balancer" & pids+=($!)
+fi
+nginx -c "$work/replicas/nginx.conf" -p "$work/replicas" & pids+=($!)
 
 cat > "$work/flowgate.toml" <<CONF
 node_id = "bench"
@@ -92,7 +108,7 @@ read -r f_rps f_p50 f_p99 f_err <<<"$(median "${res[flowgate]}")"
 mkdir -p bench/results
 out="bench/results/http-$(date +%Y%m%d-%H%M).md"
 {
-  echo "HTTP, 2 replicas (nginx \`return 200\`), wrk -t2 -c$CONNS -d${DURATION}s, medians of $ROUNDS alternating rounds, $(nproc) cores"
+  echo "HTTP, 2 replicas (nginx \`return 200\`), layout $LAYOUT, wrk -t2 -c$CONNS -d${DURATION}s, medians of $ROUNDS alternating rounds, $(nproc) cores"
   echo
   echo "| balancer | req/s | p50 ms | p99 ms | errors |"
   echo "|---|---|---|---|---|"

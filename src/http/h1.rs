@@ -510,3 +510,215 @@ impl Chunked {
         Ok(at)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FWD: Forwarded<'static> = Forwarded {
+        client_ip: "192.0.2.7",
+        proto: "http",
+    };
+
+    fn req(bytes: &[u8]) -> Result<Option<(RequestHead, String)>, H1Error> {
+        let mut out = BytesMut::new();
+        Ok(parse_request(bytes, &FWD, &mut out)?
+            .map(|h| (h, String::from_utf8_lossy(&out).into_owned())))
+    }
+
+    fn resp(bytes: &[u8], method: &str, answer: &Answer<'_>) -> (ResponseHead, String) {
+        let mut out = BytesMut::new();
+        let head = parse_response(bytes, method, answer, &mut out)
+            .expect("valid")
+            .expect("whole");
+        (head, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    const PLAIN: Answer<'static> = Answer {
+        replica: None,
+        set_cookie: None,
+        close: false,
+    };
+
+    #[test]
+    fn a_request_head_is_forwarded_without_hop_by_hop_headers() {
+        let input = b"GET /a?b=1 HTTP/1.1\r\nHost: web:1880\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\nX-Forwarded-Proto: ftp\r\nCookie: a=1\r\nCookie: flowgate_web=r1\r\nAccept: */*\r\n\r\nGET /next";
+        let (head, out) = req(input).expect("valid").expect("whole");
+        assert_eq!(
+            out,
+            "GET /a?b=1 HTTP/1.1\r\nHost: web:1880\r\nCookie: a=1\r\nCookie: flowgate_web=r1\r\nAccept: */*\r\n\
+             x-forwarded-for: 10.0.0.1, 10.0.0.2, 192.0.2.7\r\nx-forwarded-proto: http\r\nx-forwarded-host: web:1880\r\n\r\n"
+        );
+        // the bytes after the head (a pipelined request) are not part of it
+        assert_eq!(head.len, input.len() - b"GET /next".len());
+        assert_eq!(head.path(), "/a");
+        assert_eq!(head.host.as_deref(), Some("web:1880"));
+        assert_eq!(head.cookie.as_deref(), Some("a=1; flowgate_web=r1"));
+        assert_eq!(head.body, Framing::Empty);
+        assert!(head.lean() && head.replayable() && !head.close);
+    }
+
+    #[test]
+    fn a_request_head_split_anywhere_reads_the_same() {
+        let input = b"POST /in HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+        let whole = req(input).expect("valid").expect("whole");
+        assert_eq!(whole.0.body, Framing::Length(3));
+        assert!(!whole.0.replayable());
+        for cut in 0..whole.0.len {
+            assert_eq!(
+                req(&input[..cut]).expect("valid prefix"),
+                None,
+                "cut at {cut}"
+            );
+        }
+        for cut in whole.0.len..=input.len() {
+            assert_eq!(req(&input[..cut]).expect("valid").as_ref(), Some(&whole));
+        }
+    }
+
+    #[test]
+    fn request_framing_and_connection_facts() {
+        let facts = |s: &str| req(s.as_bytes()).expect("valid").expect("whole").0;
+        let h = facts("GET / HTTP/1.0\r\n\r\n");
+        assert!(h.close && !h.lean());
+        assert!(!facts("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").close);
+        assert!(facts("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").close);
+        let h = facts("GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(h.upgrade && !h.lean());
+        // Upgrade without Connection: upgrade is no upgrade (and is dropped)
+        assert!(!facts("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(
+            !facts("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").lean()
+        );
+        let h = facts("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(h.body == Framing::Chunked && !h.lean());
+        assert_eq!(
+            facts("POST / HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n").body,
+            Framing::Length(7)
+        );
+        assert_eq!(
+            facts("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").body,
+            Framing::Empty
+        );
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(req(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(
+            req(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
+            Err(H1Error::TooManyHeaders)
+        );
+    }
+
+    #[test]
+    fn a_response_head_gets_flowgates_headers_and_keeps_its_framing() {
+        let answer = Answer {
+            replica: Some(("x-flowgate-replica", "2")),
+            set_cookie: Some("flowgate_web=r2; Path=/"),
+            close: false,
+        };
+        let (head, out) = resp(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: timeout=5\r\nX-Flowgate-Replica: 9\r\n\r\n5\r\nhello",
+            "GET",
+            &answer,
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nx-flowgate-replica: 2\r\nset-cookie: flowgate_web=r2; Path=/\r\n\r\n"
+        );
+        assert_eq!(head.body, Framing::Chunked);
+        assert!(head.keep_alive);
+        assert_eq!(head.status, 200);
+    }
+
+    #[test]
+    fn response_framing_follows_the_method_and_status() {
+        let framing = |s: &str, m: &str| resp(s.as_bytes(), m, &PLAIN).0;
+        let h = framing("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", "HEAD");
+        assert_eq!((h.body, h.keep_alive), (Framing::Empty, true));
+        for s in ["204 No Content", "304 Not Modified", "103 Early Hints"] {
+            let h = framing(
+                &format!("HTTP/1.1 {s}\r\nContent-Length: 10\r\n\r\n"),
+                "GET",
+            );
+            assert_eq!(h.body, Framing::Empty, "{s}");
+        }
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", "GET").body,
+            Framing::Length(10)
+        );
+        let h = framing(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            "GET",
+        );
+        assert!(!h.keep_alive);
+        let h = framing("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", "GET");
+        assert!(!h.keep_alive, "HTTP/1.0 without keep-alive closes");
+        // no length: read to close, and the client is told
+        let (h, out) = resp(b"HTTP/1.1 200 OK\r\n\r\n", "GET", &PLAIN);
+        assert_eq!((h.body, h.keep_alive), (Framing::Close, false));
+        assert!(out.ends_with("connection: close\r\n\r\n"), "{out}");
+        // a 1xx gets none of flowgate's headers
+        let answer = Answer {
+            replica: Some(("x-flowgate-replica", "0")),
+            set_cookie: Some("c=r0"),
+            close: true,
+        };
+        let (_, out) = resp(b"HTTP/1.1 100 Continue\r\n\r\n", "POST", &answer);
+        assert_eq!(out, "HTTP/1.1 100 Continue\r\n\r\n");
+    }
+
+    fn chunked_end(input: &[u8], step: usize) -> Result<Option<usize>, H1Error> {
+        let mut c = Chunked::default();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut taken = 0;
+        for piece in input.chunks(step) {
+            pending.extend_from_slice(piece);
+            let n = c.feed(&pending)?;
+            pending.drain(..n);
+            taken += n;
+            if c.is_done() {
+                return Ok(Some(taken));
+            }
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn a_chunked_body_ends_where_it_ends_fed_in_any_pieces() {
+        let body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n";
+        let mut input = body.to_vec();
+        input.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        for step in 1..=input.len() {
+            assert_eq!(
+                chunked_end(&input, step),
+                Ok(Some(body.len())),
+                "step {step}"
+            );
+        }
+        assert_eq!(chunked_end(b"0\r\n\r\n", 1), Ok(Some(5)));
+        assert_eq!(chunked_end(b"A\r\n0123456789\r\n", 3), Ok(None));
+        for bad in [&b"x\r\n"[..], b"5\r\nhelloXX", b"5\r\nhello\rX"] {
+            assert!(chunked_end(bad, 1).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        use proptest::prelude::*;
+        proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..512))| {
+            let mut out = BytesMut::new();
+            let _ = parse_request(&bytes, &FWD, &mut out);
+            let _ = parse_response(&bytes, "GET", &PLAIN, &mut out);
+            let _ = Chunked::default().feed(&bytes);
+        });
+    }
+}

@@ -8,6 +8,7 @@ mod binary;
 mod dispatch;
 mod hostile;
 mod http;
+mod http_wire;
 mod loadtest;
 mod nodered;
 mod security;
