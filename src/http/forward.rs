@@ -72,14 +72,44 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Does `path` fall under `prefix`? Case-insensitive, as Express (and so
+/// Node-RED) routes: `/FLOWS` reaches the same handler as `/flows`.
 pub(super) fn path_matches(path: &str, prefix: &str) -> bool {
-    if prefix == "/" {
-        return path == "/";
+    let (path, prefix) = (path.as_bytes(), prefix.as_bytes());
+    if prefix == b"/" {
+        return path == b"/" || path.starts_with(b"/?");
     }
-    path == prefix
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?'))
+    path.len() >= prefix.len()
+        && path[..prefix.len()].eq_ignore_ascii_case(prefix)
+        && matches!(path.get(prefix.len()), None | Some(b'/' | b'?'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_matches;
+
+    #[test]
+    fn admin_paths_match_as_node_red_routes_them() {
+        for (path, prefix) in [
+            ("/flows", "/flows"),
+            ("/FLOWS", "/flows"),
+            ("/Flows/state", "/flows"),
+            ("/flows?x=1", "/flows"),
+            ("/flows/", "/flows"),
+            ("/", "/"),
+            ("/?a", "/"),
+        ] {
+            assert!(path_matches(path, prefix), "{path} under {prefix}");
+        }
+        for (path, prefix) in [
+            ("/flowsx", "/flows"),
+            ("/api", "/flows"),
+            ("/api", "/"),
+            ("/fl", "/flows"),
+        ] {
+            assert!(!path_matches(path, prefix), "{path} not under {prefix}");
+        }
+    }
 }
 
 /// The replica a sticky cookie names, in one `Cookie` header's value.

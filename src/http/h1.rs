@@ -86,9 +86,17 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    /// The path of the target, without its query.
+    /// The path of the target, without its query; for an absolute-form
+    /// target (`http://host/path`), its path.
     pub fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
+        let t = self.target.as_str();
+        let t = match t.find("://") {
+            Some(i) if !t[..i].contains('/') => {
+                t[i + 3..].find('/').map_or("/", |p| &t[i + 3 + p..])
+            }
+            _ => t,
+        };
+        t.split(['?', '#']).next().unwrap_or("")
     }
 
     /// Can the lean path carry it? HTTP/1.1, no upgrade, no `Expect`, a body
@@ -215,7 +223,11 @@ pub fn parse_request(
             continue;
         }
         if name.eq_ignore_ascii_case("host") {
-            host = std::str::from_utf8(h.value).ok();
+            if host.is_some() {
+                // two hosts: which instance is meant is ambiguous (RFC 9112 3.2)
+                return Err(H1Error::Malformed("more than one host header"));
+            }
+            host = Some(std::str::from_utf8(h.value).map_err(|_| H1Error::Malformed("host"))?);
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         } else if name.eq_ignore_ascii_case("expect") {
@@ -556,6 +568,25 @@ mod tests {
         assert_eq!(head.cookie.as_deref(), Some("a=1; flowgate_web=r1"));
         assert_eq!(head.body, Framing::Empty);
         assert!(head.lean() && head.replayable() && !head.close);
+    }
+
+    #[test]
+    fn the_path_of_every_target_form() {
+        let path = |t: &str| {
+            req(format!("GET {t} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+                .expect("valid")
+                .expect("whole")
+                .0
+                .path()
+                .to_owned()
+        };
+        assert_eq!(path("/flows?x"), "/flows");
+        assert_eq!(path("http://node-red:1880/flows"), "/flows");
+        assert_eq!(path("HTTPS://h/a/b?c"), "/a/b");
+        assert_eq!(path("http://h"), "/");
+        assert_eq!(path("/a/http://b"), "/a/http://b");
+        assert_eq!(path("*"), "*");
+        assert!(req(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").is_err());
     }
 
     #[test]

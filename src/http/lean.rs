@@ -194,6 +194,7 @@ pub async fn serve<S>(
             let _ = c.io.shutdown().await;
             return;
         }
+        c.trim();
     }
 }
 
@@ -205,6 +206,20 @@ fn body_len(head: &RequestHead) -> u64 {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Lets go of buffers a large exchange grew, so an idle keep-alive
+    /// connection holds a few KiB.
+    fn trim(&mut self) {
+        const KEEP: usize = 16 << 10;
+        for b in [&mut self.up_buf, &mut self.out, &mut self.request] {
+            if b.capacity() > KEEP {
+                *b = BytesMut::new();
+            }
+        }
+        if self.buf.is_empty() && self.buf.capacity() > KEEP {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// The next request head: `None` when the client closed (or shutdown
     /// came) between requests. The whole head, idle wait included, must come
     /// within `header_timeout`.

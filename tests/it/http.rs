@@ -508,7 +508,17 @@ async fn bodies_stream_and_policies_answer_as_documented() {
             .0,
         413
     );
-    for blocked in ["/flows", "/flows/state", "/nodes", "/settings", "/"] {
+    for blocked in [
+        "/flows",
+        "/flows/state",
+        "/nodes",
+        "/settings",
+        "/",
+        // Express routes ignore case; an absolute-form target has the same path
+        "/FLOWS",
+        "/Settings/x",
+        "http://web.local/flows",
+    ] {
         assert_eq!(
             request(addr, "GET", blocked, &[], Bytes::new())
                 .await
