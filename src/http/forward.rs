@@ -84,34 +84,6 @@ pub(super) fn path_matches(path: &str, prefix: &str) -> bool {
         && matches!(path.get(prefix.len()), None | Some(b'/' | b'?'))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::path_matches;
-
-    #[test]
-    fn admin_paths_match_as_node_red_routes_them() {
-        for (path, prefix) in [
-            ("/flows", "/flows"),
-            ("/FLOWS", "/flows"),
-            ("/Flows/state", "/flows"),
-            ("/flows?x=1", "/flows"),
-            ("/flows/", "/flows"),
-            ("/", "/"),
-            ("/?a", "/"),
-        ] {
-            assert!(path_matches(path, prefix), "{path} under {prefix}");
-        }
-        for (path, prefix) in [
-            ("/flowsx", "/flows"),
-            ("/api", "/flows"),
-            ("/api", "/"),
-            ("/fl", "/flows"),
-        ] {
-            assert!(!path_matches(path, prefix), "{path} not under {prefix}");
-        }
-    }
-}
-
 /// The replica a sticky cookie names, in one `Cookie` header's value.
 pub(super) fn sticky_in(cookies: &str, cookie: &str) -> Option<usize> {
     cookies
@@ -429,4 +401,32 @@ fn splice(client: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>, back
             _ = down.changed() => tracing::info!("replica down: closing its spliced connection"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_matches;
+
+    #[test]
+    fn admin_paths_match_as_node_red_routes_them() {
+        for (path, prefix) in [
+            ("/flows", "/flows"),
+            ("/FLOWS", "/flows"),
+            ("/Flows/state", "/flows"),
+            ("/flows?x=1", "/flows"),
+            ("/flows/", "/flows"),
+            ("/", "/"),
+            ("/?a", "/"),
+        ] {
+            assert!(path_matches(path, prefix), "{path} under {prefix}");
+        }
+        for (path, prefix) in [
+            ("/flowsx", "/flows"),
+            ("/api", "/flows"),
+            ("/api", "/"),
+            ("/fl", "/flows"),
+        ] {
+            assert!(!path_matches(path, prefix), "{path} not under {prefix}");
+        }
+    }
 }
