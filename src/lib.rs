@@ -19,6 +19,10 @@
 //! - [`mqtt::dispatch`]: dispatch mode: terminated replica sessions, the upstream
 //!   session per instance, strategies, acknowledgement tracking;
 //! - [`broker`]: the embedded rumqttd;
+//! - [`http`]: the HTTP balancer: [`http::lean`] carries HTTP/1.1 requests on
+//!   heads read once ([`http::h1`], bytes only), hyper ([`http::forward`]) what
+//!   it hands over (upgrades, HTTP/1.0, chunked request bodies); replica pools
+//!   and probes ([`http::backend`]), pure choice ([`http::balancer`]) and health;
 //! - [`metrics`]: the owned Prometheus registry and every metric name;
 //! - [`admin`]: the admin HTTP API and the `/status` page (and a client for them);
 //! - [`status`]: the `flowgate status` table;

@@ -149,6 +149,7 @@ pub async fn serve<S>(
             Ok(Some(h)) => h,
             Ok(None) => return,
             Err(HeadError::TooLarge) => {
+                count(&site, "head_too_large");
                 c.refuse(
                     431,
                     "Request Header Fields Too Large",
@@ -159,11 +160,13 @@ pub async fn serve<S>(
                 return;
             }
             Err(HeadError::Bad(e)) => {
+                count(&site, "bad_request");
                 tracing::debug!(%peer, error = %e, "bad request head");
                 c.refuse(400, "Bad Request", "bad request\n", true).await;
                 return;
             }
             Err(HeadError::Timeout) => {
+                count(&site, "head_timeout");
                 tracing::debug!(%peer, "no request head within header_timeout");
                 return;
             }
@@ -195,6 +198,12 @@ pub async fn serve<S>(
             return;
         }
         c.trim();
+    }
+}
+
+fn count(site: &Site, kind: &str) {
+    if let Some(m) = site.metrics() {
+        m.http_error(kind);
     }
 }
 
@@ -536,6 +545,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Err(Side::Replica(e)) => {
                 // the client has part of a response: only closing tells it
                 tracing::warn!(instance = %pool.instance, replica = %backend.label, error = %e, "replica failed mid-response");
+                pool.metrics.http_error("replica_mid_response");
                 Attempt::Done(Next::Close)
             }
         }

@@ -40,6 +40,11 @@ impl Site {
 }
 
 impl Site {
+    /// The app's metrics (every pool holds the same registry).
+    pub fn metrics(&self) -> Option<&crate::metrics::Metrics> {
+        self.pools.first().map(|(_, p)| &*p.metrics)
+    }
+
     /// The pool for a request's `Host` (port ignored): an exact host match,
     /// else the pool without a host.
     fn route(&self, host: Option<&str>) -> Option<Arc<Pool>> {

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub http_inflight: IntGaugeVec,
     pub http_replica_up: IntGaugeVec,
     pub http_retries: IntCounterVec,
+    pub http_errors: IntCounterVec,
     pub failover_seconds: HistogramVec,
     pub deploys: IntCounterVec,
     pub acl_denied: IntCounterVec,
@@ -227,6 +228,12 @@ impl Metrics {
                 "HTTP requests sent to another replica after the first could not take them",
                 &[LABEL_INSTANCE],
             ),
+            http_errors: counter_vec(
+                r,
+                HTTP_ERRORS,
+                "HTTP client connections ended by an error, by kind",
+                &[LABEL_KIND],
+            ),
             failover_seconds: {
                 let opts = HistogramOpts::new(
                     FAILOVER_SECONDS,
@@ -354,6 +361,11 @@ impl Metrics {
 
     pub fn error(&self, kind: &str) {
         self.mqtt_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// An HTTP client connection ended by `kind` of trouble.
+    pub fn http_error(&self, kind: &str) {
+        self.http_errors.with_label_values(&[kind]).inc();
     }
 
     pub fn connection_gauge(&self, kind: &str) -> IntGauge {

@@ -446,6 +446,11 @@ async fn a_silent_replica_answers_504_after_timeout_and_bad_requests_400() {
             .any(|h| h.starts_with("POST")),
         "the ambiguous request reached the replica"
     );
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    assert_eq!(
+        metric_sum(&m, "flowgate_http_errors_total", &[("kind", "bad_request")]),
+        1.0
+    );
     app.shutdown(Duration::from_secs(2)).await;
 }
 
