@@ -40,6 +40,8 @@ pub enum StartError {
     Broker(#[from] broker::BrokerError),
     #[error("{0}")]
     Tls(String),
+    #[error("cannot start the HTTP threads: {0}")]
+    Threads(String),
 }
 
 /// A running flowgate.
@@ -245,7 +247,18 @@ impl App {
             })
             .collect();
         let mut http_addrs = Vec::new();
-        for (addr, site) in http::sites(&pools) {
+        let sites = http::sites(&pools);
+        let shards = if sites.is_empty() {
+            None
+        } else {
+            let n = config.worker_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            Some(Arc::new(
+                http::shards::Shards::start(n).map_err(|e| StartError::Threads(e.to_string()))?,
+            ))
+        };
+        for (addr, site) in sites {
             let (listener, bound) = bind("instance.http.listen", addr).await?;
             http_addrs.push((addr, bound));
             let tls = match site.tls() {
@@ -258,12 +271,16 @@ impl App {
                 }
                 None => None,
             };
+            let Some(shards) = shards.clone() else {
+                continue;
+            };
             tracker.spawn(http::serve(
                 listener,
                 Arc::new(site),
                 tls,
                 shutdown.clone(),
                 tracker.clone(),
+                shards,
             ));
         }
         for pool in &pools {

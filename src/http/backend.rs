@@ -41,8 +41,9 @@ pub struct Backend {
     draining: AtomicBool,
     pub inflight: AtomicUsize,
     idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
-    /// Idle connections of the lean path (no HTTP state but the socket).
-    idle_raw: Mutex<Vec<(TcpStream, Instant)>>,
+    /// Idle connections of the lean path (no HTTP state but the socket),
+    /// with the shard whose runtime they belong to.
+    idle_raw: Mutex<Vec<(Option<usize>, TcpStream, Instant)>>,
     /// Bumped when the replica goes down: spliced (WebSocket) connections
     /// watching it close.
     generation: watch::Sender<u64>,
@@ -169,8 +170,11 @@ impl Backend {
 
     /// An idle lean-path connection that is still open, if any.
     pub fn checkout_raw(&self, idle_timeout: Duration) -> Option<TcpStream> {
+        let shard = super::shards::current();
         let mut idle = lock(&self.idle_raw);
-        while let Some((tcp, since)) = idle.pop() {
+        // the newest of this shard's: the others stay with the thread they wake
+        while let Some(at) = idle.iter().rposition(|(s, _, _)| *s == shard) {
+            let (_, tcp, since) = idle.swap_remove(at);
             // a replica that closed it (or sent what nobody asked for) shows
             // as readable; an open, quiet one would block
             let mut probe = [0u8; 1];
@@ -184,9 +188,10 @@ impl Backend {
 
     /// Gives a lean-path connection back for reuse.
     pub fn checkin_raw(&self, tcp: TcpStream) {
+        let shard = super::shards::current();
         let mut idle = lock(&self.idle_raw);
         if idle.len() < MAX_IDLE {
-            idle.push((tcp, Instant::now()));
+            idle.push((shard, tcp, Instant::now()));
         }
     }
 

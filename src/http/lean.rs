@@ -32,6 +32,11 @@ const READ_ROOM: usize = 4096;
 /// Largest read while copying a body.
 const COPY_CHUNK: usize = 64 * 1024;
 
+/// A closing connection's client may go quiet this long before it is closed.
+const LINGER_IDLE: Duration = Duration::from_secs(2);
+/// ... and is read from this long at most.
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
 /// What the connection does after an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -296,18 +301,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Next::KeepAlive
     }
 
-    /// Half-closes, then reads and drops what the client still sends for a
-    /// moment, so closing does not reset the connection before it read the
-    /// answer (nginx's lingering close).
+    /// Half-closes, then reads and drops what the client still sends (the
+    /// rest of a refused body) until it stops for [`LINGER_IDLE`] or for
+    /// [`LINGER_MAX`] in all, so closing does not reset the connection
+    /// before the client read the answer (nginx's lingering close).
     async fn linger(&mut self) {
         let _ = self.io.shutdown().await;
-        let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let mut total = 0usize;
-            while total < (1 << 20) {
-                match self.io.read(&mut sink).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => total += n,
+        let mut sink = vec![0u8; 16 << 10];
+        let _ = tokio::time::timeout(LINGER_MAX, async {
+            while let Ok(Ok(n)) = tokio::time::timeout(LINGER_IDLE, self.io.read(&mut sink)).await {
+                if n == 0 {
+                    return;
                 }
             }
         })

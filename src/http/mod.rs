@@ -9,6 +9,7 @@ pub mod forward;
 pub mod h1;
 pub mod health;
 pub mod lean;
+pub mod shards;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -96,6 +97,7 @@ pub async fn serve(
     tls: Option<Arc<crate::tls::Acceptor>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    shards: Arc<shards::Shards>,
 ) {
     let limits = Limits {
         max_header: site
@@ -117,7 +119,22 @@ pub async fn serve(
         let site = site.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        tracker.spawn(async move {
+        // the socket moves to a shard's runtime: registered there on first poll
+        let tcp = match tcp.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "http connection lost before it was served");
+                continue;
+            }
+        };
+        shards.run(&tracker, async move {
+            let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "http connection not registered");
+                    return;
+                }
+            };
             let stream = match crate::tls::accept(tls.as_deref(), tcp, limits.header_timeout).await
             {
                 Ok(s) => s,
