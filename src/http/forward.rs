@@ -15,20 +15,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use super::backend::{Backend, Body, Pool};
+use super::h1::HOP_BY_HOP;
 
 /// Name of the response header that says which replica answered.
 pub const REPLICA_HEADER: &str = "x-flowgate-replica";
-
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 fn status(code: StatusCode, text: &'static str) -> Response<Body> {
     let mut r = Response::new(

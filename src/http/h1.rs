@@ -11,9 +11,10 @@ use bytes::{BufMut, BytesMut};
 /// Most headers a head may carry (more is answered 431, like a head too large).
 pub const MAX_HEADERS: usize = 100;
 
-/// Headers that belong to one hop, never forwarded (RFC 9110 7.6.1), except
-/// `transfer-encoding` and `trailer` of a response: its body passes as it came.
-const HOP_BY_HOP: [&str; 9] = [
+/// Headers that belong to one hop, never forwarded (RFC 9110 7.6.1); the lean
+/// path keeps a response's `transfer-encoding` and `trailer`: its body passes
+/// as it came.
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
