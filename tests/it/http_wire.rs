@@ -518,3 +518,55 @@ async fn a_connection_moves_to_the_full_stack_for_upgrades_http10_and_chunked_bo
     );
     app.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_and_closes_idle_connections() {
+    // one replica taking a request every 100 ms: six queued requests take
+    // about 600 ms, so most are in flight when shutdown starts
+    let reps = [Replica::start("r0", 0).await];
+    let (app, addr) = balancer(&reps.iter().collect::<Vec<_>>(), "").await;
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    let mut buf = Vec::new();
+    idle.write_all(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (_, body) = read_response(&mut idle, &mut buf, false).await;
+    assert_eq!(body, b"r0");
+    let inflight: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(request(addr, "GET", "/api", &[], Bytes::new())))
+        .collect();
+    let admin = app.admin_addr;
+    eventually("requests in flight", || async {
+        let (_, m) = http_get(admin, "/metrics").await;
+        metric_sum(
+            &m,
+            "flowgate_http_inflight_requests",
+            &[("instance", "web")],
+        ) >= 4.0
+    })
+    .await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(app.shutdown(Duration::from_secs(10)));
+    // the idle keep-alive connection is closed at once
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, idle.read(&mut rest))
+        .await
+        .expect("idle connection closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "an idle connection got bytes at shutdown");
+    for r in inflight {
+        let (status, replica, _, body) = r
+            .await
+            .expect("task")
+            .expect("an in-flight request finished");
+        assert_eq!(
+            (status, replica.as_str(), &body[..]),
+            (200, "0", &b"r0"[..])
+        );
+    }
+    assert!(
+        stopping.await.expect("shutdown task"),
+        "shutdown did not finish in its grace"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
