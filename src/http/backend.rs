@@ -28,6 +28,10 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Idle pooled connections kept per replica.
 const MAX_IDLE: usize = 64;
+/// Idle lean-path connections kept per replica: enough for hundreds of busy
+/// clients without opening a connection per request (each closes after
+/// `idle_timeout` unused).
+const MAX_IDLE_RAW: usize = 512;
 
 /// One replica's HTTP side.
 pub struct Backend {
@@ -174,7 +178,7 @@ impl Backend {
         let mut idle = lock(&self.idle_raw);
         // the newest of this shard's: the others stay with the thread they wake
         while let Some(at) = idle.iter().rposition(|(s, _, _)| *s == shard) {
-            let (_, tcp, since) = idle.swap_remove(at);
+            let (_, tcp, since) = idle.remove(at);
             // a replica that closed it (or sent what nobody asked for) shows
             // as readable; an open, quiet one would block
             let mut probe = [0u8; 1];
@@ -186,11 +190,18 @@ impl Backend {
         None
     }
 
+    /// Closes pooled connections unused for `idle_timeout` (the probe loop
+    /// calls it each second, so a quiet replica's pool empties too).
+    pub fn prune_idle(&self, idle_timeout: Duration) {
+        lock(&self.idle_raw).retain(|(_, _, since)| since.elapsed() < idle_timeout);
+        lock(&self.idle).retain(|(_, since)| since.elapsed() < idle_timeout);
+    }
+
     /// Gives a lean-path connection back for reuse.
     pub fn checkin_raw(&self, tcp: TcpStream) {
         let shard = super::shards::current();
         let mut idle = lock(&self.idle_raw);
-        if idle.len() < MAX_IDLE {
+        if idle.len() < MAX_IDLE_RAW {
             idle.push((shard, tcp, Instant::now()));
         }
     }
@@ -572,6 +583,9 @@ impl Pool {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => return,
+            }
+            for b in &self.backends {
+                b.prune_idle(self.cfg.idle_timeout);
             }
             let probes = self.backends.iter().map(|b| {
                 let pool = self.clone();
