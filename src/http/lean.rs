@@ -496,9 +496,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 };
             }
             if self.body_left > 0 {
-                match self.send_body(&mut up).await {
+                match self.send_body(&mut up, cfg.timeout).await {
                     Ok(()) => {}
                     Err(Side::Client) => return Attempt::ClientGone,
+                    Err(Side::ClientSilent) => {
+                        tracing::debug!(instance = %pool.instance, "client silent mid-body: closed");
+                        pool.metrics.http_error("body_timeout");
+                        return Attempt::ClientGone;
+                    }
                     Err(Side::Replica(e)) => return Attempt::Failed(format!("body: {e}")),
                 }
             }
@@ -545,7 +550,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
                 Attempt::Done(if close { Next::Close } else { Next::KeepAlive })
             }
-            Err(Side::Client) => Attempt::Done(Next::Close),
+            Err(Side::Client | Side::ClientSilent) => Attempt::Done(Next::Close),
             Err(Side::Replica(e)) => {
                 // the client has part of a response: only closing tells it
                 tracing::warn!(instance = %pool.instance, replica = %backend.label, error = %e, "replica failed mid-response");
@@ -556,14 +561,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Copies the rest of the request body from the client to the replica.
-    async fn send_body(&mut self, up: &mut TcpStream) -> Result<(), Side> {
+    /// A client silent for `timeout` mid-body is gone (nginx's
+    /// `client_body_timeout`).
+    async fn send_body(&mut self, up: &mut TcpStream, timeout: Duration) -> Result<(), Side> {
         while self.body_left > 0 {
             if self.buf.is_empty() {
                 self.buf
                     .reserve(COPY_CHUNK.min(self.body_left as usize).max(READ_ROOM));
-                match self.io.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return Err(Side::Client),
-                    Ok(_) => {}
+                let mut timer = self
+                    .up_timer
+                    .take()
+                    .unwrap_or_else(|| Deadline::new(timeout));
+                let deadline = tokio::time::Instant::now() + timeout;
+                let read = timer.run(deadline, self.io.read_buf(&mut self.buf)).await;
+                self.up_timer = Some(timer);
+                match read {
+                    Some(Ok(0) | Err(_)) => return Err(Side::Client),
+                    Some(Ok(_)) => {}
+                    None => return Err(Side::ClientSilent),
                 }
             }
             let n = self.body_left.min(self.buf.len() as u64) as usize;
@@ -703,6 +718,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 /// Which side failed a relay.
 enum Side {
     Client,
+    /// The client sent nothing for `timeout` in the middle of its body.
+    ClientSilent,
     Replica(String),
 }
 

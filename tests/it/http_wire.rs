@@ -570,3 +570,38 @@ async fn shutdown_lets_requests_in_flight_finish_and_closes_idle_connections() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_client_silent_mid_body_is_closed_after_timeout() {
+    let w = wire_replica(Arc::new(|_: &str, _: &[u8]| (ok("never"), false))).await;
+    let (app, addr) = wire_balancer(&w, "timeout = \"300ms\"").await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("closed within the deadline")
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        w.heads.lock().expect("heads").is_empty(),
+        "a partial request was answered"
+    );
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "flowgate_http_errors_total",
+            &[("kind", "body_timeout")]
+        ),
+        1.0
+    );
+    app.shutdown(Duration::from_secs(2)).await;
+}
