@@ -7,6 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-3000}
+# pass-through holds two sockets per client (client and upstream)
+need=$((2 * N + 100))
+if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$need" ]; then
+  echo "N=$N needs an open-file limit of $need; the hard limit here is $(ulimit -Hn)"
+  exit 1
+fi
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$need" ] || ulimit -n "$need"
 cargo build --release --quiet
 work=$(mktemp -d)
 pids=()
