@@ -44,6 +44,34 @@ impl Default for ReadSize {
     }
 }
 
+/// Copies `rd` to `wr` until `rd` ends, then shuts `wr` down: reads sized by
+/// [`ReadSize`] (an idle connection holds 1 KiB, not a fixed 8 KiB buffer),
+/// each read written whole. `Err((true, e))` when reading failed, `(false, e)`
+/// when writing did.
+pub async fn copy<R, W>(mut rd: R, mut wr: W) -> Result<u64, (bool, io::Error)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut size = ReadSize::new();
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0u64;
+    loop {
+        buf.reserve(size.get());
+        let room = buf.capacity() - buf.len();
+        let n = rd.read_buf(&mut buf).await.map_err(|e| (true, e))?;
+        if n == 0 {
+            wr.shutdown().await.map_err(|e| (false, e))?;
+            return Ok(total);
+        }
+        size.update(n, room);
+        wr.write_all(&buf).await.map_err(|e| (false, e))?;
+        total += n as u64;
+        buf.clear();
+    }
+}
+
 /// A client or upstream connection.
 pub enum Stream {
     Tcp(TcpStream),
