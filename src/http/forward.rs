@@ -64,7 +64,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Does `path` fall under `prefix`? Case-insensitive, as Express (and so
 /// Node-RED) routes: `/FLOWS` reaches the same handler as `/flows`.
-pub(super) fn path_matches(path: &str, prefix: &str) -> bool {
+fn path_matches(path: &str, prefix: &str) -> bool {
     let (path, prefix) = (path.as_bytes(), prefix.as_bytes());
     if prefix == b"/" {
         return path == b"/" || path.starts_with(b"/?");
@@ -75,7 +75,7 @@ pub(super) fn path_matches(path: &str, prefix: &str) -> bool {
 }
 
 /// The replica a sticky cookie names, in one `Cookie` header's value.
-pub(super) fn sticky_in(cookies: &str, cookie: &str) -> Option<usize> {
+fn sticky_in(cookies: &str, cookie: &str) -> Option<usize> {
     cookies
         .split(';')
         .filter_map(|kv| kv.trim().split_once('='))
@@ -84,13 +84,35 @@ pub(super) fn sticky_in(cookies: &str, cookie: &str) -> Option<usize> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The replica a sticky cookie names.
-fn sticky_index(headers: &HeaderMap, cookie: &str) -> Option<usize> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|s| sticky_in(s, cookie))
+/// Texts of flowgate's own answers, the same on both paths.
+pub(super) const BLOCKED_TEXT: &str = "the Node-RED admin API and editor are not served here\n";
+pub(super) const TOO_LARGE_TEXT: &str = "request body too large\n";
+pub(super) const NO_REPLICA_TEXT: &str = "no replica could take the request\n";
+pub(super) const FAILED_TEXT: &str = "replica failed\n";
+pub(super) const TIMEOUT_TEXT: &str = "replica did not answer in time\n";
+
+/// Is `path` under one of the admin paths `pool`'s instance blocks?
+pub(super) fn blocked(pool: &Pool, path: &str) -> bool {
+    pool.cfg.block_admin && pool.cfg.admin_paths.iter().any(|p| path_matches(path, p))
+}
+
+/// Do responses on `path` carry the sticky cookie?
+pub(super) fn sticky_path(pool: &Pool, path: &str) -> bool {
+    pool.cfg.sticky && pool.cfg.sticky_paths.iter().any(|p| path_matches(path, p))
+}
+
+/// The replica the request's sticky cookie pins it to, if it can take it.
+pub(super) fn pinned<'a>(
+    pool: &Pool,
+    cookies: impl IntoIterator<Item = &'a str>,
+) -> Option<Arc<Backend>> {
+    if !pool.cfg.sticky {
+        return None;
+    }
+    cookies
+        .into_iter()
+        .find_map(|c| sticky_in(c, &pool.cfg.sticky_cookie))
+        .and_then(|i| pool.sticky(i))
 }
 
 /// The `Set-Cookie` value that pins a client to replica `index`.
@@ -125,11 +147,8 @@ pub async fn handle(
 ) -> Response<Body> {
     let cfg = &pool.cfg;
     let path = req.uri().path().to_owned();
-    if cfg.block_admin && cfg.admin_paths.iter().any(|p| path_matches(&path, p)) {
-        return status(
-            StatusCode::FORBIDDEN,
-            "the Node-RED admin API and editor are not served here\n",
-        );
+    if blocked(&pool, &path) {
+        return status(StatusCode::FORBIDDEN, BLOCKED_TEXT);
     }
     let limit = cfg.max_body.bytes();
     let declared = req
@@ -138,15 +157,17 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return status(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+        return status(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_TEXT);
     }
     let upgrade = is_upgrade(req.headers());
-    let sticky_path = cfg.sticky && cfg.sticky_paths.iter().any(|p| path_matches(&path, p));
-    let pinned = if cfg.sticky {
-        sticky_index(req.headers(), &cfg.sticky_cookie).and_then(|i| pool.sticky(i))
-    } else {
-        None
-    };
+    let sticky_path = sticky_path(&pool, &path);
+    let pinned = pinned(
+        &pool,
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
 
     // forwarded headers
     let host = req.headers().get(header::HOST).cloned();
@@ -192,10 +213,7 @@ pub async fn handle(
     let mut first = pinned;
     loop {
         let Some(backend) = first.take().or_else(|| pool.pick(&tried)) else {
-            return status(
-                StatusCode::BAD_GATEWAY,
-                "no replica could take the request\n",
-            );
+            return status(StatusCode::BAD_GATEWAY, NO_REPLICA_TEXT);
         };
         tried.push(backend.index);
         let req = match outgoing.take() {
@@ -208,7 +226,7 @@ pub async fn handle(
                     *r.headers_mut() = h.clone();
                     r
                 }
-                None => return status(StatusCode::BAD_GATEWAY, "replica failed\n"),
+                None => return status(StatusCode::BAD_GATEWAY, FAILED_TEXT),
             },
         };
         let guard = InflightGuard::new(backend.clone());
@@ -261,20 +279,15 @@ pub async fn handle(
                 tracing::warn!(instance = %pool.instance, replica = %backend.label, %cause, "replica failed the request");
                 if replay.is_none() || !pool.take_retry() {
                     backend.count(502);
-                    return status(StatusCode::BAD_GATEWAY, "replica failed\n");
+                    return status(StatusCode::BAD_GATEWAY, FAILED_TEXT);
                 }
                 pool.retries.inc();
             }
             Outcome::Timeout => {
                 backend.count(504);
-                return status(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "replica did not answer in time\n",
-                );
+                return status(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_TEXT);
             }
-            Outcome::TooLarge => {
-                return status(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
-            }
+            Outcome::TooLarge => return status(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_TEXT),
         }
     }
 }

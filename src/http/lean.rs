@@ -23,7 +23,10 @@ use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::backend::{Backend, Pool};
-use super::forward::{path_matches, sticky_cookie, sticky_in, InflightGuard, REPLICA_HEADER};
+use super::forward::{
+    blocked, pinned, sticky_cookie, sticky_path, InflightGuard, BLOCKED_TEXT, FAILED_TEXT,
+    NO_REPLICA_TEXT, REPLICA_HEADER, TIMEOUT_TEXT, TOO_LARGE_TEXT,
+};
 use super::h1::{self, Framing, H1Error, RequestHead};
 use super::{Limits, Site};
 
@@ -117,8 +120,8 @@ struct Conn<S> {
     body_left: u64,
     /// For request heads (`header_timeout`).
     head_timer: Deadline,
-    /// For the replica's answer (`timeout`); taken while it runs.
-    up_timer: Option<Deadline>,
+    /// For the replica's answer and both bodies (`timeout`).
+    up_timer: Deadline,
     /// Shutdown, polled while idle between requests.
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
 }
@@ -146,7 +149,7 @@ pub async fn serve<S>(
         proto,
         body_left: 0,
         head_timer: Deadline::new(limits.header_timeout),
-        up_timer: None,
+        up_timer: Deadline::new(limits.header_timeout),
         cancelled: Box::pin(shutdown.clone().cancelled_owned()),
     };
     loop {
@@ -328,32 +331,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let cfg = &pool.cfg;
         self.body_left = body_len(&head);
         let path = head.path();
-        if cfg.block_admin && cfg.admin_paths.iter().any(|p| path_matches(path, p)) {
+        if blocked(pool, path) {
             self.buf.advance(head.len);
             return self
-                .refuse(
-                    403,
-                    "Forbidden",
-                    "the Node-RED admin API and editor are not served here\n",
-                    head.close,
-                )
+                .refuse(403, "Forbidden", BLOCKED_TEXT, head.close)
                 .await;
         }
         if self.body_left > cfg.max_body.bytes() as u64 {
             self.buf.advance(head.len);
             return self
-                .refuse(413, "Payload Too Large", "request body too large\n", true)
+                .refuse(413, "Payload Too Large", TOO_LARGE_TEXT, true)
                 .await;
         }
-        let sticky_path = cfg.sticky && cfg.sticky_paths.iter().any(|p| path_matches(path, p));
-        let pinned = if cfg.sticky {
-            head.cookie
-                .as_deref()
-                .and_then(|c| sticky_in(c, &cfg.sticky_cookie))
-                .and_then(|i| pool.sticky(i))
-        } else {
-            None
-        };
+        let sticky_path = sticky_path(pool, path);
+        let pinned = pinned(pool, head.cookie.as_deref());
 
         // the request as it goes out: its head (written when it was read),
         // then what of the body is here
@@ -393,12 +384,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         loop {
             let Some(backend) = first.take().or_else(|| pool.pick(&tried)) else {
                 return self
-                    .refuse(
-                        502,
-                        "Bad Gateway",
-                        "no replica could take the request\n",
-                        head.close,
-                    )
+                    .refuse(502, "Bad Gateway", NO_REPLICA_TEXT, head.close)
                     .await;
             };
             tried.push(backend.index);
@@ -427,7 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     if !(whole && head.replayable() && pool.take_retry()) {
                         backend.count(502);
                         return self
-                            .refuse(502, "Bad Gateway", "replica failed\n", head.close)
+                            .refuse(502, "Bad Gateway", FAILED_TEXT, head.close)
                             .await;
                     }
                     pool.retries.inc();
@@ -435,12 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Attempt::Timeout => {
                     backend.count(504);
                     return self
-                        .refuse(
-                            504,
-                            "Gateway Timeout",
-                            "replica did not answer in time\n",
-                            head.close,
-                        )
+                        .refuse(504, "Gateway Timeout", TIMEOUT_TEXT, head.close)
                         .await;
                 }
                 Attempt::ClientGone => return Next::Close,
@@ -508,22 +489,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
             }
             self.up_buf.clear();
-            let mut timer = self
-                .up_timer
-                .take()
-                .unwrap_or_else(|| Deadline::new(cfg.timeout));
-            let deadline = tokio::time::Instant::now() + cfg.timeout;
-            let read = timer
-                .run(deadline, self.read_response(&mut up, &head.method, &answer))
-                .await;
-            self.up_timer = Some(timer);
-            match read {
-                None => return Attempt::Timeout,
-                Some(Ok(r)) => break (up, r),
+            match self
+                .read_response(&mut up, &head.method, &answer, cfg.timeout)
+                .await
+            {
+                Ok(r) => break (up, r),
+                Err(ReadError::Timeout) => return Attempt::Timeout,
                 // a pooled connection the replica had closed: a fresh one
                 // (only for a request that may be sent twice)
-                Some(Err(ReadError::Closed)) if reused && head.replayable() => {}
-                Some(Err(e)) => return Attempt::Failed(e.to_string()),
+                Err(ReadError::Closed) if reused && head.replayable() => {}
+                Err(e) => return Attempt::Failed(e.to_string()),
             }
         };
 
@@ -568,14 +543,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if self.buf.is_empty() {
                 self.buf
                     .reserve(COPY_CHUNK.min(self.body_left as usize).max(READ_ROOM));
-                let mut timer = self
-                    .up_timer
-                    .take()
-                    .unwrap_or_else(|| Deadline::new(timeout));
                 let deadline = tokio::time::Instant::now() + timeout;
-                let read = timer.run(deadline, self.io.read_buf(&mut self.buf)).await;
-                self.up_timer = Some(timer);
-                match read {
+                match self
+                    .up_timer
+                    .run(deadline, self.io.read_buf(&mut self.buf))
+                    .await
+                {
                     Some(Ok(0) | Err(_)) => return Err(Side::Client),
                     Some(Ok(_)) => {}
                     None => return Err(Side::ClientSilent),
@@ -591,15 +564,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
-    /// Reads a response head from `up_buf` and the replica, and writes it
-    /// to `out` as it goes to the client; 1xx informational responses (but
-    /// 101) go on to the client as they come.
+    /// Reads a response head from `up_buf` and the replica (whole within
+    /// `timeout`), and writes it to `out` as it goes to the client; 1xx
+    /// informational responses (but 101) go on to the client as they come.
     async fn read_response(
         &mut self,
         up: &mut TcpStream,
         method: &str,
         answer: &h1::Answer<'_>,
+        timeout: Duration,
     ) -> Result<h1::ResponseHead, ReadError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if !self.up_buf.is_empty() {
                 self.out.clear();
@@ -620,7 +595,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
             }
             self.up_buf.reserve(READ_ROOM);
-            match up.read_buf(&mut self.up_buf).await {
+            let read = self.up_timer.run(deadline, up.read_buf(&mut self.up_buf));
+            match read.await.ok_or(ReadError::Timeout)? {
                 Ok(0) if self.up_buf.is_empty() => return Err(ReadError::Closed),
                 Ok(0) => return Err(ReadError::Truncated),
                 Ok(_) => {}
@@ -647,14 +623,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Reads more of the response into `up_buf` (bounded by `timeout`).
     async fn read_up(&mut self, up: &mut TcpStream, timeout: Duration) -> Result<usize, Side> {
         self.up_buf.reserve(COPY_CHUNK);
-        let mut timer = self
-            .up_timer
-            .take()
-            .unwrap_or_else(|| Deadline::new(timeout));
         let deadline = tokio::time::Instant::now() + timeout;
-        let read = timer.run(deadline, up.read_buf(&mut self.up_buf)).await;
-        self.up_timer = Some(timer);
-        match read {
+        match self
+            .up_timer
+            .run(deadline, up.read_buf(&mut self.up_buf))
+            .await
+        {
             Some(Ok(n)) => Ok(n),
             Some(Err(e)) => Err(Side::Replica(e.to_string())),
             None => Err(Side::Replica("no body bytes within timeout".into())),
@@ -725,6 +699,8 @@ enum Side {
 
 #[derive(Debug, thiserror::Error)]
 enum ReadError {
+    #[error("no response head within timeout")]
+    Timeout,
     #[error("replica closed the connection before answering")]
     Closed,
     #[error("replica closed the connection mid-head")]
