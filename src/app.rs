@@ -248,40 +248,38 @@ impl App {
             .collect();
         let mut http_addrs = Vec::new();
         let sites = http::sites(&pools);
-        let shards = if sites.is_empty() {
-            None
-        } else {
+        if !sites.is_empty() {
             let n = config.worker_threads.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
             });
-            Some(Arc::new(
+            let shards = Arc::new(
                 http::shards::Shards::start(n).map_err(|e| StartError::Threads(e.to_string()))?,
-            ))
-        };
-        for (addr, site) in sites {
-            let (listener, bound) = bind("instance.http.listen", addr).await?;
-            http_addrs.push((addr, bound));
-            let tls = match site.tls() {
-                Some(t) => {
-                    let a =
-                        Acceptor::new(&format!("instance.http.tls ({addr})"), t, &[b"http/1.1"])
-                            .map_err(StartError::Tls)?;
-                    acceptors.push(a.clone());
-                    Some(a)
-                }
-                None => None,
-            };
-            let Some(shards) = shards.clone() else {
-                continue;
-            };
-            tracker.spawn(http::serve(
-                listener,
-                Arc::new(site),
-                tls,
-                shutdown.clone(),
-                tracker.clone(),
-                shards,
-            ));
+            );
+            for (addr, site) in sites {
+                let (listener, bound) = bind("instance.http.listen", addr).await?;
+                http_addrs.push((addr, bound));
+                let tls = match site.tls() {
+                    Some(t) => {
+                        let a = Acceptor::new(
+                            &format!("instance.http.tls ({addr})"),
+                            t,
+                            &[b"http/1.1"],
+                        )
+                        .map_err(StartError::Tls)?;
+                        acceptors.push(a.clone());
+                        Some(a)
+                    }
+                    None => None,
+                };
+                tracker.spawn(http::serve(
+                    listener,
+                    Arc::new(site),
+                    tls,
+                    shutdown.clone(),
+                    tracker.clone(),
+                    shards.clone(),
+                ));
+            }
         }
         for pool in &pools {
             tracker.spawn(pool.clone().probe_loop(shutdown.clone()));

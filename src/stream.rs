@@ -46,9 +46,14 @@ impl Default for ReadSize {
 
 /// Copies `rd` to `wr` until `rd` ends, then shuts `wr` down: reads sized by
 /// [`ReadSize`] (an idle connection holds 1 KiB, not a fixed 8 KiB buffer),
-/// each read written whole. `Err((true, e))` when reading failed, `(false, e)`
-/// when writing did.
-pub async fn copy<R, W>(mut rd: R, mut wr: W) -> Result<u64, (bool, io::Error)>
+/// each read written whole. A failure is `read_err` or `write_err` of the
+/// I/O error, so it names the side that failed.
+pub async fn copy<R, W, E>(
+    mut rd: R,
+    mut wr: W,
+    read_err: fn(io::Error) -> E,
+    write_err: fn(io::Error) -> E,
+) -> Result<u64, E>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -60,13 +65,13 @@ where
     loop {
         buf.reserve(size.get());
         let room = buf.capacity() - buf.len();
-        let n = rd.read_buf(&mut buf).await.map_err(|e| (true, e))?;
+        let n = rd.read_buf(&mut buf).await.map_err(read_err)?;
         if n == 0 {
-            wr.shutdown().await.map_err(|e| (false, e))?;
+            wr.shutdown().await.map_err(write_err)?;
             return Ok(total);
         }
         size.update(n, room);
-        wr.write_all(&buf).await.map_err(|e| (false, e))?;
+        wr.write_all(&buf).await.map_err(write_err)?;
         total += n as u64;
         buf.clear();
     }

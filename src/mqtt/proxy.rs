@@ -285,29 +285,18 @@ async fn handle(
             .map_err(ConnError::UpstreamIo)?;
         let (client_rd, client_wr) = client.split();
         let (upstream_rd, upstream_wr) = upstream.split();
-        // each direction names the side that failed
-        let up = async {
-            crate::stream::copy(client_rd, upstream_wr)
-                .await
-                .map_err(|(read, e)| {
-                    if read {
-                        ConnError::ClientIo(e)
-                    } else {
-                        ConnError::UpstreamIo(e)
-                    }
-                })
-        };
-        let down = async {
-            crate::stream::copy(upstream_rd, client_wr)
-                .await
-                .map_err(|(read, e)| {
-                    if read {
-                        ConnError::UpstreamIo(e)
-                    } else {
-                        ConnError::ClientIo(e)
-                    }
-                })
-        };
+        let up = crate::stream::copy(
+            client_rd,
+            upstream_wr,
+            ConnError::ClientIo,
+            ConnError::UpstreamIo,
+        );
+        let down = crate::stream::copy(
+            upstream_rd,
+            client_wr,
+            ConnError::UpstreamIo,
+            ConnError::ClientIo,
+        );
         return tokio::select! {
             r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
             () = shutdown.cancelled() => Ok(()),
