@@ -4,7 +4,10 @@
 # (wrk), alternating rounds in one run; medians and ratios on stdout and in
 # bench/results/. Each balancer is a process of its own next to the replicas'
 # nginx (LAYOUT=shared runs the nginx balancer inside the replicas' worker
-# processes instead, as the first runs of this script did).
+# processes instead, as the first runs of this script did). A second flowgate
+# ("flowgate-routes") runs with the public route check on (the default
+# `block_admin`): the replicas serve a Node-RED-like `GET /flows` with 20
+# `http in` routes, so each request is matched as on a real instance.
 # Usage: bash bench/http_compare.sh   (ROUNDS=5 DURATION=8 CONNS=50 LAYOUT=separate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,17 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 R1=$(port); R2=$(port); NG=$(port)
 
+# what the replicas' "flows" publish: 20 http in routes, /api/:id among them
+python3 - "$work" <<'PY'
+import json, sys
+nodes = [{"id": "t", "type": "tab"}]
+for i in range(19):
+    nodes.append({"id": f"n{i}", "type": "http in", "z": "t", "url": f"/route{i}/:id", "method": "get"})
+nodes.append({"id": "api", "type": "http in", "z": "t", "url": "/api", "method": "get"})
+json.dump({"rev": "bench", "flows": nodes}, open(f"{sys.argv[1]}/flows.json", "w"))
+json.dump({"httpNodeRoot": "/"}, open(f"{sys.argv[1]}/settings.json", "w"))
+PY
+
 # nginx configs: the replicas, and nginx as the balancer (2 worker processes each)
 nginx_conf() { # dir, servers...
   mkdir -p "$1"
@@ -39,8 +53,10 @@ http {
 }
 CONF
 }
-replicas="server { listen 127.0.0.1:$R1; location / { return 200 \"replica-1 ok\\n\"; } }
-  server { listen 127.0.0.1:$R2; location / { return 200 \"replica-2 ok\\n\"; } }"
+nr="location = /flows { default_type application/json; alias $work/flows.json; }
+    location = /settings { default_type application/json; alias $work/settings.json; }"
+replicas="server { listen 127.0.0.1:$R1; $nr location / { return 200 \"replica-1 ok\\n\"; } }
+  server { listen 127.0.0.1:$R2; $nr location / { return 200 \"replica-2 ok\\n\"; } }"
 balancer="upstream replicas { server 127.0.0.1:$R1; server 127.0.0.1:$R2; least_conn; keepalive 64; }
   server {
     listen 127.0.0.1:$NG;
@@ -78,9 +94,13 @@ replicas = ["127.0.0.1:$R1", "127.0.0.1:$R2"]
 block_admin = false
 CONF
 RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" >/dev/null & pids+=($!)
-for _ in $(seq 100); do [ -s "$work/ready.json" ] && break; sleep 0.1; done
+sed -e '/^block_admin = false$/d' "$work/flowgate.toml" > "$work/flowgate-routes.toml"
+RUST_LOG=warn target/release/flowgate run --config "$work/flowgate-routes.toml" --ready-file "$work/ready-routes.json" >/dev/null & pids+=($!)
+for _ in $(seq 100); do [ -s "$work/ready.json" ] && [ -s "$work/ready-routes.json" ] && break; sleep 0.1; done
 FG=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready.json")
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$NG/" >/dev/null && curl -sf "http://$FG/" >/dev/null && break; sleep 0.1; done
+FR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready-routes.json")
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$NG/" >/dev/null && curl -sf "http://$FG/" >/dev/null && curl -sf "http://$FR/api" >/dev/null && break; sleep 0.1; done
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$FR/flows")" = 403 ] || { echo "flowgate-routes does not check routes"; exit 1; }
 
 run() { # name url -> "rps p50_ms p99_ms errors"
   wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$2" 2>/dev/null | python3 -c '
@@ -97,14 +117,16 @@ print(f"{rps:.0f} {p50:.3f} {p99:.3f} {e}")'
 }
 declare -A res
 for r in $(seq "$ROUNDS"); do
-  for target in nginx flowgate; do
+  for target in nginx flowgate flowgate-routes; do
     url="http://127.0.0.1:$NG/api"; [ "$target" = flowgate ] && url="http://$FG/api"
+    [ "$target" = flowgate-routes ] && url="http://$FR/api"
     res[$target]+="$(run "$target" "$url");"
   done
 done
 median() { python3 -c 'import sys,statistics; v=[l.split() for l in sys.argv[1].split(";") if l]; print(" ".join(f"{statistics.median(float(x[i]) for x in v):.3f}".rstrip("0").rstrip(".") for i in range(4)))' "$1"; }
 read -r n_rps n_p50 n_p99 n_err <<<"$(median "${res[nginx]}")"
 read -r f_rps f_p50 f_p99 f_err <<<"$(median "${res[flowgate]}")"
+read -r r_rps r_p50 r_p99 r_err <<<"$(median "${res[flowgate-routes]}")"
 mkdir -p bench/results
 out="bench/results/http-$(date +%Y%m%d-%H%M).md"
 {
@@ -114,8 +136,10 @@ out="bench/results/http-$(date +%Y%m%d-%H%M).md"
   echo "|---|---|---|---|---|"
   echo "| nginx $(nginx -v 2>&1 | sed 's/.*\///') | $n_rps | $n_p50 | $n_p99 | $n_err |"
   echo "| flowgate | $f_rps | $f_p50 | $f_p99 | $f_err |"
+  echo "| flowgate, route check on | $r_rps | $r_p50 | $r_p99 | $r_err |"
   echo
   python3 -c "print(f'flowgate/nginx: req/s x{$f_rps/$n_rps:.2f}, p99 x{$f_p99/$n_p99:.2f}')"
+  python3 -c "print(f'route check on/off: req/s x{$r_rps/$f_rps:.2f}, p99 x{$r_p99/$f_p99:.2f}; on/nginx: req/s x{$r_rps/$n_rps:.2f}')"
   echo
-  echo "raw rounds (rps p50 p99 errors): nginx ${res[nginx]} flowgate ${res[flowgate]}"
+  echo "raw rounds (rps p50 p99 errors): nginx ${res[nginx]} flowgate ${res[flowgate]} flowgate-routes ${res[flowgate-routes]}"
 } | tee "$out"

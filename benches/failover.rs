@@ -268,7 +268,7 @@ async fn http(rounds: usize, hang: bool) -> (Vec<f64>, Vec<f64>, usize) {
          upstream = \"mqtt://127.0.0.1:1\"\nmode = \"share\"\n[[instance]]\nname = \"web\"\n\
          match = {{ client_id = \"web\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [{}]\n\
          balance = \"active-standby\"\nhealth_interval = \"{PROBE_MS}ms\"\nhealth_timeout = \"{PROBE_MS}ms\"\n\
-         timeout = \"3s\"\n",
+         timeout = \"3s\"\npublic_paths = [\"/\"]\n",
         list.join(", ")
     ))
     .await;

@@ -203,8 +203,26 @@ struct InstanceBody {
     mqtt: InstanceView,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     http: Vec<HttpReplicaView>,
+    /// What the public HTTP listener lets through (with `block_admin`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public: Option<PublicView>,
     /// Active-standby failovers (the last ones kept), oldest first.
     failovers: Vec<crate::metrics::Failover>,
+}
+
+#[derive(Serialize)]
+struct PublicView {
+    /// The flows were read at least once (before: only `public_paths`).
+    read: bool,
+    /// "GET /api/:id", "* /dashboard (dashboard)", ...
+    routes: Vec<String>,
+}
+
+fn public_view(pool: &Pool) -> Option<PublicView> {
+    pool.cfg.block_admin.then(|| PublicView {
+        read: pool.public.read(),
+        routes: pool.public.routes().published.clone(),
+    })
 }
 
 #[derive(Serialize)]
@@ -324,15 +342,14 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                     .instances
                     .views()
                     .into_iter()
-                    .map(|mqtt| InstanceBody {
-                        failovers: state.metrics.failovers(&mqtt.name),
-                        http: state
-                            .pools
-                            .iter()
-                            .find(|p| p.instance == mqtt.name)
-                            .map(|p| http_views(p))
-                            .unwrap_or_default(),
-                        mqtt,
+                    .map(|mqtt| {
+                        let pool = state.pools.iter().find(|p| p.instance == mqtt.name);
+                        InstanceBody {
+                            failovers: state.metrics.failovers(&mqtt.name),
+                            http: pool.map(|p| http_views(p)).unwrap_or_default(),
+                            public: pool.and_then(|p| public_view(p)),
+                            mqtt,
+                        }
                     })
                     .collect(),
             };

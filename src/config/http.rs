@@ -41,8 +41,15 @@ pub struct HttpConfig {
     pub sticky: bool,
     pub sticky_paths: Vec<String>,
     pub sticky_cookie: String,
+    /// Default deny: only what the flows publish (and `public_paths`)
+    /// passes; `false` passes every request through.
     pub block_admin: bool,
+    /// Paths answered 403 even when a route the flows publish covers them
+    /// (Node-RED's admin API wins over `http in` routes on one root).
     pub admin_paths: Vec<String>,
+    /// Path prefixes the public listener always lets through (any method):
+    /// `httpStatic` roots, paths of nodes flowgate does not read.
+    pub public_paths: Vec<String>,
     pub replica_header: bool,
     pub max_body: ByteSize,
     #[serde(with = "humantime_ser")]
@@ -95,6 +102,8 @@ pub(super) struct FileHttp {
     sticky_cookie: Option<String>,
     block_admin: Option<bool>,
     admin_paths: Option<Vec<String>>,
+    #[serde(default)]
+    public_paths: Vec<String>,
     replica_header: Option<bool>,
     max_body: Option<String>,
     timeout: Option<String>,
@@ -226,6 +235,14 @@ impl FileHttp {
                 "health_rise and health_fall must be at least 1".into(),
             ));
         }
+        for (i, pp) in self.public_paths.iter().enumerate() {
+            if !pp.starts_with('/') {
+                p.push((
+                    format!("{path}.public_paths[{i}]"),
+                    format!("{pp:?} must start with /"),
+                ));
+            }
+        }
         HttpConfig {
             listen,
             host: self.host.map(|h| h.to_ascii_lowercase()),
@@ -273,6 +290,7 @@ impl FileHttp {
                 .map(String::from)
                 .to_vec()
             }),
+            public_paths: self.public_paths,
             replica_header: self.replica_header.unwrap_or(true),
             max_body,
             timeout: dur(p, path, "timeout", self.timeout, Duration::from_secs(60)),

@@ -133,6 +133,8 @@ impl Deploy {
     /// Runs the deploy to the end; the outcome is in `status`.
     pub async fn run(self) {
         let result = self.rolling().await;
+        // done or not, replicas' flows changed: the public routes follow
+        self.pool.public.flows_changed();
         let instance = self.pool.instance.clone();
         let outcome = if result.is_ok() { "done" } else { "failed" };
         self.metrics

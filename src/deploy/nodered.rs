@@ -70,6 +70,23 @@ impl NodeRed {
             .ok_or_else(|| "POST /flows: no rev in the answer".to_string())
     }
 
+    /// Where the flows' HTTP routes live (`httpNodeRoot` from `GET
+    /// /settings`); `None` when it is `false` (no `http in` routes).
+    pub async fn node_root(&self) -> Result<Option<String>, String> {
+        let (status, body) = client::get(&self.base, "/settings")
+            .await
+            .map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("GET /settings answered {status}"));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|e| format!("GET /settings: {e}"))?;
+        Ok(match &v["httpNodeRoot"] {
+            Value::Bool(false) => None,
+            Value::String(s) => Some(s.clone()),
+            _ => Some("/".into()),
+        })
+    }
+
     /// `start` once the flows run (needs `runtimeState.enabled` in settings.js).
     pub async fn state(&self) -> Result<String, String> {
         let (status, body) = client::get(&self.base, "/flows/state")

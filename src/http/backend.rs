@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::balancer::{self, Candidate};
 use super::health::Health;
+use super::watch::PublicSide;
 use crate::config::{Balance, HttpConfig};
 use crate::metrics::names::SIDE_HTTP;
 use crate::metrics::{Failover, Metrics};
@@ -83,6 +84,8 @@ pub struct Pool {
     standby: Mutex<Standby>,
     /// Shared with the instance's dispatcher when both sides are active-standby.
     tie: Option<Arc<Tie>>,
+    /// What the public listener lets through (the flows watch keeps it).
+    pub public: PublicSide,
 }
 
 /// Active-standby (`balance = "active-standby"`): the active replica, and the
@@ -119,6 +122,13 @@ impl Backend {
             lock(&self.rev).clone(),
             self.diverged.load(Ordering::Relaxed),
         )
+    }
+
+    /// Records the flow `rev` read from the replica and whether it differs
+    /// from most replicas'; whether it differed before.
+    pub(super) fn set_rev(&self, rev: Option<String>, diverged: bool) -> bool {
+        *lock(&self.rev) = rev;
+        self.diverged.swap(diverged, Ordering::Relaxed)
     }
 
     pub fn set_draining(&self, draining: bool) {
@@ -305,6 +315,8 @@ impl Pool {
             })
             .collect();
         let retries = metrics.http_retries.with_label_values(&[instance]);
+        let denied = metrics.http_denied.with_label_values(&[instance]);
+        let cfg_public_paths = cfg.public_paths.clone();
         Self {
             instance: instance.to_owned(),
             cfg,
@@ -317,6 +329,7 @@ impl Pool {
             metrics,
             standby: Mutex::new(Standby::default()),
             tie,
+            public: PublicSide::new(&cfg_public_paths, denied),
         }
     }
 
@@ -517,61 +530,6 @@ impl Pool {
                 self.tie_health(backend, None);
             }
             None => {}
-        }
-    }
-
-    /// Reads every replica's flow `rev` each `rev_interval` and counts the
-    /// replicas whose flows differ from most replicas' (a replica whose admin
-    /// API does not answer has no rev and is not counted).
-    pub async fn rev_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        if self.cfg.rev_interval.is_zero() {
-            return;
-        }
-        let gauge = self
-            .metrics
-            .flows_diverged
-            .with_label_values(&[self.instance.as_str()]);
-        let mut tick = tokio::time::interval(self.cfg.rev_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = shutdown.cancelled() => return,
-            }
-            for b in &self.backends {
-                let rev = crate::deploy::nodered::NodeRed::new(&b.addr)
-                    .flows()
-                    .await
-                    .ok()
-                    .map(|f| f.rev);
-                *lock(&b.rev) = rev;
-            }
-            let revs: Vec<Option<String>> =
-                self.backends.iter().map(|b| lock(&b.rev).clone()).collect();
-            let mut counts: std::collections::HashMap<&str, usize> =
-                std::collections::HashMap::new();
-            for r in revs.iter().flatten() {
-                *counts.entry(r.as_str()).or_default() += 1;
-            }
-            let most = counts
-                .iter()
-                .max_by_key(|(r, n)| (**n, *r))
-                .map(|(r, _)| *r);
-            let mut diverged = 0;
-            for (b, rev) in self.backends.iter().zip(&revs) {
-                let differs = matches!((rev, most), (Some(r), Some(m)) if r != m);
-                if differs {
-                    diverged += 1;
-                }
-                if b.diverged.swap(differs, Ordering::Relaxed) != differs {
-                    if differs {
-                        tracing::warn!(instance = %self.instance, replica = %b.label, rev = ?rev, most = ?most, "replica's flows differ from the others'");
-                    } else {
-                        tracing::info!(instance = %self.instance, replica = %b.label, "replica's flows match the others' again");
-                    }
-                }
-            }
-            gauge.set(diverged);
         }
     }
 

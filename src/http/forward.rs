@@ -91,9 +91,37 @@ pub(super) const NO_REPLICA_TEXT: &str = "no replica could take the request\n";
 pub(super) const FAILED_TEXT: &str = "replica failed\n";
 pub(super) const TIMEOUT_TEXT: &str = "replica did not answer in time\n";
 
-/// Is `path` under one of the admin paths `pool`'s instance blocks?
-pub(super) fn blocked(pool: &Pool, path: &str) -> bool {
-    pool.cfg.block_admin && pool.cfg.admin_paths.iter().any(|p| path_matches(path, p))
+pub(super) const NOT_PUBLISHED_TEXT: &str = "not found\n";
+
+/// What the public listener does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    Pass,
+    /// Under an admin path: 403.
+    Admin,
+    /// No route the flows publish (nor `public_paths`) covers it: 404.
+    Unpublished,
+}
+
+/// May a `method` request for `path` pass the public listener? With
+/// `block_admin` (the default) only what the flows publish passes, and never
+/// an admin path (Node-RED's admin routes win over `http in` routes on one
+/// root); refusals are counted.
+pub(super) fn access(pool: &Pool, method: &str, path: &str) -> Access {
+    if !pool.cfg.block_admin {
+        return Access::Pass;
+    }
+    let verdict = if pool.cfg.admin_paths.iter().any(|p| path_matches(path, p)) {
+        Access::Admin
+    } else if pool.public.routes().allows(method, path) {
+        Access::Pass
+    } else {
+        Access::Unpublished
+    };
+    if verdict != Access::Pass {
+        pool.public.denied.inc();
+    }
+    verdict
 }
 
 /// Do responses on `path` carry the sticky cookie?
@@ -147,8 +175,10 @@ pub async fn handle(
 ) -> Response<Body> {
     let cfg = &pool.cfg;
     let path = req.uri().path().to_owned();
-    if blocked(&pool, &path) {
-        return status(StatusCode::FORBIDDEN, BLOCKED_TEXT);
+    match access(&pool, req.method().as_str(), &path) {
+        Access::Pass => {}
+        Access::Admin => return status(StatusCode::FORBIDDEN, BLOCKED_TEXT),
+        Access::Unpublished => return status(StatusCode::NOT_FOUND, NOT_PUBLISHED_TEXT),
     }
     let limit = cfg.max_body.bytes();
     let declared = req

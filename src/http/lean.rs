@@ -24,8 +24,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::backend::{Backend, Pool};
 use super::forward::{
-    blocked, pinned, sticky_cookie, sticky_path, InflightGuard, BLOCKED_TEXT, FAILED_TEXT,
-    NO_REPLICA_TEXT, REPLICA_HEADER, TIMEOUT_TEXT, TOO_LARGE_TEXT,
+    access, pinned, sticky_cookie, sticky_path, Access, InflightGuard, BLOCKED_TEXT, FAILED_TEXT,
+    NOT_PUBLISHED_TEXT, NO_REPLICA_TEXT, REPLICA_HEADER, TIMEOUT_TEXT, TOO_LARGE_TEXT,
 };
 use super::h1::{self, Framing, H1Error, RequestHead};
 use super::{Limits, Site};
@@ -331,11 +331,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let cfg = &pool.cfg;
         self.body_left = body_len(&head);
         let path = head.path();
-        if blocked(pool, path) {
-            self.buf.advance(head.len);
-            return self
-                .refuse(403, "Forbidden", BLOCKED_TEXT, head.close)
-                .await;
+        match access(pool, &head.method, path) {
+            Access::Pass => {}
+            Access::Admin => {
+                self.buf.advance(head.len);
+                return self
+                    .refuse(403, "Forbidden", BLOCKED_TEXT, head.close)
+                    .await;
+            }
+            Access::Unpublished => {
+                self.buf.advance(head.len);
+                return self
+                    .refuse(404, "Not Found", NOT_PUBLISHED_TEXT, head.close)
+                    .await;
+            }
         }
         if self.body_left > cfg.max_body.bytes() as u64 {
             self.buf.advance(head.len);

@@ -9,7 +9,9 @@ pub mod forward;
 pub mod h1;
 pub mod health;
 pub mod lean;
+pub mod routes;
 pub mod shards;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

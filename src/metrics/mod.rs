@@ -34,6 +34,7 @@ pub struct Metrics {
     pub http_replica_up: IntGaugeVec,
     pub http_retries: IntCounterVec,
     pub http_errors: IntCounterVec,
+    pub http_denied: IntCounterVec,
     pub failover_seconds: HistogramVec,
     pub deploys: IntCounterVec,
     pub acl_denied: IntCounterVec,
@@ -233,6 +234,12 @@ impl Metrics {
                 HTTP_ERRORS,
                 "HTTP client connections ended by an error, by kind",
                 &[LABEL_KIND],
+            ),
+            http_denied: counter_vec(
+                r,
+                HTTP_DENIED,
+                "Requests the public HTTP listener refused: not published by the flows (404) or an admin path (403)",
+                &[LABEL_INSTANCE],
             ),
             failover_seconds: {
                 let opts = HistogramOpts::new(

@@ -19,6 +19,7 @@ pub const HTTP_INFLIGHT: &str = "flowgate_http_inflight_requests";
 pub const HTTP_REPLICA_UP: &str = "flowgate_http_replica_up";
 pub const HTTP_RETRIES: &str = "flowgate_http_retries_total";
 pub const HTTP_ERRORS: &str = "flowgate_http_errors_total";
+pub const HTTP_DENIED: &str = "flowgate_http_denied_total";
 pub const FAILOVER_SECONDS: &str = "flowgate_failover_seconds";
 pub const DEPLOYS: &str = "flowgate_deploys_total";
 pub const ACL_DENIED: &str = "flowgate_acl_denied_total";

@@ -167,7 +167,7 @@ pub(crate) async fn balancer(replicas: &[&Replica], extra: &str) -> (App, Socket
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          upstream = \"mqtt://127.0.0.1:1\"\nmode = \"share\"\n[[instance]]\nname = \"web\"\n\
          match = {{ client_id = \"web\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [{}]\n\
-         health_interval = \"100ms\"\n{extra}\n",
+         health_interval = \"100ms\"\npublic_paths = [\"/\"]\n{extra}\n",
         list.join(", ")
     );
     let app = App::start(Config::parse(&text, "test").expect("valid config"))
@@ -546,4 +546,79 @@ async fn bodies_stream_and_policies_answer_as_documented() {
         assert_eq!(r, "1");
     }
     app.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A replica that is no Node-RED (its `/flows` is no flows document): the
+/// public listener cannot learn what is published and lets through only
+/// `public_paths`, saying so in `/api/instances` and the metric; with
+/// `block_admin = false` everything passes.
+#[tokio::test]
+async fn without_readable_flows_only_public_paths_pass() {
+    init_logs();
+    let r0 = Replica::start("r0", 0).await;
+    let config = |extra: &str| {
+        format!(
+            "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"mqtt://127.0.0.1:1\"\nmode = \"share\"\n[[instance]]\nname = \"web\"\n\
+             match = {{ client_id = \"web\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
+             replicas = [\"{}\"]\nhealth_interval = \"100ms\"\nrev_interval = \"100ms\"\n{extra}\n",
+            r0.addr
+        )
+    };
+    let app = App::start(
+        Config::parse(&config("public_paths = [\"/static\"]"), "test").expect("valid config"),
+    )
+    .await
+    .expect("starts");
+    let addr = app.http_addrs[0].1;
+    // a few reads of the flows have failed by then
+    eventually("the admin API shows the routes not read", || async {
+        let (_, body) = http_get(app.admin_addr, "/api/instances").await;
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        doc["instances"][0]["public"]["read"] == false
+            && doc["instances"][0]["public"]["routes"][0] == "* /static"
+    })
+    .await;
+    for (path, want) in [
+        ("/static/app.js", 200),
+        ("/STATIC", 200),
+        ("/api", 404),
+        ("/staticx", 404),
+    ] {
+        let got = request(addr, "GET", path, &[], Bytes::new())
+            .await
+            .expect("get")
+            .0;
+        assert_eq!(got, want, "{path}");
+    }
+    assert_eq!(
+        request(addr, "GET", "/flows", &[], Bytes::new())
+            .await
+            .expect("get")
+            .0,
+        403
+    );
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    assert_eq!(
+        metric_sum(&m, "flowgate_http_denied_total", &[("instance", "web")]),
+        3.0
+    );
+    app.shutdown(Duration::from_secs(2)).await;
+
+    // block_admin = false: the old pass-through, admin paths included
+    let app =
+        App::start(Config::parse(&config("block_admin = false"), "test").expect("valid config"))
+            .await
+            .expect("starts");
+    let addr = app.http_addrs[0].1;
+    for path in ["/api", "/flows", "/anything"] {
+        let got = request(addr, "GET", path, &[], Bytes::new())
+            .await
+            .expect("get")
+            .0;
+        assert_eq!(got, 200, "{path}");
+    }
+    let (_, body) = http_get(app.admin_addr, "/api/instances").await;
+    assert!(!body.contains("\"public\""), "{body}");
+    app.shutdown(Duration::from_secs(2)).await;
 }

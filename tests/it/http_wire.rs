@@ -116,7 +116,7 @@ fn wire_balancer_config(addr: SocketAddr, extra: &str) -> String {
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          upstream = \"mqtt://127.0.0.1:1\"\nmode = \"share\"\n[[instance]]\nname = \"web\"\n\
          match = {{ client_id = \"web\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
-         replicas = [\"{addr}\"]\nhealth_interval = \"100ms\"\n{extra}\n"
+         replicas = [\"{addr}\"]\nhealth_interval = \"100ms\"\npublic_paths = [\"/\"]\n{extra}\n"
     )
 }
 

@@ -18,6 +18,8 @@ use tokio::sync::Mutex;
 use crate::loadtest::{loadtest, strings};
 use crate::support::*;
 
+mod public;
+
 const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 /// Node-RED takes a few seconds to start its flows on a busy 2-core machine.
@@ -45,17 +47,38 @@ impl NodeRed {
 
     /// The same on a given HTTP port.
     async fn start_on(name: &str, mqtt: SocketAddr, port: u16) -> Self {
+        let flows = std::fs::read_to_string(root().join("deploy/examples/nodered-ha/flows.json"))
+            .expect("example flows");
+        Self::start_with(name, mqtt, port, &flows, false).await
+    }
+
+    /// A replica running `flows`; with `dashboard`, Dashboard 2.0 (from
+    /// `tests/node`) is in its palette.
+    async fn start_with(
+        name: &str,
+        mqtt: SocketAddr,
+        port: u16,
+        flows: &str,
+        dashboard: bool,
+    ) -> Self {
         let red = root().join("tests/node/node_modules/node-red/red.js");
         assert!(
             red.exists(),
             "Node-RED is not installed: run `npm ci --prefix tests/node` (bash .ci/run does)"
         );
         let dir = temp_dir(&format!("nodered-{name}"));
-        std::fs::copy(
-            root().join("deploy/examples/nodered-ha/flows.json"),
-            dir.join("flows.json"),
-        )
-        .expect("flows copied");
+        std::fs::write(dir.join("flows.json"), flows).expect("flows written");
+        if dashboard {
+            let pkg = root().join("tests/node/node_modules/@flowfuse/node-red-dashboard");
+            assert!(
+                pkg.exists(),
+                "Dashboard 2.0 is not installed: run `npm ci --prefix tests/node`"
+            );
+            let scope = dir.join("node_modules/@flowfuse");
+            std::fs::create_dir_all(&scope).expect("userDir node_modules");
+            std::os::unix::fs::symlink(pkg, scope.join("node-red-dashboard"))
+                .expect("dashboard linked into the userDir");
+        }
         let mut r = Self {
             name: name.to_string(),
             port,
@@ -154,9 +177,24 @@ async fn flowgate_for(upstream: &str, mode: &str, http: &[&NodeRed]) -> App {
             list.join(", ")
         ));
     }
-    App::start(Config::parse(&text, "test").expect("valid config"))
+    let app = App::start(Config::parse(&text, "test").expect("valid config"))
         .await
-        .expect("flowgate starts")
+        .expect("flowgate starts");
+    if !http.is_empty() {
+        public_routes_read(&app).await;
+    }
+    app
+}
+
+/// Waits until flowgate read the routes the flows publish (before, its
+/// public listener lets nothing through).
+async fn public_routes_read(app: &App) {
+    eventually("the public routes are read from the flows", || async {
+        let (_, body) = http_get(app.admin_addr, "/api/instances").await;
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        doc["instances"][0]["public"]["read"] == true
+    })
+    .await;
 }
 
 /// Waits until flowgate shows `n` connected replicas of `line1`.
@@ -533,6 +571,7 @@ async fn a_rolling_deploy_under_load_loses_nothing_and_a_broken_one_stops_at_the
         metric_sum(&m, "flowgate_http_replica_up", &[("instance", "line1")]) == 3.0
     })
     .await;
+    public_routes_read(&app).await;
     let old_rev = rev_of(&reps[0]).await;
 
     // version 2 of the flows: the API answers with a version field

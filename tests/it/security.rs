@@ -323,7 +323,7 @@ async fn admin_and_http_listeners_serve_https_and_mqtt_over_wss() {
          [mqtt.websocket]\nlisten = \"127.0.0.1:0\"\ntls = {{ {tls} }}\n\
          [[instance]]\nname = \"line1\"\nmatch = {{ client_id = \"line1-nodered\" }}\n\
          [instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [\"{replica_addr}\"]\n\
-         health_tcp_only = true\ntls = {{ {tls} }}\n"
+         health_tcp_only = true\npublic_paths = [\"/\"]\ntls = {{ {tls} }}\n"
     ))
     .await;
     let trust = certs.client("ca", None);
@@ -707,7 +707,7 @@ async fn http_request_heads_too_large_or_too_slow_are_refused() {
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          [[instance]]\nname = \"line1\"\nmatch = {{ client_id = \"x\" }}\n\
          [instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [\"{replica_addr}\"]\n\
-         health_tcp_only = true\nmax_header_size = \"16KiB\"\nheader_timeout = \"500ms\"\n"
+         health_tcp_only = true\npublic_paths = [\"/\"]\nmax_header_size = \"16KiB\"\nheader_timeout = \"500ms\"\n"
     ))
     .await;
     let http = app.http_addrs[0].1;

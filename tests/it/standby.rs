@@ -363,7 +363,7 @@ async fn mqtt_and_http_sides_keep_the_same_replica_active_and_fail_over_together
     let web_a = WebReplica::start_at("a", [127, 0, 0, 3], 0).await;
     let extra = format!(
         "strategy = \"active-standby\"\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
-         replicas = [\"{}\", \"{}\"]\nbalance = \"active-standby\"\nhealth_interval = \"100ms\"\n",
+         replicas = [\"{}\", \"{}\"]\nbalance = \"active-standby\"\nhealth_interval = \"100ms\"\npublic_paths = [\"/\"]\n",
         web_b.addr, web_a.addr
     );
     let app = start(&Upstream::Embedded, &extra).await;

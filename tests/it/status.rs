@@ -24,7 +24,7 @@ async fn busy_flowgate() -> (App, Vec<Client3>, Replica, tokio::task::JoinHandle
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          upstream = \"embedded\"\n[[instance]]\nname = \"line1\"\n\
          match = {{ client_id = \"line1-nodered\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
-         replicas = [\"{}\"]\nhealth_interval = \"100ms\"\n",
+         replicas = [\"{}\"]\nhealth_interval = \"100ms\"\npublic_paths = [\"/\"]\n",
         web.addr
     );
     let app = App::start(Config::parse(&text, "test").expect("valid config"))
