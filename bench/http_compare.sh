@@ -20,6 +20,7 @@ for tool in nginx wrk python3; do
 done
 cargo build --release --quiet
 work=$(mktemp -d)
+chmod 755 "$work"  # nginx workers (nobody) read the flows files in it
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
@@ -95,12 +96,14 @@ block_admin = false
 CONF
 RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" >/dev/null & pids+=($!)
 sed -e '/^block_admin = false$/d' "$work/flowgate.toml" > "$work/flowgate-routes.toml"
-RUST_LOG=warn target/release/flowgate run --config "$work/flowgate-routes.toml" --ready-file "$work/ready-routes.json" >/dev/null & pids+=($!)
+RUST_LOG=info target/release/flowgate run --config "$work/flowgate-routes.toml" --ready-file "$work/ready-routes.json" >"$work/routes.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do [ -s "$work/ready.json" ] && [ -s "$work/ready-routes.json" ] && break; sleep 0.1; done
 FG=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready.json")
 FR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready-routes.json")
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$NG/" >/dev/null && curl -sf "http://$FG/" >/dev/null && curl -sf "http://$FR/api" >/dev/null && break; sleep 0.1; done
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$FR/flows")" = 403 ] || { echo "flowgate-routes does not check routes"; exit 1; }
+FRA=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$work/ready-routes.json")
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$FR/api")" = 200 ] || { echo "flowgate-routes does not pass /api:"; cat "$work/routes.log"; exit 1; }
 
 run() { # name url -> "rps p50_ms p99_ms errors"
   wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$2" 2>/dev/null | python3 -c '

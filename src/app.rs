@@ -179,10 +179,15 @@ impl App {
                     username: inst.upstream_username.clone(),
                     password: inst.upstream_password.clone(),
                 };
+                let negotiated = instances
+                    .get(&inst.name)
+                    .map(|i| i.upstream_protocol.clone())
+                    .unwrap_or_default();
                 let handle = start_dispatcher(
                     &config,
                     inst,
-                    (&upstream_v3, login),
+                    (&upstream_v3, &upstream_v5, login),
+                    negotiated,
                     &metrics,
                     (&shutdown, &tracker),
                     tie,
@@ -380,7 +385,8 @@ async fn probe_upstream(upstream: String, timeout: Duration) {
 fn start_dispatcher(
     config: &Config,
     inst: &InstanceConfig,
-    (upstream, login): (&str, Login),
+    (upstream, upstream_v5, login): (&str, &str, Login),
+    negotiated: Arc<std::sync::atomic::AtomicU8>,
     metrics: &Arc<Metrics>,
     (shutdown, tracker): (&CancellationToken, &TaskTracker),
     tie: Option<Arc<Tie>>,
@@ -394,6 +400,9 @@ fn start_dispatcher(
         .unwrap_or_else(|| format!("flowgate-{}-{}", config.node_id, inst.name));
     let session = UpstreamSession {
         addr: upstream.to_owned(),
+        addr_v5: upstream_v5.to_owned(),
+        protocol: config.mqtt.upstream_protocol,
+        negotiated,
         client_id: client_id.clone(),
         keep_alive: config.mqtt.upstream_keep_alive,
         connect_timeout: config.mqtt.upstream_connect_timeout,
@@ -414,6 +423,7 @@ fn start_dispatcher(
         queue_limit: config.mqtt.queue_limit,
         upstream_share: config.mqtt.upstream_share,
         upstream_addr: upstream.to_owned(),
+        upstream_addr_v5: upstream_v5.to_owned(),
         upstream_client_id: client_id,
         retained_timeout: config.mqtt.upstream_connect_timeout,
         upstream_login: login,

@@ -48,6 +48,7 @@ struct FileMqtt {
     queue_limit: Option<usize>,
     upstream_share: Option<bool>,
     upstream_keep_alive: Option<String>,
+    upstream_protocol: Option<super::UpstreamProtocol>,
     tls: Option<super::tls::FileMqttTls>,
     websocket: Option<FileWebSocket>,
     upstream_ca_file: Option<String>,
@@ -296,6 +297,7 @@ impl FileConfig {
                 duration(m.upstream_keep_alive.as_deref(), Duration::from_secs(30)),
                 Duration::from_secs(30),
             ),
+            upstream_protocol: m.upstream_protocol.unwrap_or_default(),
             tls: m.tls.and_then(|t| {
                 let listen = p.check(
                     "mqtt.tls.listen",

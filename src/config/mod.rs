@@ -161,6 +161,9 @@ pub struct MqttConfig {
     /// Dispatch mode: keep-alive of the upstream sessions.
     #[serde(with = "types::humantime_ser")]
     pub upstream_keep_alive: Duration,
+    /// Dispatch mode: MQTT 5 upstream sessions (`auto`: when the broker
+    /// accepts them).
+    pub upstream_protocol: UpstreamProtocol,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<MqttTls>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +192,19 @@ pub enum Mode {
     Share,
     /// flowgate distributes each message to one replica itself.
     Dispatch,
+}
+
+/// Dispatch mode: the MQTT version of the upstream sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+pub enum UpstreamProtocol {
+    /// MQTT 5 when the broker accepts it, else 3.1.1 (logged once).
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 /// How a connection is recognised as one of an instance's replicas.

@@ -346,7 +346,7 @@ async fn handle(
                 .map(|p| p.expose().as_bytes()),
         });
     let rewritten = connect.encode_with(&new_id, credentials);
-    let will = session::will_of(&connect);
+    let (will, limits) = session::connect_facts(&connect, &buf[..frame_len]);
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
     let _ = buf.split_to(frame_len);
     let span = tracing::info_span!("replica", instance = %instance.config.name, slot = guard.slot);
@@ -360,6 +360,7 @@ async fn handle(
             guard: &guard,
             handle: handle.clone(),
             will,
+            limits,
             peer,
             publish_rate: ctx.config.mqtt.max_publish_rate,
             throttled: ctx

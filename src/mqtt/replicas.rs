@@ -22,6 +22,9 @@ pub struct Instances {
 /// One instance and its connected replicas.
 pub struct InstanceState {
     pub config: InstanceConfig,
+    /// Dispatch mode: the MQTT version of the upstream session (0 before it
+    /// first connected, 4 for 3.1.1, 5), set by that session.
+    pub upstream_protocol: Arc<std::sync::atomic::AtomicU8>,
     replicas: Mutex<BTreeMap<u16, ReplicaInfo>>,
     metrics: Arc<Metrics>,
 }
@@ -50,6 +53,9 @@ pub struct InstanceView {
     pub replicas_connected: usize,
     /// Messages waiting for a replica (dispatch mode).
     pub queued: i64,
+    /// Dispatch mode: the upstream session's MQTT version, once connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_protocol: Option<Protocol>,
     pub replicas: Vec<ReplicaView>,
 }
 
@@ -79,6 +85,7 @@ impl Instances {
                 metrics.declare_instance(&config.name);
                 Arc::new(InstanceState {
                     config: config.clone(),
+                    upstream_protocol: Arc::default(),
                     replicas: Mutex::new(BTreeMap::new()),
                     metrics: metrics.clone(),
                 })
@@ -92,6 +99,11 @@ impl Instances {
         self.list
             .iter()
             .find(|i| i.config.match_rule.matches(client_id, username))
+    }
+
+    /// The instance named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<InstanceState>> {
+        self.list.iter().find(|i| i.config.name == name)
     }
 
     pub fn views(&self) -> Vec<InstanceView> {
@@ -183,6 +195,14 @@ impl InstanceState {
                 .dispatch_queued
                 .with_label_values(&[&self.config.name])
                 .get(),
+            upstream_protocol: match self
+                .upstream_protocol
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                4 => Some(Protocol::V311),
+                5 => Some(Protocol::V5),
+                _ => None,
+            },
             replicas,
         }
     }

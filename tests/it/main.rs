@@ -10,6 +10,7 @@ mod hostile;
 mod http;
 mod http_wire;
 mod loadtest;
+mod mqtt5;
 mod nodered;
 mod security;
 mod share_mode;

@@ -10,7 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::core::{Handle, ReplicaEvent};
+use rumqttc::v5::mqttbytes::v5;
+
+use super::core::{Handle, ReplicaEvent, ReplicaLimits};
 use super::wire::{self, Incoming, Message, Outgoing};
 use crate::mqtt::codec::{check_flags, check_header, Connect, Protocol};
 use crate::mqtt::error::ConnError;
@@ -21,15 +23,44 @@ use crate::stream::Stream;
 /// Capacity of a replica's outgoing channel beyond its in-flight window.
 const OUT_SLACK: usize = 256;
 
-/// The will of a CONNECT as a message.
-pub fn will_of(connect: &Connect<'_>) -> Option<Message> {
-    connect.will.as_ref().map(|w| Message {
+/// The will of a CONNECT as a message (with its MQTT 5 properties), and
+/// what an MQTT 5 CONNECT asks of the messages the replica gets. `frame` is
+/// the CONNECT's bytes.
+pub fn connect_facts(connect: &Connect<'_>, frame: &[u8]) -> (Option<Message>, ReplicaLimits) {
+    let mut will = connect.will.as_ref().map(|w| Message {
         topic: w.topic.to_owned(),
         payload: bytes::Bytes::copy_from_slice(w.payload),
         qos: w.qos,
         retain: w.retain,
         properties: None,
-    })
+    });
+    let mut limits = ReplicaLimits::default();
+    if !connect.protocol.is_v5() {
+        return (will, limits);
+    }
+    limits.v5 = true;
+    // the codec checked the frame; rumqttc's reads its properties
+    if let Ok(v5::Packet::Connect(c, last_will, _)) =
+        v5::Packet::read(&mut BytesMut::from(frame), None)
+    {
+        if let Some(p) = c.properties {
+            limits.receive_max = p.receive_maximum;
+            limits.max_packet = p.max_packet_size;
+        }
+        if let (Some(w), Some(p)) = (will.as_mut(), last_will.and_then(|l| l.properties)) {
+            w.properties = Some(Box::new(v5::PublishProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                message_expiry_interval: p.message_expiry_interval,
+                response_topic: p.response_topic,
+                correlation_data: p.correlation_data,
+                user_properties: p.user_properties,
+                content_type: p.content_type,
+                ..Default::default()
+            }))
+            .filter(|p| **p != v5::PublishProperties::default());
+        }
+    }
+    (will, limits)
 }
 
 pub struct Session<'a> {
@@ -40,6 +71,7 @@ pub struct Session<'a> {
     pub guard: &'a SlotGuard,
     pub handle: Handle,
     pub will: Option<Message>,
+    pub limits: ReplicaLimits,
     pub peer: std::net::SocketAddr,
     /// `mqtt.max_publish_rate`: PUBLISH packets a second.
     pub publish_rate: Option<u32>,
@@ -64,6 +96,7 @@ impl Session<'_> {
             tx,
             will: self.will.clone(),
             counters: self.guard.counters.clone(),
+            limits: self.limits,
         };
         if self.handle.tx.send(joined).await.is_err() {
             return Ok(());

@@ -1,21 +1,26 @@
-//! The instance's one upstream MQTT session (3.1.1, persistent): connects and
-//! reconnects with back-off, keeps the session alive, writes what the
-//! dispatcher asks and reports what the broker sends. It decides nothing.
+//! The instance's one upstream MQTT session (persistent; MQTT 5 when the
+//! broker takes it, else 3.1.1): connects and reconnects with back-off,
+//! keeps the session alive, keeps within the broker's receive maximum and
+//! maximum packet size, writes what the dispatcher asks and reports what the
+//! broker sends. It decides nothing about messages.
 
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::Secret;
+use crate::config::{Secret, UpstreamProtocol};
 use crate::stream::Stream;
 use crate::tls::Connector;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, qos4, Incoming, Message};
+use super::wire::{self, qos4, qos5, Incoming, Message, SubRequest};
 use crate::mqtt::codec::Protocol;
 
 /// What the dispatcher asks of the upstream session.
@@ -32,7 +37,7 @@ pub enum UpCmd {
     PubComp(u16),
     Subscribe {
         pkid: u16,
-        filters: Vec<(String, u8)>,
+        filters: Vec<SubRequest>,
     },
     Unsubscribe {
         pkid: u16,
@@ -47,6 +52,8 @@ pub enum UpCmd {
 pub enum UpEvent {
     Up {
         session_present: bool,
+        /// The version the broker took: `V5` or `V311`.
+        protocol: Protocol,
     },
     Down,
     /// The packets of one read, in order.
@@ -54,7 +61,14 @@ pub enum UpEvent {
 }
 
 pub struct UpstreamSession {
+    /// The broker for 3.1.1 sessions.
     pub addr: String,
+    /// The broker for MQTT 5 sessions (the embedded broker listens on one
+    /// port per version; any other broker takes both on one).
+    pub addr_v5: String,
+    pub protocol: UpstreamProtocol,
+    /// The version in use, for `/api/instances`: 0 not connected yet, 4 or 5.
+    pub negotiated: Arc<AtomicU8>,
     pub client_id: String,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
@@ -82,7 +96,10 @@ impl std::fmt::Debug for Login {
     }
 }
 
-fn encode(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
+fn encode(cmd: &UpCmd, v5: bool, out: &mut BytesMut) -> Result<(), String> {
+    if v5 {
+        return encode_v5(cmd, out);
+    }
     let packet = match cmd {
         UpCmd::Publish { msg, pkid, dup } => {
             let mut p = v4::Publish::from_bytes(&msg.topic, qos4(msg.qos), msg.payload.clone());
@@ -99,7 +116,7 @@ fn encode(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
             let mut s = v4::Subscribe::new_many(
                 filters
                     .iter()
-                    .map(|(f, q)| v4::SubscribeFilter::new(f.clone(), qos4(*q))),
+                    .map(|f| v4::SubscribeFilter::new(f.filter.clone(), qos4(f.qos))),
             );
             s.pkid = *pkid;
             v4::Packet::Subscribe(s)
@@ -118,11 +135,200 @@ fn encode(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The same in MQTT 5: every publish property and subscription option kept.
+fn encode_v5(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
+    let packet = match cmd {
+        UpCmd::Publish { msg, pkid, dup } => {
+            let mut p = v5::Publish::new(
+                msg.topic.as_str(),
+                qos5(msg.qos),
+                msg.payload.clone(),
+                msg.properties.as_deref().cloned(),
+            );
+            p.pkid = *pkid;
+            p.dup = *dup;
+            p.retain = msg.retain;
+            v5::Packet::Publish(p)
+        }
+        UpCmd::PubAck(id) => v5::Packet::PubAck(v5::PubAck::new(*id, None)),
+        UpCmd::PubRec(id) => v5::Packet::PubRec(v5::PubRec::new(*id, None)),
+        UpCmd::PubRel(id) => v5::Packet::PubRel(v5::PubRel::new(*id, None)),
+        UpCmd::PubComp(id) => v5::Packet::PubComp(v5::PubComp::new(*id, None)),
+        UpCmd::Subscribe { pkid, filters } => {
+            let mut s = v5::Subscribe::new_many(
+                filters.iter().map(|f| {
+                    let mut v = v5::Filter::new(f.filter.clone(), qos5(f.qos));
+                    v.nolocal = f.no_local;
+                    v.preserve_retain = f.retain_as_published;
+                    v.retain_forward_rule = match f.retain_handling {
+                        0 => v5::RetainForwardRule::OnEverySubscribe,
+                        1 => v5::RetainForwardRule::OnNewSubscribe,
+                        _ => v5::RetainForwardRule::Never,
+                    };
+                    v
+                }),
+                None,
+            );
+            s.pkid = *pkid;
+            v5::Packet::Subscribe(s)
+        }
+        UpCmd::Unsubscribe { pkid, filters } => {
+            let mut u = v5::Unsubscribe::new(filters.first().cloned().unwrap_or_default(), None);
+            u.filters = filters.clone();
+            u.pkid = *pkid;
+            v5::Packet::Unsubscribe(u)
+        }
+        UpCmd::SetWill(_) => return Ok(()),
+    };
+    packet
+        .write(out, None)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A will as MQTT 5 carries it: the publish properties a will may have.
+fn will_properties(msg: &Message) -> Option<v5::LastWillProperties> {
+    let p = msg.properties.as_deref()?;
+    Some(v5::LastWillProperties {
+        delay_interval: None,
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+    })
+}
+
+/// Why a handshake failed: `Version` when the broker would not take MQTT 5
+/// (refused with "unsupported protocol version", answered in 3.1.1, or
+/// closed before a CONNACK).
+#[derive(Debug)]
+enum HandshakeError {
+    Version(String),
+    Other(String),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Version(e) | Self::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A session the broker accepted.
+struct Connected {
+    stream: Stream,
+    buf: BytesMut,
+    session_present: bool,
+    v5: bool,
+    /// The broker's receive maximum (v5; 65535 when not given).
+    receive_max: usize,
+    max_packet: Option<u32>,
+}
+
+/// QoS 1/2 publishes sent and not yet acknowledged, within the broker's
+/// receive maximum; the rest wait here (MQTT 5 only: a 3.1.1 broker sets no
+/// limit).
+struct Window {
+    max: usize,
+    sent: HashSet<u16>,
+    held: VecDeque<UpCmd>,
+}
+
+impl Window {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            sent: HashSet::new(),
+            held: VecDeque::new(),
+        }
+    }
+
+    /// May `cmd` go now? A QoS 1/2 publish takes a place; `false` holds it.
+    fn admit(&mut self, cmd: UpCmd) -> Option<UpCmd> {
+        match &cmd {
+            UpCmd::Publish { msg, pkid, .. } if msg.qos > 0 => {
+                if self.sent.contains(pkid) {
+                    return Some(cmd); // a resend: its place is taken already
+                }
+                if self.sent.len() >= self.max || !self.held.is_empty() {
+                    self.held.push_back(cmd);
+                    return None;
+                }
+                self.sent.insert(*pkid);
+                Some(cmd)
+            }
+            _ => Some(cmd),
+        }
+    }
+
+    /// The broker finished with `packet`'s publish: its place is free.
+    fn on_incoming(&mut self, packet: &Incoming) {
+        match packet {
+            Incoming::PubAck(id, _) | Incoming::PubComp(id) => {
+                self.sent.remove(id);
+            }
+            Incoming::PubRec(id, code) if *code >= 0x80 => {
+                self.sent.remove(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Held publishes that may go now.
+    fn release(&mut self) -> Vec<UpCmd> {
+        let mut out = Vec::new();
+        while self.sent.len() < self.max {
+            let Some(cmd) = self.held.pop_front() else {
+                break;
+            };
+            if let UpCmd::Publish { pkid, .. } = &cmd {
+                self.sent.insert(*pkid);
+            }
+            out.push(cmd);
+        }
+        out
+    }
+}
+
 impl UpstreamSession {
-    fn connect_packet(&self, clean: bool) -> Result<BytesMut, String> {
+    fn connect_packet(&self, clean: bool, v5: bool) -> Result<BytesMut, String> {
+        let keep_alive = u16::try_from(self.keep_alive.as_secs()).unwrap_or(u16::MAX);
+        let mut out = BytesMut::new();
+        if v5 {
+            let mut props = v5::ConnectProperties::new();
+            // a persistent session outlives the connection, as 3.1.1's
+            // clean session off does
+            props.session_expiry_interval = (!clean).then_some(u32::MAX);
+            let c = v5::Connect {
+                keep_alive,
+                client_id: self.client_id.clone(),
+                clean_start: clean,
+                properties: Some(props),
+            };
+            let will = self.will.as_ref().map(|w| {
+                v5::LastWill::new(
+                    w.topic.clone(),
+                    w.payload.to_vec(),
+                    qos5(w.qos),
+                    w.retain,
+                    will_properties(w),
+                )
+            });
+            let login = self.login.username.as_ref().map(|user| {
+                let password = self.login.password.as_ref().map_or("", |p| p.expose());
+                v5::Login::new(user.clone(), password.to_owned())
+            });
+            v5::Packet::Connect(c, will, login)
+                .write(&mut out, None)
+                .map_err(|e| e.to_string())?;
+            return Ok(out);
+        }
         let mut c = v4::Connect::new(self.client_id.clone());
         c.clean_session = clean;
-        c.keep_alive = u16::try_from(self.keep_alive.as_secs()).unwrap_or(u16::MAX);
+        c.keep_alive = keep_alive;
         if let Some(user) = &self.login.username {
             let password = self.login.password.as_ref().map_or("", |p| p.expose());
             c.set_login(user.clone(), password.to_owned());
@@ -131,7 +337,6 @@ impl UpstreamSession {
             .will
             .as_ref()
             .map(|w| v4::LastWill::new(w.topic.clone(), w.payload.clone(), qos4(w.qos), w.retain));
-        let mut out = BytesMut::new();
         v4::Packet::Connect(c)
             .write(&mut out, usize::MAX)
             .map_err(|e| e.to_string())?;
@@ -154,7 +359,7 @@ impl UpstreamSession {
                 r = self.connect() => r,
                 () = shutdown.cancelled() => return,
             };
-            let (stream, buf, session_present) = match started {
+            let connected = match started {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(addr = %self.addr, client_id = %self.client_id, error = %e, retry_in = ?backoff, "upstream session cannot connect");
@@ -167,11 +372,22 @@ impl UpstreamSession {
                 }
             };
             backoff = Duration::from_millis(100);
-            tracing::info!(addr = %self.addr, client_id = %self.client_id, session_present, "upstream session up");
-            if events.send(UpEvent::Up { session_present }).await.is_err() {
+            let protocol = if connected.v5 {
+                Protocol::V5
+            } else {
+                Protocol::V311
+            };
+            self.negotiated
+                .store(if connected.v5 { 5 } else { 4 }, Ordering::Relaxed);
+            tracing::info!(addr = %self.addr, client_id = %self.client_id, session_present = connected.session_present, ?protocol, "upstream session up");
+            let up = UpEvent::Up {
+                session_present: connected.session_present,
+                protocol,
+            };
+            if events.send(up).await.is_err() {
                 return;
             }
-            let end = self.serve(stream, buf, &mut cmds, &events, &shutdown).await;
+            let end = self.serve(connected, &mut cmds, &events, &shutdown).await;
             match end {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(addr = %self.addr, error = %e, "upstream session lost"),
@@ -182,44 +398,86 @@ impl UpstreamSession {
         }
     }
 
-    async fn connect(&self) -> Result<(Stream, BytesMut, bool), String> {
-        self.handshake(false).await
+    /// Connects with the version the configuration asks; `auto` tries MQTT 5
+    /// first and stays with 3.1.1 once the broker refused 5 and took 3.1.1.
+    async fn connect(&mut self) -> Result<Connected, String> {
+        let v5 = match self.protocol {
+            UpstreamProtocol::V5 => true,
+            UpstreamProtocol::V311 => false,
+            UpstreamProtocol::Auto => self.negotiated.load(Ordering::Relaxed) != 4,
+        };
+        match self.handshake(false, v5).await {
+            Ok(c) => Ok(c),
+            Err(HandshakeError::Version(e)) if v5 && self.protocol == UpstreamProtocol::Auto => {
+                let c = self
+                    .handshake(false, false)
+                    .await
+                    .map_err(|e3| format!("MQTT 5: {e}; 3.1.1: {e3}"))?;
+                tracing::warn!(addr = %self.addr, client_id = %self.client_id, error = %e, "the broker does not take MQTT 5: the upstream session is 3.1.1, MQTT 5 properties are not carried");
+                Ok(c)
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
-    /// A clean session, for short-lived side sessions.
-    async fn connect_clean(&self) -> Result<(Stream, BytesMut, bool), String> {
-        self.handshake(true).await
-    }
-
-    async fn handshake(&self, clean: bool) -> Result<(Stream, BytesMut, bool), String> {
-        let mut stream =
-            crate::tls::connect(&self.addr, self.connect_timeout, self.login.tls.as_deref())
-                .await?;
-        stream
-            .write_all(&self.connect_packet(clean)?)
+    async fn handshake(&self, clean: bool, v5: bool) -> Result<Connected, HandshakeError> {
+        let addr = if v5 { &self.addr_v5 } else { &self.addr };
+        let other = HandshakeError::Other;
+        let mut stream = crate::tls::connect(addr, self.connect_timeout, self.login.tls.as_deref())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(other)?;
+        stream
+            .write_all(&self.connect_packet(clean, v5).map_err(other)?)
+            .await
+            .map_err(|e| other(e.to_string()))?;
+        let protocol = if v5 { Protocol::V5 } else { Protocol::V311 };
+        let version = |e: String| {
+            if v5 {
+                HandshakeError::Version(e)
+            } else {
+                HandshakeError::Other(e)
+            }
+        };
         let mut buf = BytesMut::with_capacity(4096);
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         loop {
-            match wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())? {
+            match wire::decode(protocol, &mut buf, usize::MAX)
+                .map_err(|e| version(e.to_string()))?
+            {
                 Some(Incoming::ConnAck {
                     accepted: true,
                     session_present,
+                    receive_max,
+                    max_packet,
                     ..
-                }) => return Ok((stream, buf, session_present)),
-                Some(Incoming::ConnAck { code, .. }) => {
-                    return Err(format!("broker refused the session (code {code})"))
+                }) => {
+                    return Ok(Connected {
+                        stream,
+                        buf,
+                        session_present,
+                        v5,
+                        receive_max: usize::from(receive_max.unwrap_or(u16::MAX)),
+                        max_packet,
+                    })
                 }
-                Some(other) => return Err(format!("expected CONNACK, got {other:?}")),
+                // 0x84: unsupported protocol version; 0x01: a 3.1.1 broker's refusal
+                Some(Incoming::ConnAck { code, .. }) if v5 && (code == 0x84 || code == 0x01) => {
+                    return Err(version(format!("broker refused MQTT 5 (code {code:#04x})")))
+                }
+                Some(Incoming::ConnAck { code, .. }) => {
+                    return Err(other(format!(
+                        "broker refused the session (code {code:#04x})"
+                    )))
+                }
+                Some(p) => return Err(other(format!("expected CONNACK, got {p:?}"))),
                 None => {}
             }
             let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
                 .await
-                .map_err(|_| "no CONNACK in time".to_owned())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| other("no CONNACK in time".to_owned()))?
+                .map_err(|e| other(e.to_string()))?;
             if n == 0 {
-                return Err("closed before CONNACK".into());
+                return Err(version("closed before CONNACK".into()));
             }
         }
     }
@@ -227,25 +485,44 @@ impl UpstreamSession {
     /// One connected period. Returns `Ok` when asked to reconnect or stop.
     async fn serve(
         &mut self,
-        stream: Stream,
-        mut buf: BytesMut,
+        connected: Connected,
         cmds: &mut mpsc::Receiver<UpCmd>,
         events: &mpsc::Sender<UpEvent>,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
+        let Connected {
+            stream,
+            mut buf,
+            v5,
+            receive_max,
+            max_packet,
+            ..
+        } = connected;
+        let protocol = if v5 { Protocol::V5 } else { Protocol::V311 };
+        let mut window = Window::new(if v5 { receive_max } else { usize::MAX });
+        let mut refused = Vec::new();
         let (mut rd, mut wr) = stream.split();
         let mut ping = tokio::time::interval(self.keep_alive / 2);
         ping.tick().await;
         let mut last_read = tokio::time::Instant::now();
         loop {
             // everything one read brought goes to the dispatcher in one event
-            let mut batch = Vec::new();
+            let mut batch = std::mem::take(&mut refused);
             while let Some(p) =
-                wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())?
+                wire::decode(protocol, &mut buf, usize::MAX).map_err(|e| e.to_string())?
             {
+                window.on_incoming(&p);
                 if p != Incoming::PingResp {
                     batch.push(p);
                 }
+            }
+            let freed = window.release();
+            if !freed.is_empty() {
+                let mut out = BytesMut::new();
+                for cmd in &freed {
+                    self.encode_checked(cmd, v5, max_packet, &mut out, &mut batch)?;
+                }
+                wr.write_all(&out).await.map_err(|e| e.to_string())?;
             }
             if !batch.is_empty() && events.send(UpEvent::Packets(batch)).await.is_err() {
                 return Ok(());
@@ -271,7 +548,9 @@ impl UpstreamSession {
                             await_close(&mut rd).await;
                             return Ok(());
                         }
-                        encode(&cmd, &mut out)?;
+                        if let Some(cmd) = window.admit(cmd) {
+                            self.encode_checked(&cmd, v5, max_packet, &mut out, &mut refused)?;
+                        }
                         if out.len() < 64 * 1024 {
                             next = cmds.try_recv().ok();
                         }
@@ -291,6 +570,37 @@ impl UpstreamSession {
                 }
             }
         }
+    }
+
+    /// Encodes `cmd` unless it is a publish larger than the broker takes
+    /// (its maximum packet size): that one is refused as the broker would
+    /// (a PUBACK/PUBREC with "unspecified error" in `refused`), logged.
+    fn encode_checked(
+        &self,
+        cmd: &UpCmd,
+        v5: bool,
+        max_packet: Option<u32>,
+        out: &mut BytesMut,
+        refused: &mut Vec<Incoming>,
+    ) -> Result<(), String> {
+        let before = out.len();
+        encode(cmd, v5, out)?;
+        let Some(max) = max_packet else {
+            return Ok(());
+        };
+        if out.len() - before <= max as usize {
+            return Ok(());
+        }
+        out.truncate(before);
+        if let UpCmd::Publish { msg, pkid, .. } = cmd {
+            tracing::warn!(client_id = %self.client_id, topic = %msg.topic, max, "publish larger than the broker's maximum packet size: refused");
+            match msg.qos {
+                0 => {}
+                1 => refused.push(Incoming::PubAck(*pkid, 0x80)),
+                _ => refused.push(Incoming::PubRec(*pkid, 0x80)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -324,6 +634,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// retained messages the broker sends for them, for one replica.
 pub struct RetainedFetch {
     pub addr: String,
+    /// MQTT 5 (at this address) or 3.1.1, as the main session.
+    pub v5: bool,
     pub client_id: String,
     pub filters: Vec<String>,
     /// Upper bound on the whole fetch.
@@ -343,6 +655,13 @@ impl RetainedFetch {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let session = UpstreamSession {
             addr: self.addr.clone(),
+            addr_v5: self.addr.clone(),
+            protocol: if self.v5 {
+                UpstreamProtocol::V5
+            } else {
+                UpstreamProtocol::V311
+            },
+            negotiated: Arc::default(),
             client_id: self.client_id.clone(),
             keep_alive: Duration::from_secs(30),
             connect_timeout: self.timeout,
@@ -350,14 +669,23 @@ impl RetainedFetch {
             login: self.login.clone(),
         };
         let fetch = async {
-            let (stream, mut buf, _) = session.connect_clean().await?;
+            let Connected {
+                stream, mut buf, ..
+            } = session
+                .handshake(true, self.v5)
+                .await
+                .map_err(|e| e.to_string())?;
             let (mut rd, mut wr) = stream.split();
             let mut out = BytesMut::new();
             let sub = UpCmd::Subscribe {
                 pkid: 1,
-                filters: self.filters.iter().map(|f| (f.clone(), 0)).collect(),
+                filters: self
+                    .filters
+                    .iter()
+                    .map(|f| SubRequest::new(f.clone(), 0))
+                    .collect(),
             };
-            encode(&sub, &mut out)?;
+            encode(&sub, self.v5, &mut out)?;
             out.extend_from_slice(&[0xc0, 0x00]); // PINGREQ
             wr.write_all(&out).await.map_err(|e| e.to_string())?;
             let mut messages = Vec::new();
@@ -366,8 +694,13 @@ impl RetainedFetch {
             let mut until = deadline;
             let mut answered = false;
             loop {
+                let protocol = if self.v5 {
+                    Protocol::V5
+                } else {
+                    Protocol::V311
+                };
                 while let Some(p) =
-                    wire::decode(Protocol::V311, &mut buf, usize::MAX).map_err(|e| e.to_string())?
+                    wire::decode(protocol, &mut buf, usize::MAX).map_err(|e| e.to_string())?
                 {
                     let now = tokio::time::Instant::now();
                     match p {
@@ -398,5 +731,76 @@ impl RetainedFetch {
         tokio::time::timeout_at(deadline, fetch)
             .await
             .map_err(|_| format!("retained fetch took over {:?}", self.timeout))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(pkid: u16, qos: u8) -> UpCmd {
+        UpCmd::Publish {
+            msg: Message {
+                topic: "t".into(),
+                payload: bytes::Bytes::new(),
+                qos,
+                retain: false,
+                properties: None,
+            },
+            pkid,
+            dup: false,
+        }
+    }
+
+    fn pkid(cmd: &UpCmd) -> u16 {
+        match cmd {
+            UpCmd::Publish { pkid, .. } => *pkid,
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn the_window_holds_publishes_past_the_brokers_receive_maximum_in_order() {
+        let mut w = Window::new(2);
+        assert!(w.admit(publish(1, 1)).is_some());
+        assert!(w.admit(publish(0, 0)).is_some(), "QoS 0 takes no place");
+        assert!(w.admit(publish(2, 2)).is_some());
+        assert!(w.admit(publish(3, 1)).is_none());
+        assert!(w.admit(publish(4, 1)).is_none());
+        assert!(w.admit(UpCmd::PubAck(9)).is_some(), "acks always go");
+        assert!(w.admit(publish(1, 1)).is_some(), "a resend keeps its place");
+        assert!(w.release().is_empty());
+        w.on_incoming(&Incoming::PubRec(2, 0));
+        assert!(
+            w.release().is_empty(),
+            "QoS 2 holds its place until PUBCOMP"
+        );
+        w.on_incoming(&Incoming::PubComp(2));
+        let out: Vec<u16> = w.release().iter().map(pkid).collect();
+        assert_eq!(out, [3]);
+        w.on_incoming(&Incoming::PubAck(1, 0x10));
+        let out: Vec<u16> = w.release().iter().map(pkid).collect();
+        assert_eq!(out, [4]);
+        // a refused QoS 2 publish ends at its PUBREC
+        w.on_incoming(&Incoming::PubRec(3, 0x87));
+        assert!(w.admit(publish(5, 2)).is_some());
+    }
+
+    #[test]
+    fn v5_subscribe_keeps_the_options() {
+        let mut out = BytesMut::new();
+        let cmd = UpCmd::Subscribe {
+            pkid: 4,
+            filters: vec![SubRequest {
+                no_local: true,
+                ..SubRequest::new("chat/#", 1)
+            }],
+        };
+        encode(&cmd, true, &mut out).expect("encode");
+        // ... "chat/#", options: QoS 1 | no local (0b0000_0101)
+        assert_eq!(&out[out.len() - 9..], b"\x00\x06chat/#\x05");
+        let mut v4 = BytesMut::new();
+        encode(&cmd, false, &mut v4).expect("encode");
+        assert_eq!(&v4[v4.len() - 9..], b"\x00\x06chat/#\x01");
     }
 }

@@ -19,6 +19,37 @@ pub struct Message {
     pub properties: Option<Box<v5::PublishProperties>>,
 }
 
+/// One filter of a SUBSCRIBE with its options (MQTT 5; 3.x asks only a QoS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubRequest {
+    pub filter: String,
+    pub qos: u8,
+    /// v5 no local: not the subscriber's own publishes.
+    pub no_local: bool,
+    /// v5 retain as published.
+    pub retain_as_published: bool,
+    /// v5 retain handling: 0 retained messages on every subscribe, 1 only on
+    /// a new subscription, 2 never.
+    pub retain_handling: u8,
+}
+
+impl SubRequest {
+    /// A 3.x-style request: a filter and a QoS, default options.
+    pub fn new(filter: impl Into<String>, qos: u8) -> Self {
+        Self {
+            filter: filter.into(),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        }
+    }
+}
+
+/// Reason codes flowgate passes on (MQTT 5; 3.x cannot carry them).
+pub const SUCCESS: u8 = 0x00;
+pub const NOT_AUTHORIZED: u8 = 0x87;
+
 /// Packets a peer sends that a session handles.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
@@ -27,13 +58,16 @@ pub enum Incoming {
         pkid: u16,
         dup: bool,
     },
-    PubAck(u16),
-    PubRec(u16),
+    /// With the reason code (0 for 3.x).
+    PubAck(u16, u8),
+    PubRec(u16, u8),
     PubRel(u16),
     PubComp(u16),
     Subscribe {
         pkid: u16,
-        filters: Vec<(String, u8)>,
+        filters: Vec<SubRequest>,
+        /// v5 subscription identifier.
+        id: Option<usize>,
     },
     Unsubscribe {
         pkid: u16,
@@ -43,8 +77,12 @@ pub enum Incoming {
         accepted: bool,
         session_present: bool,
         code: u8,
+        /// v5: the broker's receive maximum and maximum packet size.
+        receive_max: Option<u16>,
+        max_packet: Option<u32>,
     },
-    SubAck(u16),
+    /// With each filter's code: the QoS granted (0-2) or a failure (0x80 up).
+    SubAck(u16, Vec<u8>),
     UnsubAck(u16),
     PingReq,
     PingResp,
@@ -62,12 +100,10 @@ pub enum Outgoing {
         pkid: u16,
         dup: bool,
     },
-    PubAck(u16),
-    PubRec(u16),
-    /// The publish was refused (ACL): v5 says "not authorized" (0x87), 3.1.1
-    /// can only acknowledge it.
-    PubAckDenied(u16),
-    PubRecDenied(u16),
+    /// With a reason code: v5 carries it (0x87 for a publish the acl
+    /// refused), 3.1.1 can only acknowledge.
+    PubAck(u16, u8),
+    PubRec(u16, u8),
     PubRel(u16),
     PubComp(u16),
     /// `granted`: the QoS (0-2) or a failure code (0x80 and up: 3.1.1 says
@@ -101,7 +137,7 @@ pub(crate) fn qos4(q: u8) -> rumqttc::mqttbytes::QoS {
     }
 }
 
-fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+pub(crate) fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
     match q {
         0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
         1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
@@ -144,8 +180,8 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
             pkid: p.pkid,
             dup: p.dup,
         },
-        v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
-        v4::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
+        v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid, SUCCESS),
+        v4::Packet::PubRec(a) => Incoming::PubRec(a.pkid, SUCCESS),
         v4::Packet::PubRel(a) => Incoming::PubRel(a.pkid),
         v4::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
         v4::Packet::Subscribe(s) => Incoming::Subscribe {
@@ -153,8 +189,9 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
             filters: s
                 .filters
                 .into_iter()
-                .map(|f| (f.path, f.qos as u8))
+                .map(|f| SubRequest::new(f.path, f.qos as u8))
                 .collect(),
+            id: None,
         },
         v4::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
             pkid: u.pkid,
@@ -164,8 +201,19 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
             accepted: c.code == v4::ConnectReturnCode::Success,
             session_present: c.session_present,
             code: c.code as u8,
+            receive_max: None,
+            max_packet: None,
         },
-        v4::Packet::SubAck(s) => Incoming::SubAck(s.pkid),
+        v4::Packet::SubAck(s) => Incoming::SubAck(
+            s.pkid,
+            s.return_codes
+                .iter()
+                .map(|c| match c {
+                    v4::SubscribeReasonCode::Success(q) => *q as u8,
+                    v4::SubscribeReasonCode::Failure => SUB_FAILURE,
+                })
+                .collect(),
+        ),
         v4::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v4::Packet::PingReq => Incoming::PingReq,
         v4::Packet::PingResp => Incoming::PingResp,
@@ -188,16 +236,27 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
             pkid: p.pkid,
             dup: p.dup,
         },
-        v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
-        v5::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
+        v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid, puback_code(a.reason)),
+        v5::Packet::PubRec(a) => Incoming::PubRec(a.pkid, pubrec_code(a.reason)),
         v5::Packet::PubRel(a) => Incoming::PubRel(a.pkid),
         v5::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
         v5::Packet::Subscribe(s) => Incoming::Subscribe {
             pkid: s.pkid,
+            id: s.properties.as_ref().and_then(|p| p.id),
             filters: s
                 .filters
                 .into_iter()
-                .map(|f| (f.path, f.qos as u8))
+                .map(|f| SubRequest {
+                    filter: f.path,
+                    qos: f.qos as u8,
+                    no_local: f.nolocal,
+                    retain_as_published: f.preserve_retain,
+                    retain_handling: match f.retain_forward_rule {
+                        v5::RetainForwardRule::OnEverySubscribe => 0,
+                        v5::RetainForwardRule::OnNewSubscribe => 1,
+                        v5::RetainForwardRule::Never => 2,
+                    },
+                })
                 .collect(),
         },
         v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
@@ -208,8 +267,13 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
             accepted: c.code == v5::ConnectReturnCode::Success,
             session_present: c.session_present,
             code: c.code as u8,
+            receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
+            max_packet: c.properties.as_ref().and_then(|p| p.max_packet_size),
         },
-        v5::Packet::SubAck(s) => Incoming::SubAck(s.pkid),
+        v5::Packet::SubAck(s) => Incoming::SubAck(
+            s.pkid,
+            s.return_codes.iter().map(|c| suback_code(*c)).collect(),
+        ),
         v5::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v5::Packet::PingReq(_) => Incoming::PingReq,
         v5::Packet::PingResp(_) => Incoming::PingResp,
@@ -244,12 +308,8 @@ fn to_v4(p: &Outgoing) -> v4::Packet {
             publish.retain = msg.retain;
             v4::Packet::Publish(publish)
         }
-        Outgoing::PubAck(id) | Outgoing::PubAckDenied(id) => {
-            v4::Packet::PubAck(v4::PubAck::new(*id))
-        }
-        Outgoing::PubRec(id) | Outgoing::PubRecDenied(id) => {
-            v4::Packet::PubRec(v4::PubRec::new(*id))
-        }
+        Outgoing::PubAck(id, _) => v4::Packet::PubAck(v4::PubAck::new(*id)),
+        Outgoing::PubRec(id, _) => v4::Packet::PubRec(v4::PubRec::new(*id)),
         Outgoing::PubRel(id) => v4::Packet::PubRel(v4::PubRel::new(*id)),
         Outgoing::PubComp(id) => v4::Packet::PubComp(v4::PubComp::new(*id)),
         Outgoing::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
@@ -286,33 +346,21 @@ fn to_v5(p: &Outgoing) -> v5::Packet {
             publish.retain = msg.retain;
             v5::Packet::Publish(publish)
         }
-        Outgoing::PubAck(id) => v5::Packet::PubAck(v5::PubAck::new(*id, None)),
-        Outgoing::PubRec(id) => v5::Packet::PubRec(v5::PubRec::new(*id, None)),
-        Outgoing::PubAckDenied(id) => {
+        Outgoing::PubAck(id, code) => {
             let mut ack = v5::PubAck::new(*id, None);
-            ack.reason = v5::PubAckReason::NotAuthorized;
+            ack.reason = puback_reason(*code);
             v5::Packet::PubAck(ack)
         }
-        Outgoing::PubRecDenied(id) => {
+        Outgoing::PubRec(id, code) => {
             let mut rec = v5::PubRec::new(*id, None);
-            rec.reason = v5::PubRecReason::NotAuthorized;
+            rec.reason = pubrec_reason(*code);
             v5::Packet::PubRec(rec)
         }
         Outgoing::PubRel(id) => v5::Packet::PubRel(v5::PubRel::new(*id, None)),
         Outgoing::PubComp(id) => v5::Packet::PubComp(v5::PubComp::new(*id, None)),
         Outgoing::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
             pkid: *pkid,
-            return_codes: granted
-                .iter()
-                .map(|&q| match q {
-                    0..=2 => v5::SubscribeReasonCode::Success(qos5(q)),
-                    SUB_NOT_AUTHORIZED => v5::SubscribeReasonCode::NotAuthorized,
-                    SUB_SHARED_NOT_SUPPORTED => {
-                        v5::SubscribeReasonCode::SharedSubscriptionsNotSupported
-                    }
-                    _ => v5::SubscribeReasonCode::Unspecified,
-                })
-                .collect(),
+            return_codes: granted.iter().map(|&q| suback_reason(q)).collect(),
             properties: None,
         }),
         Outgoing::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
@@ -321,6 +369,103 @@ fn to_v5(p: &Outgoing) -> v5::Packet {
             properties: None,
         }),
         Outgoing::PingResp => v5::Packet::PingResp(v5::PingResp),
+    }
+}
+
+/// PUBACK/PUBREC reason codes in the order of rumqttc's enums.
+const PUB_REASONS: [u8; 9] = [0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
+
+fn puback_code(r: v5::PubAckReason) -> u8 {
+    use v5::PubAckReason as R;
+    let i = match r {
+        R::Success => 0,
+        R::NoMatchingSubscribers => 1,
+        R::UnspecifiedError => 2,
+        R::ImplementationSpecificError => 3,
+        R::NotAuthorized => 4,
+        R::TopicNameInvalid => 5,
+        R::PacketIdentifierInUse => 6,
+        R::QuotaExceeded => 7,
+        R::PayloadFormatInvalid => 8,
+    };
+    PUB_REASONS[i]
+}
+
+fn puback_reason(code: u8) -> v5::PubAckReason {
+    use v5::PubAckReason as R;
+    match code {
+        0x00 => R::Success,
+        0x10 => R::NoMatchingSubscribers,
+        0x83 => R::ImplementationSpecificError,
+        0x87 => R::NotAuthorized,
+        0x90 => R::TopicNameInvalid,
+        0x91 => R::PacketIdentifierInUse,
+        0x97 => R::QuotaExceeded,
+        0x99 => R::PayloadFormatInvalid,
+        _ => R::UnspecifiedError,
+    }
+}
+
+fn pubrec_code(r: v5::PubRecReason) -> u8 {
+    use v5::PubRecReason as R;
+    let i = match r {
+        R::Success => 0,
+        R::NoMatchingSubscribers => 1,
+        R::UnspecifiedError => 2,
+        R::ImplementationSpecificError => 3,
+        R::NotAuthorized => 4,
+        R::TopicNameInvalid => 5,
+        R::PacketIdentifierInUse => 6,
+        R::QuotaExceeded => 7,
+        R::PayloadFormatInvalid => 8,
+    };
+    PUB_REASONS[i]
+}
+
+fn pubrec_reason(code: u8) -> v5::PubRecReason {
+    use v5::PubRecReason as R;
+    match code {
+        0x00 => R::Success,
+        0x10 => R::NoMatchingSubscribers,
+        0x83 => R::ImplementationSpecificError,
+        0x87 => R::NotAuthorized,
+        0x90 => R::TopicNameInvalid,
+        0x91 => R::PacketIdentifierInUse,
+        0x97 => R::QuotaExceeded,
+        0x99 => R::PayloadFormatInvalid,
+        _ => R::UnspecifiedError,
+    }
+}
+
+fn suback_code(c: v5::SubscribeReasonCode) -> u8 {
+    use v5::SubscribeReasonCode as C;
+    match c {
+        C::Success(q) => q as u8,
+        C::Failure | C::Unspecified => 0x80,
+        C::ImplementationSpecific => 0x83,
+        C::NotAuthorized => 0x87,
+        C::TopicFilterInvalid => 0x8F,
+        C::PkidInUse => 0x91,
+        C::QuotaExceeded => 0x97,
+        C::SharedSubscriptionsNotSupported => 0x9E,
+        C::SubscriptionIdNotSupported => 0xA1,
+        C::WildcardSubscriptionsNotSupported => 0xA2,
+    }
+}
+
+fn suback_reason(code: u8) -> v5::SubscribeReasonCode {
+    use v5::SubscribeReasonCode as C;
+    match code {
+        0..=2 => C::Success(qos5(code)),
+        0x83 => C::ImplementationSpecific,
+        0x87 => C::NotAuthorized,
+        0x8F => C::TopicFilterInvalid,
+        0x91 => C::PkidInUse,
+        0x97 => C::QuotaExceeded,
+        0x9E => C::SharedSubscriptionsNotSupported,
+        0xA1 => C::SubscriptionIdNotSupported,
+        0xA2 => C::WildcardSubscriptionsNotSupported,
+        _ => C::Unspecified,
     }
 }
 
@@ -409,5 +554,79 @@ mod tests {
     fn oversized_input_is_an_error() {
         let mut buf = BytesMut::from(&b"\x30\xff\xff\xff\x7f"[..]);
         assert!(decode(Protocol::V311, &mut buf, 1024).is_err());
+    }
+
+    #[test]
+    fn v5_subscribe_options_and_identifier_are_read() {
+        let mut f = v5::Filter::new("jobs/#", qos5(1));
+        f.nolocal = true;
+        f.preserve_retain = true;
+        f.retain_forward_rule = v5::RetainForwardRule::OnNewSubscribe;
+        let mut s = v5::Subscribe::new(
+            f,
+            Some(v5::SubscribeProperties {
+                id: Some(42),
+                user_properties: Vec::new(),
+            }),
+        );
+        s.pkid = 9;
+        let mut buf = BytesMut::new();
+        v5::Packet::Subscribe(s)
+            .write(&mut buf, None)
+            .expect("encode");
+        let got = decode(Protocol::V5, &mut buf, 1024).expect("decode");
+        assert_eq!(
+            got,
+            Some(Incoming::Subscribe {
+                pkid: 9,
+                filters: vec![SubRequest {
+                    filter: "jobs/#".into(),
+                    qos: 1,
+                    no_local: true,
+                    retain_as_published: true,
+                    retain_handling: 1,
+                }],
+                id: Some(42),
+            })
+        );
+    }
+
+    #[test]
+    fn reason_codes_survive_both_ways() {
+        for code in PUB_REASONS {
+            assert_eq!(puback_code(puback_reason(code)), code);
+            assert_eq!(pubrec_code(pubrec_reason(code)), code);
+            let mut buf = BytesMut::new();
+            encode(Protocol::V5, &Outgoing::PubAck(3, code), &mut buf).expect("encode");
+            assert_eq!(
+                decode(Protocol::V5, &mut buf, 64).expect("decode"),
+                Some(Incoming::PubAck(3, code))
+            );
+            // 3.1.1 cannot say it: a plain PUBACK
+            let mut buf = BytesMut::new();
+            encode(Protocol::V311, &Outgoing::PubAck(3, code), &mut buf).expect("encode");
+            assert_eq!(&buf[..], &[0x40, 2, 0, 3]);
+        }
+        for code in [
+            0, 1, 2, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2,
+        ] {
+            assert_eq!(suback_code(suback_reason(code)), code);
+        }
+    }
+
+    #[test]
+    fn subacks_carry_each_filters_code() {
+        // 3.1.1 SUBACK: QoS 1, failure
+        let mut buf = BytesMut::from(&[0x90, 4, 0, 5, 1, 0x80][..]);
+        assert_eq!(
+            decode(Protocol::V311, &mut buf, 64).expect("decode"),
+            Some(Incoming::SubAck(5, vec![1, 0x80]))
+        );
+        // 5.0 SUBACK, no properties: QoS 2, not authorized
+        let mut buf = BytesMut::from(&[0x90, 5, 0, 5, 0, 2, 0x87][..]);
+        assert_eq!(
+            decode(Protocol::V5, &mut buf, 64).expect("decode"),
+            Some(Incoming::SubAck(5, vec![2, 0x87]))
+        );
     }
 }

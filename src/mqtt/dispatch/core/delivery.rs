@@ -9,16 +9,39 @@ impl Dispatcher {
     /// Sends one message to one replica; hands it back when the replica
     /// cannot take it.
     pub(super) fn deliver(&mut self, slot: u16, queued: Queued) -> Result<(), Queued> {
+        let (granted, props, too_large) = {
+            let Some(r) = self.replicas.get(&slot) else {
+                return Err(queued);
+            };
+            let Some(granted) = r.granted(&queued.msg.topic) else {
+                return Err(queued);
+            };
+            // the dispatcher is the only sender: room now is room for the send
+            if r.tx.capacity() == 0 || r.tx.is_closed() {
+                return Err(queued);
+            }
+            let props = for_replica(r, &queued);
+            let too_large = match (&props, r.limits.max_packet) {
+                (Some(p), Some(max)) => publish_len(&queued.msg, p.as_deref()) > max as usize,
+                _ => false,
+            };
+            (granted, props, too_large)
+        };
+        let Some(props) = props else {
+            // expired while it waited: dropped as a broker drops it
+            self.drop_message(slot, &queued.msg.topic, "expired");
+            self.ack_upstream(queued.origin);
+            return Ok(());
+        };
+        if too_large {
+            // larger than the replica takes: MQTT 5 says discard it, as if delivered
+            self.drop_message(slot, &queued.msg.topic, "too_large");
+            self.ack_upstream(queued.origin);
+            return Ok(());
+        }
         let Some(r) = self.replicas.get_mut(&slot) else {
             return Err(queued);
         };
-        let Some(granted) = r.granted(&queued.msg.topic) else {
-            return Err(queued);
-        };
-        // the dispatcher is the only sender: room now is room for the send
-        if r.tx.capacity() == 0 || r.tx.is_closed() {
-            return Err(queued);
-        }
         let qos = queued.msg.qos.min(granted);
         if qos == 0 {
             // at most once: the message itself goes, no copy is kept
@@ -26,6 +49,7 @@ impl Dispatcher {
                 mut msg, origin, ..
             } = queued;
             msg.qos = 0;
+            msg.properties = props;
             tracing::trace!(slot, topic = %msg.topic, "delivered");
             let _ = r.tx.try_send(Outgoing::Publish {
                 msg,
@@ -38,6 +62,7 @@ impl Dispatcher {
         }
         let mut msg = queued.msg.clone();
         msg.qos = qos;
+        msg.properties = props;
         let pkid = r.alloc_pkid();
         if r.tx
             .try_send(Outgoing::Publish {
@@ -71,11 +96,7 @@ impl Dispatcher {
         };
         let mut i = 0;
         while i < self.queue.len() {
-            let max = self.cfg.max_inflight;
-            let any_room = self
-                .replicas
-                .values()
-                .any(|r| !r.stalled && r.inflight.len() < max && r.tx.capacity() > 0);
+            let any_room = self.replicas.values().any(Replica::has_room);
             if !any_room {
                 break;
             }
@@ -83,7 +104,7 @@ impl Dispatcher {
             let candidates: Vec<Candidate> = self
                 .replicas
                 .iter()
-                .filter(|(_, r)| !r.stalled && r.inflight.len() < max && r.tx.capacity() > 0)
+                .filter(|(_, r)| r.has_room())
                 .filter(|(_, r)| r.granted(topic).is_some())
                 .map(|(&slot, r)| Candidate {
                     slot,
@@ -134,6 +155,16 @@ impl Dispatcher {
         self.update_queue_gauge();
     }
 
+    /// A message not delivered to `slot` (expired, too large): counted,
+    /// logged; its upstream acknowledgement goes on.
+    fn drop_message(&self, slot: u16, topic: &str, reason: &'static str) {
+        self.metrics
+            .dispatch_dropped
+            .with_label_values(&[self.cfg.instance.as_str(), reason])
+            .inc();
+        tracing::info!(instance = %self.cfg.instance, slot, topic, reason, "message not delivered");
+    }
+
     pub(super) fn on_tick(&mut self) {
         let timeout = self.cfg.ack_timeout;
         let now = Instant::now();
@@ -167,4 +198,54 @@ impl Dispatcher {
         }
         self.pump();
     }
+}
+
+/// The MQTT 5 properties `queued`'s message carries to replica `r`: the
+/// expiry counted down by the time it waited in flowgate, the replica's own
+/// subscription identifiers (the broker's are flowgate's). `None` when it
+/// expired; `Some(None)` when it carries none.
+#[allow(clippy::option_option)]
+fn for_replica(
+    r: &Replica,
+    queued: &Queued,
+) -> Option<Option<Box<rumqttc::v5::mqttbytes::v5::PublishProperties>>> {
+    let mut props = queued.msg.properties.clone();
+    if let Some(p) = props.as_deref_mut() {
+        if let Some(expiry) = p.message_expiry_interval {
+            let waited = queued.arrived.elapsed().as_secs();
+            if waited >= u64::from(expiry) {
+                return None;
+            }
+            p.message_expiry_interval = Some(expiry - waited as u32);
+        }
+        p.subscription_identifiers.clear();
+    }
+    if r.limits.v5 {
+        let ids = r.sub_ids(&queued.msg.topic);
+        if !ids.is_empty() {
+            props
+                .get_or_insert_with(Default::default)
+                .subscription_identifiers = ids;
+        }
+    }
+    Some(props.filter(|p| **p != Default::default()))
+}
+
+/// The size of a PUBLISH of `msg` with `props` as a replica would get it
+/// (MQTT 5; an upper bound for 3.x).
+fn publish_len(
+    msg: &Message,
+    props: Option<&rumqttc::v5::mqttbytes::v5::PublishProperties>,
+) -> usize {
+    let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+        msg.topic.as_str(),
+        super::super::wire::qos5(msg.qos),
+        msg.payload.clone(),
+        props.cloned(),
+    );
+    p.pkid = 1;
+    let mut out = bytes::BytesMut::new();
+    rumqttc::v5::mqttbytes::v5::Packet::Publish(p)
+        .write(&mut out, None)
+        .map_or(usize::MAX, |n| n)
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::strategy::{self, Candidate, Strategy};
 use super::upstream::{RetainedFetch, UpCmd, UpEvent};
-use super::wire::{Incoming, Message, Outgoing};
+use super::wire::{Incoming, Message, Outgoing, SubRequest};
 use crate::metrics::{Metrics, ReplicaCounters};
 use crate::mqtt::topic::TopicFilter;
 
@@ -40,8 +40,10 @@ pub struct DispatchSettings {
     pub queue_limit: usize,
     /// Subscribe upstream as `$share/{instance}/{filter}` (several nodes).
     pub upstream_share: bool,
-    /// The broker, for side sessions fetching retained messages.
+    /// The broker, for side sessions fetching retained messages (3.1.1).
     pub upstream_addr: String,
+    /// The same for MQTT 5 side sessions.
+    pub upstream_addr_v5: String,
     /// The main upstream session's client id (side sessions derive theirs).
     pub upstream_client_id: String,
     /// How long a side session waits for retained messages.
@@ -59,6 +61,7 @@ pub enum ReplicaEvent {
         tx: mpsc::Sender<Outgoing>,
         will: Option<Message>,
         counters: Arc<ReplicaCounters>,
+        limits: ReplicaLimits,
     },
     Left {
         slot: u16,
@@ -68,6 +71,17 @@ pub enum ReplicaEvent {
         slot: u16,
         packet: Incoming,
     },
+}
+
+/// What a replica's MQTT 5 CONNECT asks of the messages it gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaLimits {
+    /// Receive maximum: QoS 1/2 messages unacknowledged at once.
+    pub receive_max: Option<u16>,
+    /// Maximum packet size it takes.
+    pub max_packet: Option<u32>,
+    /// It speaks MQTT 5 (subscription identifiers, reason codes).
+    pub v5: bool,
 }
 
 /// The replica sessions' way to the dispatcher.
@@ -90,6 +104,16 @@ struct Queued {
     msg: Message,
     origin: Origin,
     redelivery: bool,
+    /// When flowgate received it: its MQTT 5 expiry counts from here.
+    arrived: Instant,
+}
+
+/// One subscription of a replica.
+struct Sub {
+    filter: TopicFilter,
+    qos: u8,
+    /// MQTT 5 subscription identifier, carried by the messages it matches.
+    id: Option<usize>,
 }
 
 struct Inflight {
@@ -99,7 +123,11 @@ struct Inflight {
 
 struct Replica {
     tx: mpsc::Sender<Outgoing>,
-    subs: Vec<(TopicFilter, u8)>,
+    subs: Vec<Sub>,
+    /// At most this many unacknowledged (max_inflight, or less when the
+    /// replica's receive maximum is lower).
+    window: usize,
+    limits: ReplicaLimits,
     inflight: BTreeMap<u16, Inflight>,
     /// QoS 2 deliveries past PUBREC, waiting for PUBCOMP.
     released: HashSet<u16>,
@@ -117,9 +145,23 @@ impl Replica {
     fn granted(&self, topic: &str) -> Option<u8> {
         self.subs
             .iter()
-            .filter(|(f, _)| f.matches(topic))
-            .map(|(_, q)| *q)
+            .filter(|s| s.filter.matches(topic))
+            .map(|s| s.qos)
             .max()
+    }
+
+    /// The subscription identifiers of its subscriptions matching `topic`.
+    fn sub_ids(&self, topic: &str) -> Vec<usize> {
+        self.subs
+            .iter()
+            .filter(|s| s.filter.matches(topic))
+            .filter_map(|s| s.id)
+            .collect()
+    }
+
+    /// Room for one more unacknowledged message?
+    fn has_room(&self) -> bool {
+        !self.stalled && self.inflight.len() < self.window && self.tx.capacity() > 0
     }
 
     fn alloc_pkid(&mut self) -> u16 {
@@ -154,6 +196,8 @@ struct SubAckLater {
     slot: u16,
     pkid: u16,
     granted: Vec<u8>,
+    /// The filter of each entry of `granted` (a refusal's too).
+    filters: Vec<String>,
     /// Filters whose retained messages the replica gets after its SUBACK.
     fetch: Vec<String>,
 }
@@ -167,8 +211,15 @@ pub struct Dispatcher {
     upstream_up: bool,
     /// Filters subscribed upstream, with the QoS asked.
     filters: BTreeMap<String, u8>,
+    /// Filters the replicas subscribed with MQTT 5 no local: upstream too, so
+    /// the instance does not get its own publishes back.
+    no_local: HashSet<String>,
     /// Filters asked for while the upstream session was down.
     unsent: Vec<(String, u8)>,
+    /// The filters of each SUBSCRIBE sent upstream, until its SUBACK.
+    sub_filters: HashMap<u16, Vec<String>>,
+    /// The upstream session speaks MQTT 5.
+    upstream_v5: bool,
     next_up_pkid: u16,
     /// Upstream packet ids of messages held (queued or in flight).
     held: HashSet<u16>,
@@ -207,7 +258,10 @@ impl Dispatcher {
             up,
             upstream_up: false,
             filters: BTreeMap::new(),
+            no_local: HashSet::new(),
             unsent: Vec::new(),
+            sub_filters: HashMap::new(),
+            upstream_v5: false,
             next_up_pkid: 0,
             held: HashSet::new(),
             ack_order: VecDeque::new(),
@@ -264,7 +318,9 @@ impl Dispatcher {
     fn alloc_up_pkid(&mut self) -> u16 {
         loop {
             self.next_up_pkid = self.next_up_pkid.checked_add(1).unwrap_or(1);
-            if !self.out.contains_key(&self.next_up_pkid) {
+            if !self.out.contains_key(&self.next_up_pkid)
+                && !self.sub_filters.contains_key(&self.next_up_pkid)
+            {
                 return self.next_up_pkid;
             }
         }
@@ -289,11 +345,16 @@ impl Dispatcher {
             return None;
         }
         let pkid = self.alloc_up_pkid();
-        let filters = filters
-            .into_iter()
-            .map(|(f, q)| (self.upstream_filter(&f), q))
+        let up: Vec<SubRequest> = filters
+            .iter()
+            .map(|(f, q)| SubRequest {
+                no_local: self.no_local.contains(f),
+                ..SubRequest::new(self.upstream_filter(f), *q)
+            })
             .collect();
-        self.send_up(UpCmd::Subscribe { pkid, filters });
+        self.sub_filters
+            .insert(pkid, filters.into_iter().map(|(f, _)| f).collect());
+        self.send_up(UpCmd::Subscribe { pkid, filters: up });
         Some(pkid)
     }
 

@@ -15,6 +15,7 @@ impl Dispatcher {
                 tx,
                 will,
                 counters,
+                limits,
             } => {
                 let inflight_gauge = self
                     .metrics
@@ -27,6 +28,10 @@ impl Dispatcher {
                     Replica {
                         tx,
                         subs: Vec::new(),
+                        window: limits.receive_max.map_or(self.cfg.max_inflight, |m| {
+                            self.cfg.max_inflight.min(usize::from(m.max(1)))
+                        }),
+                        limits,
                         inflight: BTreeMap::new(),
                         released: HashSet::new(),
                         next_pkid: 0,
@@ -104,8 +109,9 @@ impl Dispatcher {
 
     pub(super) fn on_replica_packet(&mut self, slot: u16, packet: Incoming) {
         match packet {
-            Incoming::PubAck(pkid) => self.on_replica_ack(slot, pkid, false),
-            Incoming::PubRec(pkid) => self.on_replica_ack(slot, pkid, true),
+            Incoming::PubAck(pkid, _) => self.on_replica_ack(slot, pkid, false),
+            // a refusal (v5 reason 0x80 and up) ends a QoS 2 delivery at PUBREC
+            Incoming::PubRec(pkid, code) => self.on_replica_ack(slot, pkid, code < 0x80),
             Incoming::PubComp(pkid) => {
                 if let Some(r) = self.replicas.get_mut(&slot) {
                     r.released.remove(&pkid);
@@ -117,7 +123,7 @@ impl Dispatcher {
                 // the message is already upstream
                 self.to_replica(slot, Outgoing::PubComp(pkid));
             }
-            Incoming::Subscribe { pkid, filters } => self.on_subscribe(slot, pkid, filters),
+            Incoming::Subscribe { pkid, filters, id } => self.on_subscribe(slot, pkid, filters, id),
             Incoming::Unsubscribe { pkid, filters } => self.on_unsubscribe(slot, pkid, filters),
             _ => {}
         }
@@ -162,10 +168,10 @@ impl Dispatcher {
             match msg.qos {
                 0 => {}
                 1 => {
-                    self.to_replica(slot, Outgoing::PubAckDenied(replica_pkid));
+                    self.to_replica(slot, Outgoing::PubAck(replica_pkid, wire::NOT_AUTHORIZED));
                 }
                 _ => {
-                    self.to_replica(slot, Outgoing::PubRecDenied(replica_pkid));
+                    self.to_replica(slot, Outgoing::PubRec(replica_pkid, wire::NOT_AUTHORIZED));
                 }
             }
             return;
@@ -204,11 +210,20 @@ impl Dispatcher {
         }
     }
 
-    pub(super) fn on_subscribe(&mut self, slot: u16, pkid: u16, filters: Vec<(String, u8)>) {
-        let mut granted = Vec::with_capacity(filters.len());
+    pub(super) fn on_subscribe(
+        &mut self,
+        slot: u16,
+        pkid: u16,
+        requests: Vec<wire::SubRequest>,
+        id: Option<usize>,
+    ) {
+        let mut granted = Vec::with_capacity(requests.len());
+        let mut filters = Vec::with_capacity(requests.len());
         let mut new_up = Vec::new();
         let mut fetch = Vec::new();
-        for (text, qos) in filters {
+        for req in requests {
+            let text = req.filter;
+            filters.push(text.clone());
             let Ok(filter) = TopicFilter::new(&text) else {
                 granted.push(wire::SUB_FAILURE);
                 continue;
@@ -228,22 +243,31 @@ impl Dispatcher {
                 granted.push(wire::SUB_NOT_AUTHORIZED);
                 continue;
             }
-            let qos = qos.min(2);
+            let qos = req.qos.min(2);
             granted.push(qos);
+            let mut had = false;
             if let Some(r) = self.replicas.get_mut(&slot) {
-                r.subs.retain(|(f, _)| f.as_str() != text);
-                r.subs.push((filter, qos));
+                had = r.subs.iter().any(|s| s.filter.as_str() == text);
+                r.subs.retain(|s| s.filter.as_str() != text);
+                r.subs.push(Sub { filter, qos, id });
             }
             if self.filters.get(&text).is_none_or(|&q| q < qos) {
+                if req.no_local && !self.filters.contains_key(&text) {
+                    self.no_local.insert(text.clone());
+                }
                 self.filters.insert(text.clone(), qos);
                 new_up.push((text.clone(), qos));
             }
-            fetch.push(text);
+            // retain handling: 0 always, 1 for a new subscription, 2 never
+            if req.retain_handling == 0 || (req.retain_handling == 1 && !had) {
+                fetch.push(text);
+            }
         }
         let ack = SubAckLater {
             slot,
             pkid,
             granted,
+            filters,
             fetch,
         };
         // the replica hears SUBACK once the broker's subscription is live
@@ -268,6 +292,7 @@ impl Dispatcher {
             pkid,
             granted,
             fetch,
+            ..
         } = ack;
         if !self.to_replica(slot, Outgoing::SubAck { pkid, granted }) || fetch.is_empty() {
             return;
@@ -277,7 +302,12 @@ impl Dispatcher {
         };
         self.fetches = self.fetches.wrapping_add(1);
         let fetcher = RetainedFetch {
-            addr: self.cfg.upstream_addr.clone(),
+            addr: if self.upstream_v5 {
+                self.cfg.upstream_addr_v5.clone()
+            } else {
+                self.cfg.upstream_addr.clone()
+            },
+            v5: self.upstream_v5,
             client_id: format!("{}-r{}", self.cfg.upstream_client_id, self.fetches),
             filters: fetch,
             timeout: self.cfg.retained_timeout,
@@ -286,10 +316,32 @@ impl Dispatcher {
         let tx = r.tx.clone();
         let counters = r.counters.clone();
         let instance = self.cfg.instance.clone();
+        // the replica's subscription identifiers, for the messages fetched
+        let ids: Vec<(TopicFilter, usize)> = if r.limits.v5 {
+            r.subs
+                .iter()
+                .filter_map(|s| Some((s.filter.clone(), s.id?)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         tokio::spawn(async move {
             match fetcher.run().await {
                 Ok(messages) => {
-                    for msg in messages {
+                    for mut msg in messages {
+                        let mine: Vec<usize> = ids
+                            .iter()
+                            .filter(|(f, _)| f.matches(&msg.topic))
+                            .map(|(_, id)| *id)
+                            .collect();
+                        if let Some(p) = msg.properties.as_deref_mut() {
+                            p.subscription_identifiers.clear();
+                        }
+                        if !mine.is_empty() {
+                            msg.properties
+                                .get_or_insert_with(Default::default)
+                                .subscription_identifiers = mine;
+                        }
                         if tx
                             .send(Outgoing::Publish {
                                 msg,
@@ -315,7 +367,7 @@ impl Dispatcher {
         let count = filters.len();
         if let Some(r) = self.replicas.get_mut(&slot) {
             r.subs
-                .retain(|(f, _)| !filters.iter().any(|t| t == f.as_str()));
+                .retain(|s| !filters.iter().any(|t| t == s.filter.as_str()));
         }
         let unused: Vec<String> = filters
             .into_iter()
@@ -324,11 +376,12 @@ impl Dispatcher {
                     && !self
                         .replicas
                         .values()
-                        .any(|r| r.subs.iter().any(|(s, _)| s.as_str() == f))
+                        .any(|r| r.subs.iter().any(|s| s.filter.as_str() == f))
             })
             .collect();
         for f in &unused {
             self.filters.remove(f);
+            self.no_local.remove(f);
         }
         if !unused.is_empty() && self.upstream_up {
             let up_pkid = self.alloc_up_pkid();

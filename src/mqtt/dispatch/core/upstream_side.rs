@@ -6,8 +6,12 @@ use super::*;
 impl Dispatcher {
     pub(super) fn on_upstream(&mut self, ev: UpEvent) {
         match ev {
-            UpEvent::Up { session_present } => {
+            UpEvent::Up {
+                session_present,
+                protocol,
+            } => {
                 self.upstream_up = true;
+                self.upstream_v5 = protocol.is_v5();
                 let unsent = std::mem::take(&mut self.unsent);
                 let sent = if session_present {
                     // the broker kept the session's subscriptions
@@ -55,6 +59,7 @@ impl Dispatcher {
                 // for the subscriptions made when the session is back
                 let waiting = self.pending_subacks.drain().flat_map(|(_, v)| v);
                 self.waiting_for_up.extend(waiting.collect::<Vec<_>>());
+                self.sub_filters.clear();
             }
             UpEvent::Packets(ps) => {
                 for p in ps {
@@ -71,28 +76,67 @@ impl Dispatcher {
                 self.held.remove(&pkid);
                 self.send_up(UpCmd::PubComp(pkid));
             }
-            Incoming::PubAck(pkid) => {
+            Incoming::PubAck(pkid, code) => {
+                // the broker's reason (v5: no matching subscribers, not
+                // authorized...) goes on to the replica
                 if let Some(o) = self.out.remove(&pkid) {
-                    self.to_replica(o.slot, Outgoing::PubAck(o.replica_pkid));
+                    self.to_replica(o.slot, Outgoing::PubAck(o.replica_pkid, code));
                 }
             }
-            Incoming::PubRec(pkid) => {
+            Incoming::PubRec(pkid, code) if code >= 0x80 => {
+                // refused: the QoS 2 exchange ends here, no PUBREL
+                if let Some(o) = self.out.remove(&pkid) {
+                    self.to_replica(o.slot, Outgoing::PubRec(o.replica_pkid, code));
+                }
+            }
+            Incoming::PubRec(pkid, code) => {
                 if let Some(o) = self.out.get_mut(&pkid) {
                     o.received = true;
                     let (slot, rp) = (o.slot, o.replica_pkid);
                     self.send_up(UpCmd::PubRel(pkid));
-                    self.to_replica(slot, Outgoing::PubRec(rp));
+                    self.to_replica(slot, Outgoing::PubRec(rp, code));
                 }
             }
             Incoming::PubComp(pkid) => {
                 self.out.remove(&pkid);
             }
-            Incoming::SubAck(pkid) => {
-                for ack in self.pending_subacks.remove(&pkid).unwrap_or_default() {
-                    self.finish_subscribe(ack);
+            Incoming::SubAck(pkid, codes) => self.on_upstream_suback(pkid, &codes),
+            _ => {}
+        }
+    }
+
+    /// The broker's answer to a SUBSCRIBE: a filter it refused is refused to
+    /// the replicas that asked (with its reason), a lower QoS is what they get.
+    fn on_upstream_suback(&mut self, pkid: u16, codes: &[u8]) {
+        let filters = self.sub_filters.remove(&pkid).unwrap_or_default();
+        let answer: HashMap<String, u8> = filters.into_iter().zip(codes.iter().copied()).collect();
+        for (f, code) in &answer {
+            if *code >= 0x80 {
+                tracing::warn!(instance = %self.cfg.instance, filter = %f, code, "the broker refused a subscription");
+                self.filters.remove(f);
+                self.no_local.remove(f);
+            }
+        }
+        for mut ack in self.pending_subacks.remove(&pkid).unwrap_or_default() {
+            for (i, f) in ack.filters.iter().enumerate() {
+                let Some(&code) = answer.get(f) else { continue };
+                let Some(g) = ack.granted.get_mut(i) else {
+                    continue;
+                };
+                if *g > 2 {
+                    continue;
+                }
+                if code >= 0x80 {
+                    *g = code;
+                    ack.fetch.retain(|x| x != f);
+                    if let Some(r) = self.replicas.get_mut(&ack.slot) {
+                        r.subs.retain(|s| s.filter.as_str() != f);
+                    }
+                } else {
+                    *g = (*g).min(code);
                 }
             }
-            _ => {}
+            self.finish_subscribe(ack);
         }
     }
 
@@ -133,6 +177,7 @@ impl Dispatcher {
             msg,
             origin,
             redelivery: false,
+            arrived: Instant::now(),
         });
         self.pump();
     }
@@ -144,6 +189,7 @@ impl Dispatcher {
                 msg: msg.clone(),
                 origin: Origin::None,
                 redelivery: false,
+                arrived: Instant::now(),
             };
             if self.deliver(slot, queued).is_err() {
                 self.metrics

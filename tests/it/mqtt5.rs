@@ -1,0 +1,504 @@
+//! MQTT 5 through dispatch mode, on the embedded broker and a real
+//! Mosquitto: every publish property both ways, subscription options and
+//! identifiers, expiry counted down in flowgate's queue, reason codes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, Packet, PubAckReason, Publish, PublishProperties, RetainForwardRule,
+    SubscribeProperties,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::mpsc;
+
+use crate::dispatch::{start, Upstream};
+use crate::support::*;
+
+/// What a v5 test client saw.
+#[derive(Debug)]
+enum Got {
+    Publish(Box<Publish>),
+    PubAck(PubAckReason),
+}
+
+/// A v5 client whose event loop runs in a task and reports publishes and
+/// PUBACKs; connected once it returns.
+struct V5 {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Got>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl V5 {
+    async fn connect(
+        addr: std::net::SocketAddr,
+        id: &str,
+        tune: impl FnOnce(&mut MqttOptions),
+    ) -> Self {
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        tune(&mut opts);
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (up_tx, mut up_rx) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            let mut up = Some(up_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(u) = up.take() {
+                            let _ = u.send(()).await;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(Got::Publish(Box::new(p)));
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        let _ = tx.send(Got::PubAck(a.reason));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), up_rx.recv())
+            .await
+            .expect("v5 client connects")
+            .expect("connack");
+        Self { client, rx, task }
+    }
+
+    async fn next_publish(&mut self) -> Publish {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await {
+                Ok(Some(Got::Publish(p))) => return *p,
+                Ok(Some(_)) => {}
+                _ => panic!("no publish within 10 s"),
+            }
+        }
+    }
+
+    async fn next_puback(&mut self) -> PubAckReason {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await {
+                Ok(Some(Got::PubAck(r))) => return r,
+                Ok(Some(_)) => {}
+                _ => panic!("no PUBACK within 10 s"),
+            }
+        }
+    }
+
+    /// Nothing published to it for `quiet`.
+    async fn nothing_for(&mut self, quiet: Duration) -> Option<Publish> {
+        let deadline = tokio::time::Instant::now() + quiet;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Got::Publish(p))) => return Some(*p),
+                Ok(Some(_)) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    async fn subscribe(&self, filter: Filter, id: Option<usize>) {
+        let props = id.map(|id| SubscribeProperties {
+            id: Some(id),
+            user_properties: Vec::new(),
+        });
+        match props {
+            Some(p) => self
+                .client
+                .subscribe_many_with_properties([filter], p)
+                .await
+                .expect("subscribe"),
+            None => self
+                .client
+                .subscribe_many([filter])
+                .await
+                .expect("subscribe"),
+        }
+    }
+}
+
+impl Drop for V5 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn props(expiry: u32, tag: &str) -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(expiry),
+        response_topic: Some(format!("resp/{tag}")),
+        correlation_data: Some(Bytes::from(format!("\u{0}\u{1}corr-{tag}"))),
+        user_properties: vec![
+            ("a".into(), "1".into()),
+            ("b".into(), tag.into()),
+            ("a".into(), "3".into()),
+        ],
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    }
+}
+
+/// Every property but the expiry (counted down) and the subscription
+/// identifiers (the receiver's own) arrives as sent.
+fn assert_same(what: &str, got: &Publish, sent: &PublishProperties, ids: &[usize]) {
+    let p = got
+        .properties
+        .clone()
+        .unwrap_or_else(|| panic!("{what}: no properties"));
+    assert_eq!(
+        p.payload_format_indicator, sent.payload_format_indicator,
+        "{what}"
+    );
+    assert_eq!(p.response_topic, sent.response_topic, "{what}");
+    assert_eq!(p.correlation_data, sent.correlation_data, "{what}");
+    assert_eq!(
+        p.user_properties, sent.user_properties,
+        "{what}: user properties in order"
+    );
+    assert_eq!(p.content_type, sent.content_type, "{what}");
+    let (e, s) = (
+        p.message_expiry_interval.unwrap_or(0),
+        sent.message_expiry_interval.unwrap_or(0),
+    );
+    assert!(e <= s && e + 3 >= s, "{what}: expiry {e} of {s}");
+    assert_eq!(
+        p.subscription_identifiers, ids,
+        "{what}: subscription identifiers"
+    );
+}
+
+#[tokio::test]
+async fn every_publish_property_crosses_dispatch_mode_both_ways() {
+    for upstream in Upstream::both().await {
+        let name = upstream.name();
+        let app = start(&upstream, "").await;
+        eventually("the upstream session speaks MQTT 5", || async {
+            let (_, body) = http_get(app.admin_addr, "/api/instances").await;
+            body.contains("\"upstream_protocol\": \"5.0\"")
+        })
+        .await;
+        let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+        replica
+            .subscribe(Filter::new("req/#", QoS::ExactlyOnce), Some(7))
+            .await;
+        // an application of its own, not a replica (passes through flowgate)
+        let mut app_client = V5::connect(app.mqtt_addr, "requester", |_| {}).await;
+        app_client
+            .subscribe(Filter::new("resp/#", QoS::ExactlyOnce), None)
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let tag = format!("{name}-{qos:?}");
+            let sent = props(300, &tag);
+            app_client
+                .client
+                .publish_with_properties(
+                    format!("req/{tag}"),
+                    qos,
+                    false,
+                    tag.clone(),
+                    sent.clone(),
+                )
+                .await
+                .expect("publish");
+            let got = replica.next_publish().await;
+            assert_eq!(got.topic.as_ref(), format!("req/{tag}").as_bytes(), "{tag}");
+            // rumqttd 0.20 delivers at the subscription's QoS (README,
+            // known broker behaviour); Mosquitto at the lower of the two
+            let want = if name == "embedded" {
+                QoS::ExactlyOnce
+            } else {
+                qos
+            };
+            assert_eq!(got.qos, want, "{tag}");
+            assert_same(&format!("{tag} to the replica"), &got, &sent, &[7]);
+
+            // the answer, as a Node-RED request/response flow sends it
+            let answer = props(200, &format!("{tag}-answer"));
+            replica
+                .client
+                .publish_with_properties(format!("resp/{tag}"), qos, false, "ok", answer.clone())
+                .await
+                .expect("answer");
+            let got = app_client.next_publish().await;
+            assert_eq!(
+                got.topic.as_ref(),
+                format!("resp/{tag}").as_bytes(),
+                "{tag}"
+            );
+            assert_same(&format!("{tag} from the replica"), &got, &answer, &[]);
+        }
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_v311_and_a_v5_replica_each_get_what_their_protocol_carries() {
+    let mosquitto = Upstream::Mosquitto(Mosquitto::start().await);
+    let app = start(&mosquitto, "strategy = \"round-robin\"").await;
+    let mut v5 = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+    v5.subscribe(Filter::new("jobs/#", QoS::AtLeastOnce), None)
+        .await;
+    let mut v3 = Client3::connect(app.mqtt_addr, "line1-nodered", true);
+    v3.subscribe("jobs/#", rumqttc::QoS::AtLeastOnce).await;
+    let sender = V5::connect(app.mqtt_addr, "sender", |_| {}).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..10 {
+        sender
+            .client
+            .publish_with_properties(
+                format!("jobs/{i}"),
+                QoS::AtLeastOnce,
+                false,
+                "x",
+                props(60, "j"),
+            )
+            .await
+            .expect("publish");
+    }
+    // round robin: five each; the v5 copy has every property
+    for _ in 0..5 {
+        let p = v5.next_publish().await;
+        assert_same("to the v5 replica", &p, &props(60, "j"), &[]);
+    }
+    for _ in 0..5 {
+        match tokio::time::timeout(Duration::from_secs(10), v3.events.recv()).await {
+            Ok(Some(crate::support::Seen::Message(m))) => assert_eq!(m, b"x"),
+            other => panic!("the 3.1.1 replica: {other:?}"),
+        }
+    }
+    app.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn expiry_counts_down_while_a_message_waits_and_an_expired_one_is_dropped() {
+    for upstream in Upstream::both().await {
+        let name = upstream.name();
+        let app = start(&upstream, "").await;
+        let replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+        replica
+            .subscribe(Filter::new("jobs/#", QoS::AtLeastOnce), None)
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        replica.client.disconnect().await.expect("disconnect");
+        drop(replica);
+        // no replica: flowgate's upstream session takes them into its queue
+        let sender = V5::connect(app.mqtt_addr, "sender", |_| {}).await;
+        let short = PublishProperties {
+            message_expiry_interval: Some(1),
+            ..Default::default()
+        };
+        let long = PublishProperties {
+            message_expiry_interval: Some(100),
+            ..Default::default()
+        };
+        for (topic, p) in [("jobs/short", short), ("jobs/long", long)] {
+            sender
+                .client
+                .publish_with_properties(topic, QoS::AtLeastOnce, false, "x", p)
+                .await
+                .expect("publish");
+        }
+        eventually("both messages wait in flowgate's queue", || async {
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            metric_sum(
+                &m,
+                "flowgate_dispatch_queued_messages",
+                &[("instance", "line1")],
+            ) == 2.0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+        replica
+            .subscribe(Filter::new("jobs/#", QoS::AtLeastOnce), None)
+            .await;
+        let got = replica.next_publish().await;
+        assert_eq!(got.topic.as_ref(), b"jobs/long", "{name}");
+        let left = got.properties.and_then(|p| p.message_expiry_interval);
+        assert!(
+            matches!(left, Some(96..=98)),
+            "{name}: expiry left {left:?}"
+        );
+        assert!(
+            replica
+                .nothing_for(Duration::from_millis(500))
+                .await
+                .is_none(),
+            "{name}"
+        );
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        assert_eq!(
+            metric_sum(
+                &m,
+                "flowgate_dispatch_dropped_total",
+                &[("instance", "line1"), ("reason", "expired")]
+            ),
+            1.0,
+            "{name}"
+        );
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn subscription_options_no_local_and_retain_handling_hold() {
+    for upstream in Upstream::both().await {
+        let name = upstream.name();
+        let app = start(&upstream, "").await;
+        let outside = V5::connect(app.mqtt_addr, "outside", |_| {}).await;
+        outside
+            .client
+            .publish("cfg/a", QoS::AtLeastOnce, true, "retained")
+            .await
+            .expect("retained");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+        // retain handling 2: no retained message on subscribe
+        let mut never = Filter::new("cfg/#", QoS::AtLeastOnce);
+        never.retain_forward_rule = RetainForwardRule::Never;
+        replica.subscribe(never, None).await;
+        // no local: the instance's own publishes do not come back (rumqttd
+        // 0.20 ignores no local: README, known broker behaviour)
+        let mut chat = Filter::new("chat/#", QoS::AtLeastOnce);
+        chat.nolocal = true;
+        replica.subscribe(chat, None).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        replica
+            .client
+            .publish("chat/1", QoS::AtLeastOnce, false, "mine")
+            .await
+            .expect("publish");
+        outside
+            .client
+            .publish("chat/2", QoS::AtLeastOnce, false, "theirs")
+            .await
+            .expect("publish");
+        let mut got = vec![replica.next_publish().await.payload];
+        if name == "embedded" {
+            // rumqttd ignores no local: the replica's own comes back too
+            got.push(replica.next_publish().await.payload);
+            assert!(
+                got.contains(&Bytes::from_static(b"mine")),
+                "{name}: {got:?}"
+            );
+        }
+        assert!(
+            got.contains(&Bytes::from_static(b"theirs")),
+            "{name}: {got:?}"
+        );
+        let extra = replica.nothing_for(Duration::from_millis(500)).await;
+        assert!(extra.is_none(), "{name}: {extra:?}");
+
+        // retain handling 0 (the default) on another filter: it comes
+        replica
+            .subscribe(Filter::new("cfg/a", QoS::AtLeastOnce), None)
+            .await;
+        let got = replica.next_publish().await;
+        assert_eq!(got.payload.as_ref(), b"retained", "{name}");
+        assert!(got.retain, "{name}");
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_brokers_reason_codes_reach_the_replica() {
+    let mosquitto = Upstream::Mosquitto(Mosquitto::start().await);
+    let app = start(&mosquitto, "").await;
+    let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+    // nobody subscribes: Mosquitto answers 0x10 "no matching subscribers"
+    replica
+        .client
+        .publish("nobody/here", QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("publish");
+    assert_eq!(
+        replica.next_puback().await,
+        PubAckReason::NoMatchingSubscribers
+    );
+    app.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn upstream_protocol_3_1_1_is_chosen_when_asked_and_carries_no_properties() {
+    let mosquitto = Mosquitto::start().await;
+    let upstream = Upstream::Mosquitto(mosquitto);
+    let Upstream::Mosquitto(m) = &upstream else {
+        unreachable!()
+    };
+    let app = flowgate(
+        m.addr,
+        "dispatch",
+        "upstream_protocol = \"3.1.1\"",
+        "[[instance]]\nname = \"line1\"\nmatch = { client_id = \"line1-nodered\" }\n",
+    )
+    .await;
+    eventually("the upstream session is 3.1.1", || async {
+        let (_, body) = http_get(app.admin_addr, "/api/instances").await;
+        body.contains("\"upstream_protocol\": \"3.1.1\"")
+    })
+    .await;
+    let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+    replica
+        .subscribe(Filter::new("req/#", QoS::AtLeastOnce), None)
+        .await;
+    let sender = V5::connect(app.mqtt_addr, "sender", |_| {}).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sender
+        .client
+        .publish_with_properties("req/1", QoS::AtLeastOnce, false, "x", props(60, "x"))
+        .await
+        .expect("publish");
+    let got = replica.next_publish().await;
+    assert!(
+        got.properties
+            .as_ref()
+            .is_none_or(|p| p.user_properties.is_empty()),
+        "a 3.1.1 session carried properties: {got:?}"
+    );
+    app.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_replicas_receive_maximum_bounds_what_it_holds_unacknowledged() {
+    let app = start(&Upstream::Embedded, "max_inflight = 50").await;
+    let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |o| {
+        o.set_receive_maximum(Some(3));
+        o.set_manual_acks(true);
+    })
+    .await;
+    replica
+        .subscribe(Filter::new("jobs/#", QoS::AtLeastOnce), None)
+        .await;
+    let sender = V5::connect(app.mqtt_addr, "sender", |_| {}).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..10 {
+        sender
+            .client
+            .publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, "x")
+            .await
+            .expect("publish");
+    }
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(replica.next_publish().await);
+    }
+    assert!(
+        replica
+            .nothing_for(Duration::from_millis(600))
+            .await
+            .is_none(),
+        "a fourth unacknowledged message came"
+    );
+    replica.client.ack(&held[0]).await.expect("ack");
+    replica.next_publish().await;
+    app.shutdown(Duration::from_secs(2)).await;
+}
