@@ -23,6 +23,8 @@ QOSES=${QOSES:-"0 1"}
 SIZES=${SIZES:-"64 1024"}
 # flowgate's worker_threads (both modes); empty: one per core
 FG_THREADS=${FG_THREADS:-}
+# the load tool's clients: 3.1.1 (default) or 5
+CLIENTS=${CLIENTS:-3.1.1}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -143,6 +145,28 @@ for _ in $(seq 100); do
 done
 FGD_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-dispatch.json")
 
+# --- flowgate (dispatch mode, 3.1.1 upstream session), a third Mosquitto ------
+# (the upstream session as it was before MQTT 5 upstream, in the same run)
+MOSQ3_PORT=$(free_port)
+sed -e "s/^listener $MOSQ_PORT /listener $MOSQ3_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-3.conf"
+mosquitto -c "$WORK/mosquitto-3.conf" 2>"$WORK/mosquitto-3.log" &
+MOSQ3_PID=$!
+PIDS+=("$MOSQ3_PID")
+wait_port "$MOSQ3_PORT" "$MOSQ3_PID" mosquitto-3
+sed -e "s/127.0.0.1:$MOSQ2_PORT\"/127.0.0.1:$MOSQ3_PORT\"\nupstream_protocol = \"3.1.1\"/" \
+    -e 's/node_id = "benchd"/node_id = "benchd3"/' \
+    "$WORK/flowgate-dispatch.toml" >"$WORK/flowgate-dispatch3.toml"
+"$FLOWGATE_BIN" run --config "$WORK/flowgate-dispatch3.toml" --ready-file "$WORK/ready-dispatch3.json" \
+    >"$WORK/flowgate-dispatch3.out" 2>"$WORK/flowgate-dispatch3.log" &
+FGD3_PID=$!
+PIDS+=("$FGD3_PID")
+for _ in $(seq 100); do
+    [[ -s $WORK/ready-dispatch3.json ]] && break
+    kill -0 "$FGD3_PID" 2>/dev/null || { log "flowgate (dispatch, 3.1.1) exited; see $WORK/flowgate-dispatch3.log"; exit 1; }
+    sleep 0.1
+done
+FGD3_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-dispatch3.json")
+
 # --- HAProxy (TCP mode) ----------------------------------------------------
 HA_PORT=$(free_port)
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -180,17 +204,19 @@ run_one() { # TARGET QOS SIZE RATE ROUND
         direct) addr=127.0.0.1:$MOSQ_PORT; extra=(--share --sub-id-unique) ;;
         flowgate) addr=$FG_ADDR; proxy_cpu=(--cpu "proxy=$FG_PID") ;;
         dispatch) addr=$FGD_ADDR; proxy_cpu=(--cpu "proxy=$FGD_PID"); mosq_pid=$MOSQ2_PID ;;
+        dispatch-3.1.1) addr=$FGD3_ADDR; proxy_cpu=(--cpu "proxy=$FGD3_PID"); mosq_pid=$MOSQ3_PID ;;
         haproxy) addr=127.0.0.1:$HA_PORT; extra=(--share --sub-id-unique); proxy_cpu=(--cpu "proxy=$HA_PID") ;;
     esac
     local line
     if ! line=$("$BENCH_BIN" --target "$addr" --label "$target" --qos "$qos" --size "$size" \
         --rate "$rate" --duration "$DURATION" --subscribers "$SUBSCRIBERS" \
         --publishers "$PUBLISHERS" "${extra[@]}" --cpu "mosquitto=$mosq_pid" "${proxy_cpu[@]}" \
+        $([[ $CLIENTS == 5 ]] && echo --v5) \
         2>>"$WORK/mqtt_load.log"); then
         log "mqtt_load failed: $target qos=$qos size=$size rate=$rate round=$round (see $WORK/mqtt_load.log)"
         line="{\"target_label\":\"$target\",\"qos\":$qos,\"size\":$size,\"rate_target\":$rate,\"failed\":true}"
     fi
-    for pid in "$MOSQ_PID" "$MOSQ2_PID" "$FG_PID" "$FGD_PID" "$HA_PID"; do
+    for pid in "$MOSQ_PID" "$MOSQ2_PID" "$MOSQ3_PID" "$FG_PID" "$FGD_PID" "$FGD3_PID" "$HA_PID"; do
         kill -0 "$pid" 2>/dev/null || { log "process $pid died (see $WORK)"; exit 1; }
     done
     line=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$line" "$round")
@@ -199,13 +225,14 @@ run_one() { # TARGET QOS SIZE RATE ROUND
     sleep 0.5
 }
 
-TARGETS=(direct flowgate dispatch haproxy)
+TARGETS=(direct flowgate dispatch dispatch-3.1.1 haproxy)
+N=${#TARGETS[@]}
 for qos in $QOSES; do
     for size in $SIZES; do
         for rate in 0 "$RATE"; do
             for round in $(seq "$ROUNDS"); do
-                for i in 0 1 2 3; do # rotate the order each round
-                    run_one "${TARGETS[$(((i + round - 1) % 4))]}" "$qos" "$size" "$rate" "$round"
+                for i in $(seq 0 $((N - 1))); do # rotate the order each round
+                    run_one "${TARGETS[$(((i + round - 1) % N))]}" "$qos" "$size" "$rate" "$round"
                 done
             done
         done
@@ -231,14 +258,14 @@ def lost(rs):
 def f(v, fmt="{:,.0f}"):
     return "n/a" if v is None else fmt.format(v)
 cases = sorted({(r["qos"], r["size"]) for r in runs})
-print(f"Saturation (`--rate 0`), {subs} shared subscribers, {pubs} publisher(s), "
+print(f"MQTT {runs[0].get('protocol', '3.1.1')} clients. Saturation (`--rate 0`), {subs} shared subscribers, {pubs} publisher(s), "
       f"{duration} s per run (1 s warm-up), median of {rounds} alternating rounds; "
       f"latency at a fixed {int(rate):,} msg/s. Lost = sent - received after drain, summed over all runs of that row.\n")
-print("target flowgate = share mode; dispatch = flowgate in dispatch mode (a second process on the same broker).\n")
+print("target flowgate = share mode; dispatch = flowgate in dispatch mode (MQTT 5 upstream session; a second process, its own broker); dispatch-3.1.1 = the same with `upstream_protocol = \"3.1.1\"` (a third).\n")
 print("| QoS | size | target | msgs/s (sat) | vs direct | vs haproxy | p50 µs @rate | p99 µs @rate | lost (sat / rate) | CPU % tool / mosquitto / proxy (sat) |")
 print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
 for qos, size in cases:
-    targets = [t for t in ("direct", "flowgate", "dispatch", "haproxy") if pick(qos, size, 0, t)]
+    targets = [t for t in ("direct", "flowgate", "dispatch", "dispatch-3.1.1", "haproxy") if pick(qos, size, 0, t)]
     sat = {t: med(pick(qos, size, 0, t), "msgs_per_s") for t in targets}
     for t in targets:
         s, fixed = pick(qos, size, 0, t), pick(qos, size, int(rate), t)
@@ -246,7 +273,7 @@ for qos, size in cases:
         cpu = " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto", "proxy")) if t != "direct" \
             else " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto")) + " / -"
         print(f"| {qos} | {size} B | {t} | {f(sat[t])} | {ratio('direct') if t != 'direct' else '1.00x'} | "
-              f"{ratio('haproxy') if t in ('flowgate', 'dispatch') else '-'} | {f(med(fixed, 'p50_us'))} | "
+              f"{ratio('haproxy') if t in ('flowgate', 'dispatch', 'dispatch-3.1.1') else '-'} | {f(med(fixed, 'p50_us'))} | "
               f"{f(med(fixed, 'p99_us'))} | {lost(s)} / {lost(fixed)} | {cpu} |")
 EOF
 # flowgate's own counters after every run: errors, rewrites, connections

@@ -36,13 +36,39 @@ struct Args {
     share: bool,
     publishers: usize,
     cpu: Vec<(String, u32)>, // `--cpu name=pid`: report its CPU use over the window
+    /// `--v5`: MQTT 5 clients (the default is 3.1.1).
+    v5: bool,
+}
+
+/// A publisher of either protocol version.
+enum Publisher {
+    V4(AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Publisher {
+    async fn publish(&self, topic: String, qos: QoS, payload: Vec<u8>) {
+        match self {
+            Self::V4(c) => c.publish(topic, qos, false, payload).await.map_err(|e| e.to_string()),
+            Self::V5(c) => c.publish(topic, qos5(qos), false, payload).await.map_err(|e| e.to_string()),
+        }
+        .expect("publish can be queued (event loop alive)");
+    }
+}
+
+fn qos5(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!(
         "mqtt_load: {msg}\nargs: --target HOST:PORT [--label L] [--qos 0|1] [--size BYTES] \
          [--rate MSGS_PER_S (0 = max)] [--duration SECS] [--subscribers K] [--sub-id ID] \
-         [--sub-id-unique] [--share] [--publishers P] [--cpu NAME=PID]..."
+         [--sub-id-unique] [--share] [--publishers P] [--cpu NAME=PID]... [--v5]"
     );
     std::process::exit(2)
 }
@@ -60,6 +86,7 @@ fn parse_args() -> Args {
         sub_id: "bench-replica".into(),
         sub_id_unique: false,
         share: false,
+        v5: false,
         publishers: 1,
         cpu: Vec::new(),
     };
@@ -92,6 +119,7 @@ fn parse_args() -> Args {
             "--sub-id" => a.sub_id = value(),
             "--sub-id-unique" => a.sub_id_unique = true,
             "--share" => a.share = true,
+            "--v5" => a.v5 = true,
             "--cpu" => a.cpu.push(split(&flag, &value(), '=')),
             f => usage(&format!("unknown argument {f:?}")),
         }
@@ -146,6 +174,24 @@ impl Shared {
         net.set_tcp_nodelay(true); // as Mosquitto, flowgate and HAProxy do
         el.set_network_options(net);
         (client, el)
+    }
+
+    fn client5(&self, id: String) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+        let mut o = rumqttc::v5::MqttOptions::new(id, self.args.host.clone(), self.args.port);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true); // as for the 3.1.1 clients
+        o.set_clean_start(true)
+            .set_keep_alive(Duration::from_secs(60))
+            .set_outgoing_inflight_upper_limit(1000)
+            .set_max_packet_size(Some(1 << 20))
+            .set_network_options(net);
+        rumqttc::v5::AsyncClient::new(o, 10_000)
+    }
+
+    async fn error5(&self, who: &str, e: rumqttc::v5::ConnectionError) {
+        eprintln!("mqtt_load: {who}: {e}");
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     async fn error(&self, who: &str, e: rumqttc::ConnectionError) {
@@ -219,9 +265,98 @@ async fn subscriber(
     out
 }
 
-/// Connects publisher `index`, drives its event loop in a task, and once the
-/// CONNACK arrived returns the client.
-async fn connect_publisher(sh: Arc<Shared>, index: usize) -> AsyncClient {
+/// The payload's header words: sent time, publisher, sequence.
+fn header(payload: &[u8]) -> Option<(u64, u64, u64)> {
+    let word = |i: usize| {
+        let w = payload.get(i * 8..i * 8 + 8)?;
+        Some(u64::from_le_bytes(w.try_into().ok()?))
+    };
+    Some((word(0)?, word(1)?, word(2)?))
+}
+
+/// The MQTT 5 twin of [`subscriber`].
+async fn subscriber5(
+    sh: Arc<Shared>,
+    id: String,
+    ready: oneshot::Sender<()>,
+    mut stop: watch::Receiver<bool>,
+) -> Vec<Rx> {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, SubscribeReasonCode as C5};
+    use rumqttc::v5::Event as E5;
+    let filter = if sh.args.share {
+        "$share/bench/bench/#"
+    } else {
+        "bench/#"
+    };
+    let (client, mut el) = sh.client5(id.clone());
+    client
+        .subscribe(filter, qos5(sh.args.qos))
+        .await
+        .expect("subscribe request can be queued");
+    let mut ready = Some(ready);
+    let mut out = Vec::with_capacity(1 << 20);
+    loop {
+        let event = tokio::select! {
+            _ = stop.changed() => break,
+            ev = el.poll() => ev,
+        };
+        match event {
+            Ok(E5::Incoming(P5::Publish(p))) => {
+                let recv_ns = now_ns();
+                if let Some((sent_ns, publisher, seq)) = header(&p.payload) {
+                    out.push(Rx {
+                        publisher,
+                        seq,
+                        sent_ns,
+                        recv_ns,
+                    });
+                }
+                sh.count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(E5::Incoming(P5::SubAck(ack))) => {
+                if ack.return_codes.iter().any(|c| !matches!(c, C5::Success(_))) {
+                    panic!("subscriber {id}: SUBSCRIBE {filter} refused");
+                }
+                let _ = ready.take().map(|r| r.send(()));
+            }
+            Ok(_) => {}
+            Err(e) => sh.error5(&format!("subscriber {id}"), e).await,
+        }
+    }
+    out
+}
+
+/// Connects publisher `index` (either version), drives its event loop in a
+/// task, and once the CONNACK arrived returns the client.
+async fn connect_publisher(sh: Arc<Shared>, index: usize) -> Publisher {
+    if !sh.args.v5 {
+        return Publisher::V4(connect_publisher4(sh, index).await);
+    }
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::Event as E5;
+    let id = format!("bench-pub-{}-{index}", std::process::id());
+    let (client, mut el) = sh.client5(id.clone());
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(E5::Incoming(P5::ConnAck(_))) => {
+                    let _ = tx.take().map(|tx| tx.send(()));
+                }
+                Ok(_) => {}
+                Err(e) => sh.error5(&format!("publisher {id}"), e).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("publisher gets a CONNACK within 10 s")
+        .expect("publisher event loop is running");
+    Publisher::V5(client)
+}
+
+async fn connect_publisher4(sh: Arc<Shared>, index: usize) -> AsyncClient {
     let id = format!("bench-pub-{}-{index}", std::process::id());
     let (client, mut el) = sh.client(id.clone());
     let (tx, rx) = oneshot::channel();
@@ -249,7 +384,7 @@ async fn connect_publisher(sh: Arc<Shared>, index: usize) -> AsyncClient {
 /// Sends on `bench/{index}` until `end_ns` at the publisher's share of the
 /// rate (0 = as fast as the client takes them); returns how many publishes
 /// were accepted.
-async fn send(sh: Arc<Shared>, client: AsyncClient, index: u64, end_ns: u64) -> u64 {
+async fn send(sh: Arc<Shared>, client: Publisher, index: u64, end_ns: u64) -> u64 {
     let a = &sh.args;
     let rate = a.rate as f64 / a.publishers as f64;
     let topic = format!("bench/{index}");
@@ -269,10 +404,7 @@ async fn send(sh: Arc<Shared>, client: AsyncClient, index: u64, end_ns: u64) -> 
         for (i, w) in [now_ns(), index, seq].into_iter().enumerate() {
             payload[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
-        client
-            .publish(topic.clone(), a.qos, false, payload)
-            .await
-            .expect("publish can be queued (event loop alive)");
+        client.publish(topic.clone(), a.qos, payload).await;
         seq += 1;
     }
 }
@@ -301,7 +433,11 @@ async fn run(args: Args) {
         let (tx, rx) = oneshot::channel();
         readies.push(rx);
         let stop = stop_rx.clone();
-        subs.push(tokio::spawn(subscriber(sh.clone(), id, tx, stop)));
+        if a.v5 {
+            subs.push(tokio::spawn(subscriber5(sh.clone(), id, tx, stop)));
+        } else {
+            subs.push(tokio::spawn(subscriber(sh.clone(), id, tx, stop)));
+        }
     }
     for rx in readies {
         tokio::time::timeout(Duration::from_secs(10), rx)
@@ -369,6 +505,7 @@ async fn run(args: Args) {
     let received = ids.len() as u64;
     let line = serde_json::json!({
         "target_label": a.label,
+        "protocol": if a.v5 { "5" } else { "3.1.1" },
         "qos": a.qos as u8,
         "size": a.size,
         "sent": sent,

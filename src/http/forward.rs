@@ -113,7 +113,7 @@ pub(super) fn access(pool: &Pool, method: &str, path: &str) -> Access {
     }
     let verdict = if pool.cfg.admin_paths.iter().any(|p| path_matches(path, p)) {
         Access::Admin
-    } else if pool.public.routes().allows(method, path) {
+    } else if pool.public.allows(method, path) {
         Access::Pass
     } else {
         Access::Unpublished

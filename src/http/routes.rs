@@ -47,18 +47,38 @@ pub struct Skipped {
 /// The set of requests the public listener lets through.
 #[derive(Debug, Clone)]
 pub struct PublicRoutes {
-    set: RegexSet,
-    /// The methods each pattern of `set` admits.
-    methods: Vec<u8>,
+    /// For each method (see [`method_index`]), the patterns that admit it:
+    /// one `is_match` per request.
+    by_method: Vec<RegexSet>,
     /// What was published, for logs and `/api/instances`: "GET /hello".
     pub published: Vec<String>,
+}
+
+/// Request methods the route sets tell apart; anything else is `OTHER`.
+const METHODS: [(&str, u8); 7] = [
+    ("GET", GET),
+    ("HEAD", HEAD | GET),
+    ("POST", POST),
+    ("PUT", PUT),
+    ("DELETE", DELETE),
+    ("PATCH", PATCH),
+    // Express answers OPTIONS for any route on the path (and httpNodeCors
+    // preflights): every published path admits it
+    ("OPTIONS", ANY),
+];
+const OTHER: usize = METHODS.len();
+
+fn method_index(method: &str) -> usize {
+    METHODS
+        .iter()
+        .position(|(m, _)| *m == method)
+        .unwrap_or(OTHER)
 }
 
 impl Default for PublicRoutes {
     fn default() -> Self {
         Self {
-            set: RegexSet::empty(),
-            methods: Vec::new(),
+            by_method: vec![RegexSet::empty(); OTHER + 1],
             published: Vec::new(),
         }
     }
@@ -87,10 +107,19 @@ impl Builder {
     }
 
     fn build(self) -> Result<PublicRoutes, regex::Error> {
-        let set = RegexSet::new(&self.patterns)?;
+        let mut by_method = Vec::with_capacity(OTHER + 1);
+        for i in 0..=OTHER {
+            let want = METHODS.get(i).map_or(0, |(_, bits)| *bits);
+            let patterns = self
+                .patterns
+                .iter()
+                .zip(&self.methods)
+                .filter(|(_, m)| **m == ANY || **m & want != 0)
+                .map(|(p, _)| p);
+            by_method.push(RegexSet::new(patterns)?);
+        }
         Ok(PublicRoutes {
-            set,
-            methods: self.methods,
+            by_method,
             published: self.published,
         })
     }
@@ -151,22 +180,9 @@ impl PublicRoutes {
         if !path.starts_with('/') || has_dot_segment(path) {
             return false;
         }
-        let want = match method {
-            "GET" => GET,
-            "HEAD" => HEAD | GET,
-            "POST" => POST,
-            "PUT" => PUT,
-            "DELETE" => DELETE,
-            "PATCH" => PATCH,
-            // Express answers OPTIONS for any route on the path (and
-            // httpNodeCors preflights): every published path admits it
-            "OPTIONS" => ANY,
-            _ => 0,
-        };
-        self.set
-            .matches(path)
-            .iter()
-            .any(|i| self.methods[i] == ANY || self.methods[i] & want != 0)
+        self.by_method
+            .get(method_index(method))
+            .is_some_and(|set| set.is_match(path))
     }
 }
 
@@ -378,6 +394,10 @@ pub fn express_regex(path: &str) -> Result<String, &'static str> {
 /// Static file handlers resolve those; a published route never needs them.
 fn has_dot_segment(path: &str) -> bool {
     let bytes = path.as_bytes();
+    // the common case, no dot and no escape at all, without decoding
+    if !bytes.iter().any(|b| matches!(b, b'.' | b'%' | 0)) {
+        return false;
+    }
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {

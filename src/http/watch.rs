@@ -55,6 +55,14 @@ impl PublicSide {
             .clone()
     }
 
+    /// May a `method` request for `path` pass (the routes as last read)?
+    pub fn allows(&self, method: &str, path: &str) -> bool {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .allows(method, path)
+    }
+
     /// Have the flows been read at least once?
     pub fn read(&self) -> bool {
         self.from_revs

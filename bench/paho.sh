@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The Eclipse Paho MQTT interoperability suite (3.1.1 and 5.0), each test in a
+# process of its own, direct to Mosquitto and through flowgate with the
+# suite's first client id ("myclientid") made a replica of an instance, in one
+# run; a markdown table of pass/fail on stdout and in bench/results/.
+#
+#   bash bench/paho.sh                 # MODE=dispatch (default) or share
+#   MODE=share bash bench/paho.sh
+#
+# Each target gets a broker of its own (persistence off, as the suite's own
+# runs), flowgate listens on a free loopback port. Needs mosquitto, python3,
+# cargo, and ../shared/vendor/paho.mqtt.testing-9d7bb80.tar.gz (SUITE=...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${MODE:-dispatch}
+REPLICA=${REPLICA:-myclientid}
+TIMEOUT=${TIMEOUT:-60}
+SUITE=${SUITE:-../shared/vendor/paho.mqtt.testing-9d7bb80.tar.gz}
+[ -f "$SUITE" ] || { echo "no suite at $SUITE"; exit 1; }
+cargo build --release --quiet
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+tar xzf "$SUITE" -C "$work"
+dir=$(find "$work" -type d -name interoperability | head -1)
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+broker() { # port
+  cat > "$work/mosquitto-$1.conf" <<CONF
+listener $1 127.0.0.1
+allow_anonymous true
+persistence false
+set_tcp_nodelay true
+max_queued_messages 100000
+CONF
+  mosquitto -c "$work/mosquitto-$1.conf" 2>"$work/mosquitto-$1.log" & pids+=($!)
+  for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done
+  echo "mosquitto on $1 did not start"; exit 1
+}
+DIRECT=$(port); UP=$(port)
+broker "$DIRECT"; broker "$UP"
+cat > "$work/flowgate.toml" <<CONF
+node_id = "paho"
+[admin]
+listen = "127.0.0.1:0"
+[mqtt]
+listen = "127.0.0.1:0"
+upstream = "mqtt://127.0.0.1:$UP"
+mode = "$MODE"
+[[instance]]
+name = "paho"
+match = { client_id = "$REPLICA" }
+CONF
+RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" \
+  >"$work/flowgate.log" 2>&1 & pids+=($!)
+for _ in $(seq 100); do [ -s "$work/ready.json" ] && break; sleep 0.1; done
+FG=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"].split(":")[1])' "$work/ready.json")
+
+mkdir -p bench/results
+out="bench/results/paho-$MODE-$(date +%Y%m%d-%H%M).md"
+{
+  echo "Eclipse Paho interoperability suite (9d7bb80), Mosquitto $(mosquitto -h 2>/dev/null | head -1 | sed 's/.*version //;s/ .*//'),"
+  echo "flowgate $MODE mode with client id \`$REPLICA\` a replica; each test alone, ${TIMEOUT} s at most."
+  echo
+  echo "| suite | test | direct | flowgate |"
+  echo "|---|---|---|---|"
+} > "$out"
+declare -A pass
+for module in client_test client_test5; do
+  suite=$([ "$module" = client_test ] && echo 3.1.1 || echo 5.0)
+  for t in $(python3 bench/paho_run.py "$dir" "$module" x 0 --list); do
+    row="| $suite | $t |"
+    for target in direct flowgate; do
+      p=$DIRECT; [ "$target" = flowgate ] && p=$FG
+      if (cd "$dir" && timeout "$TIMEOUT" python3 "$OLDPWD/bench/paho_run.py" "$dir" "$module" 127.0.0.1 "$p" "$t") \
+          >"$work/$module-$t-$target.log" 2>&1; then
+        row+=" pass |"; pass[$suite-$target]=$(( ${pass[$suite-$target]:-0} + 1 ))
+      else
+        row+=" FAIL |"
+      fi
+    done
+    echo "$row" | tee -a "$out"
+  done
+done
+{
+  echo
+  for suite in 3.1.1 5.0; do
+    echo "- $suite: direct ${pass[$suite-direct]:-0}, flowgate ${pass[$suite-flowgate]:-0} passed"
+  done
+} | tee -a "$out"
+echo "table: $out"
