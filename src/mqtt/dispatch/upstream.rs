@@ -246,8 +246,11 @@ impl Window {
         }
     }
 
-    /// May `cmd` go now? A QoS 1/2 publish takes a place; `false` holds it.
+    /// May `cmd` go now? A QoS 1/2 publish takes a place; `None` holds it.
     fn admit(&mut self, cmd: UpCmd) -> Option<UpCmd> {
+        if self.max == usize::MAX {
+            return Some(cmd); // no limit (3.1.1): nothing to count
+        }
         match &cmd {
             UpCmd::Publish { msg, pkid, .. } if msg.qos > 0 => {
                 if self.sent.contains(pkid) {
@@ -266,6 +269,9 @@ impl Window {
 
     /// The broker finished with `packet`'s publish: its place is free.
     fn on_incoming(&mut self, packet: &Incoming) {
+        if self.max == usize::MAX {
+            return;
+        }
         match packet {
             Incoming::PubAck(id, _) | Incoming::PubComp(id) => {
                 self.sent.remove(id);
@@ -508,6 +514,9 @@ impl UpstreamSession {
         loop {
             // everything one read brought goes to the dispatcher in one event
             let mut batch = std::mem::take(&mut refused);
+            for p in &batch {
+                window.on_incoming(p);
+            }
             while let Some(p) =
                 wire::decode(protocol, &mut buf, usize::MAX).map_err(|e| e.to_string())?
             {
@@ -516,13 +525,22 @@ impl UpstreamSession {
                     batch.push(p);
                 }
             }
-            let freed = window.release();
-            if !freed.is_empty() {
+            // publishes the broker's window has room for again
+            loop {
+                let freed = window.release();
+                if freed.is_empty() {
+                    break;
+                }
                 let mut out = BytesMut::new();
+                let mut newly = Vec::new();
                 for cmd in &freed {
-                    self.encode_checked(cmd, v5, max_packet, &mut out, &mut batch)?;
+                    self.encode_checked(cmd, v5, max_packet, &mut out, &mut newly)?;
                 }
                 wr.write_all(&out).await.map_err(|e| e.to_string())?;
+                for p in &newly {
+                    window.on_incoming(p);
+                }
+                batch.extend(newly);
             }
             if !batch.is_empty() && events.send(UpEvent::Packets(batch)).await.is_err() {
                 return Ok(());

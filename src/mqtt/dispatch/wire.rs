@@ -375,67 +375,45 @@ fn to_v5(p: &Outgoing) -> v5::Packet {
 /// PUBACK/PUBREC reason codes in the order of rumqttc's enums.
 const PUB_REASONS: [u8; 9] = [0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
 
-fn puback_code(r: v5::PubAckReason) -> u8 {
-    use v5::PubAckReason as R;
-    let i = match r {
-        R::Success => 0,
-        R::NoMatchingSubscribers => 1,
-        R::UnspecifiedError => 2,
-        R::ImplementationSpecificError => 3,
-        R::NotAuthorized => 4,
-        R::TopicNameInvalid => 5,
-        R::PacketIdentifierInUse => 6,
-        R::QuotaExceeded => 7,
-        R::PayloadFormatInvalid => 8,
+/// The byte of a PUBACK or PUBREC reason and back (the two enums of
+/// rumqttc name the same codes).
+macro_rules! pub_reasons {
+    ($code:ident, $reason:ident, $ty:ty) => {
+        fn $code(r: $ty) -> u8 {
+            type R = $ty;
+            let i = match r {
+                R::Success => 0,
+                R::NoMatchingSubscribers => 1,
+                R::UnspecifiedError => 2,
+                R::ImplementationSpecificError => 3,
+                R::NotAuthorized => 4,
+                R::TopicNameInvalid => 5,
+                R::PacketIdentifierInUse => 6,
+                R::QuotaExceeded => 7,
+                R::PayloadFormatInvalid => 8,
+            };
+            PUB_REASONS[i]
+        }
+
+        fn $reason(code: u8) -> $ty {
+            type R = $ty;
+            match code {
+                0x00 => R::Success,
+                0x10 => R::NoMatchingSubscribers,
+                0x83 => R::ImplementationSpecificError,
+                0x87 => R::NotAuthorized,
+                0x90 => R::TopicNameInvalid,
+                0x91 => R::PacketIdentifierInUse,
+                0x97 => R::QuotaExceeded,
+                0x99 => R::PayloadFormatInvalid,
+                _ => R::UnspecifiedError,
+            }
+        }
     };
-    PUB_REASONS[i]
 }
 
-fn puback_reason(code: u8) -> v5::PubAckReason {
-    use v5::PubAckReason as R;
-    match code {
-        0x00 => R::Success,
-        0x10 => R::NoMatchingSubscribers,
-        0x83 => R::ImplementationSpecificError,
-        0x87 => R::NotAuthorized,
-        0x90 => R::TopicNameInvalid,
-        0x91 => R::PacketIdentifierInUse,
-        0x97 => R::QuotaExceeded,
-        0x99 => R::PayloadFormatInvalid,
-        _ => R::UnspecifiedError,
-    }
-}
-
-fn pubrec_code(r: v5::PubRecReason) -> u8 {
-    use v5::PubRecReason as R;
-    let i = match r {
-        R::Success => 0,
-        R::NoMatchingSubscribers => 1,
-        R::UnspecifiedError => 2,
-        R::ImplementationSpecificError => 3,
-        R::NotAuthorized => 4,
-        R::TopicNameInvalid => 5,
-        R::PacketIdentifierInUse => 6,
-        R::QuotaExceeded => 7,
-        R::PayloadFormatInvalid => 8,
-    };
-    PUB_REASONS[i]
-}
-
-fn pubrec_reason(code: u8) -> v5::PubRecReason {
-    use v5::PubRecReason as R;
-    match code {
-        0x00 => R::Success,
-        0x10 => R::NoMatchingSubscribers,
-        0x83 => R::ImplementationSpecificError,
-        0x87 => R::NotAuthorized,
-        0x90 => R::TopicNameInvalid,
-        0x91 => R::PacketIdentifierInUse,
-        0x97 => R::QuotaExceeded,
-        0x99 => R::PayloadFormatInvalid,
-        _ => R::UnspecifiedError,
-    }
-}
+pub_reasons!(puback_code, puback_reason, v5::PubAckReason);
+pub_reasons!(pubrec_code, pubrec_reason, v5::PubRecReason);
 
 fn suback_code(c: v5::SubscribeReasonCode) -> u8 {
     use v5::SubscribeReasonCode as C;
