@@ -502,3 +502,33 @@ async fn a_replicas_receive_maximum_bounds_what_it_holds_unacknowledged() {
     replica.next_publish().await;
     app.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn a_v5_replica_that_breaks_the_protocol_hears_why() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = start(&Upstream::Embedded, "").await;
+    let mut s = tokio::net::TcpStream::connect(app.mqtt_addr)
+        .await
+        .expect("connect");
+    // CONNECT 5.0, clean start, keep-alive 60, no properties, id "line1-nodered"
+    let mut connect = vec![
+        0x10, 26, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 13,
+    ];
+    connect.extend_from_slice(b"line1-nodered");
+    s.write_all(&connect).await.expect("connect sent");
+    let mut connack = [0u8; 5];
+    s.read_exact(&mut connack).await.expect("connack");
+    assert_eq!(&connack[..4], &[0x20, 3, 0, 0], "CONNACK success");
+    // PUBLISH QoS 0 "a" with topic alias 0 (a protocol error): 0x94
+    s.write_all(&[0x30, 8, 0, 1, b'a', 3, 0x23, 0, 0, b'x'])
+        .await
+        .expect("publish sent");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert_eq!(
+        rest,
+        [0xe0, 0x01, 0x94],
+        "DISCONNECT topic alias invalid, then close"
+    );
+    app.shutdown(Duration::from_secs(2)).await;
+}

@@ -145,14 +145,24 @@ impl Session<'_> {
             while paused.is_none() {
                 let before = inbuf.len();
                 // the size limit holds from the fixed header, before the body is buffered
-                if check_header(&inbuf, self.max_packet)
-                    .map_err(ConnError::ClientCodec)?
-                    .is_some()
-                {
-                    check_flags(inbuf[0]).map_err(ConnError::ClientCodec)?;
+                let header = check_header(&inbuf, self.max_packet)
+                    .and_then(|h| h.map(|_| check_flags(inbuf[0])).transpose());
+                if let Err(e) = header {
+                    let reason = if matches!(e, crate::mqtt::codec::CodecError::TooLarge { .. }) {
+                        DISCONNECT_TOO_LARGE
+                    } else {
+                        DISCONNECT_MALFORMED
+                    };
+                    self.farewell(&mut wr, reason).await;
+                    return Err(ConnError::ClientCodec(e));
                 }
-                let packet = wire::decode(self.protocol, &mut inbuf, self.max_packet)
-                    .map_err(|e| ConnError::ClientWire(e.0))?;
+                let packet = match wire::decode(self.protocol, &mut inbuf, self.max_packet) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.farewell(&mut wr, DISCONNECT_MALFORMED).await;
+                        return Err(ConnError::ClientWire(e.0));
+                    }
+                };
                 let Some(packet) = packet else { break };
                 counters.bytes_from.inc_by((before - inbuf.len()) as u64);
                 match packet {
@@ -170,7 +180,10 @@ impl Session<'_> {
                     mut packet => {
                         if let Incoming::Publish { msg, .. } = &mut packet {
                             counters.messages_from.inc();
-                            resolve_alias(&mut aliases, msg)?;
+                            if let Err(e) = resolve_alias(&mut aliases, msg) {
+                                self.farewell(&mut wr, DISCONNECT_TOPIC_ALIAS_INVALID).await;
+                                return Err(e);
+                            }
                             if let Some(wait) = limit.as_mut().and_then(|l| l.take(1)) {
                                 self.throttled.inc();
                                 paused = Some(tokio::time::Instant::now() + wait);
@@ -215,13 +228,33 @@ impl Session<'_> {
                     counters.bytes_to.inc_by(out.len() as u64);
                     wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
                 }
-                () = tokio::time::sleep_until(deadline) => return Err(ConnError::KeepAliveTimeout(silence)),
+                () = tokio::time::sleep_until(deadline) => {
+                    self.farewell(&mut wr, DISCONNECT_KEEP_ALIVE).await;
+                    return Err(ConnError::KeepAliveTimeout(silence));
+                }
                 () = shutdown.cancelled() => {
                     // flowgate stopping is no death of the instance: no will
                     *clean = true;
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+/// MQTT 5 DISCONNECT reason codes flowgate closes a replica's session with.
+const DISCONNECT_MALFORMED: u8 = 0x81;
+const DISCONNECT_KEEP_ALIVE: u8 = 0x8D;
+const DISCONNECT_TOPIC_ALIAS_INVALID: u8 = 0x94;
+const DISCONNECT_TOO_LARGE: u8 = 0x95;
+
+impl Session<'_> {
+    /// Tells an MQTT 5 replica why its session ends (a DISCONNECT with a
+    /// reason code, as a broker does); nothing for 3.x, which has none.
+    async fn farewell(&self, wr: &mut crate::stream::WriteHalf, reason: u8) {
+        if self.protocol.is_v5() {
+            let _ = wr.write_all(&[0xe0, 0x01, reason]).await;
+            let _ = wr.flush().await;
         }
     }
 }
