@@ -7,9 +7,12 @@
 #   bash bench/paho.sh                 # MODE=dispatch (default) or share
 #   MODE=share bash bench/paho.sh
 #
-# Each target gets a broker of its own (persistence off, as the suite's own
-# runs), flowgate listens on a free loopback port. Needs mosquitto, python3,
-# cargo, and ../shared/vendor/paho.mqtt.testing-9d7bb80.tar.gz (SUITE=...).
+# Every test gets fresh processes: a broker for the direct run, and a broker
+# with flowgate in front of it for the flowgate run (persistence off, as the
+# suite's own runs), so that no test sees what an earlier one left (the
+# instance's session outlives its replicas' connections by design). Needs
+# mosquitto, python3, cargo, and ../shared/vendor/paho.mqtt.testing-9d7bb80.tar.gz
+# (SUITE=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${MODE:-dispatch}
@@ -20,7 +23,7 @@ SUITE=${SUITE:-../shared/vendor/paho.mqtt.testing-9d7bb80.tar.gz}
 cargo build --release --quiet
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 tar xzf "$SUITE" -C "$work"
 dir=$(find "$work" -type d -name interoperability | head -1)
@@ -33,34 +36,39 @@ persistence false
 set_tcp_nodelay true
 max_queued_messages 100000
 CONF
-  mosquitto -c "$work/mosquitto-$1.conf" 2>"$work/mosquitto-$1.log" & pids+=($!)
+  mosquitto -c "$work/mosquitto-$1.conf" >/dev/null 2>"$work/mosquitto-$1.log" & pids+=($!)
   for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done
   echo "mosquitto on $1 did not start"; exit 1
 }
-DIRECT=$(port); UP=$(port)
-broker "$DIRECT"; broker "$UP"
-cat > "$work/flowgate.toml" <<CONF
+stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
+start_target() { # direct|flowgate -> sets P, the port to test against
+  local up; up=$(port)
+  broker "$up"
+  if [ "$1" = direct ]; then P=$up; return; fi
+  cat > "$work/flowgate.toml" <<CONF
 node_id = "paho"
 [admin]
 listen = "127.0.0.1:0"
 [mqtt]
 listen = "127.0.0.1:0"
-upstream = "mqtt://127.0.0.1:$UP"
+upstream = "mqtt://127.0.0.1:$up"
 mode = "$MODE"
 [[instance]]
 name = "paho"
 match = { client_id = "$REPLICA" }
 CONF
-RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" \
-  >"$work/flowgate.log" 2>&1 & pids+=($!)
-for _ in $(seq 100); do [ -s "$work/ready.json" ] && break; sleep 0.1; done
-FG=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"].split(":")[1])' "$work/ready.json")
+  rm -f "$work/ready.json"
+  RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" \
+    >>"$work/flowgate.log" 2>&1 & pids+=($!)
+  for _ in $(seq 100); do [ -s "$work/ready.json" ] && break; sleep 0.1; done
+  P=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"].split(":")[1])' "$work/ready.json")
+}
 
 mkdir -p bench/results
 out="bench/results/paho-$MODE-$(date +%Y%m%d-%H%M).md"
 {
   echo "Eclipse Paho interoperability suite (9d7bb80), Mosquitto $(mosquitto -h 2>/dev/null | head -1 | sed 's/.*version //;s/ .*//'),"
-  echo "flowgate $MODE mode with client id \`$REPLICA\` a replica; each test alone, ${TIMEOUT} s at most."
+  echo "flowgate $MODE mode with client id \`$REPLICA\` a replica; each test alone against fresh processes, ${TIMEOUT} s at most."
   echo
   echo "| suite | test | direct | flowgate |"
   echo "|---|---|---|---|"
@@ -71,13 +79,14 @@ for module in client_test client_test5; do
   for t in $(python3 bench/paho_run.py "$dir" "$module" x 0 --list); do
     row="| $suite | $t |"
     for target in direct flowgate; do
-      p=$DIRECT; [ "$target" = flowgate ] && p=$FG
+      start_target "$target"; p=$P
       if (cd "$dir" && timeout "$TIMEOUT" python3 "$OLDPWD/bench/paho_run.py" "$dir" "$module" 127.0.0.1 "$p" "$t") \
           >"$work/$module-$t-$target.log" 2>&1; then
         row+=" pass |"; pass[$suite-$target]=$(( ${pass[$suite-$target]:-0} + 1 ))
       else
         row+=" FAIL |"
       fi
+      stop_all
     done
     echo "$row" | tee -a "$out"
   done

@@ -49,8 +49,14 @@ enum Publisher {
 impl Publisher {
     async fn publish(&self, topic: String, qos: QoS, payload: Vec<u8>) {
         match self {
-            Self::V4(c) => c.publish(topic, qos, false, payload).await.map_err(|e| e.to_string()),
-            Self::V5(c) => c.publish(topic, qos5(qos), false, payload).await.map_err(|e| e.to_string()),
+            Self::V4(c) => c
+                .publish(topic, qos, false, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Self::V5(c) => c
+                .publish(topic, qos5(qos), false, payload)
+                .await
+                .map_err(|e| e.to_string()),
         }
         .expect("publish can be queued (event loop alive)");
     }
@@ -314,7 +320,11 @@ async fn subscriber5(
                 sh.count.fetch_add(1, Ordering::Relaxed);
             }
             Ok(E5::Incoming(P5::SubAck(ack))) => {
-                if ack.return_codes.iter().any(|c| !matches!(c, C5::Success(_))) {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| !matches!(c, C5::Success(_)))
+                {
                     panic!("subscriber {id}: SUBSCRIBE {filter} refused");
                 }
                 let _ = ready.take().map(|r| r.send(()));

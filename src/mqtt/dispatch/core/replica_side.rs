@@ -251,12 +251,18 @@ impl Dispatcher {
                 r.subs.retain(|s| s.filter.as_str() != text);
                 r.subs.push(Sub { filter, qos, id });
             }
-            if self.filters.get(&text).is_none_or(|&q| q < qos) {
-                if req.no_local && !self.filters.contains_key(&text) {
+            // the latest subscription's no local is the instance's: a
+            // change subscribes again upstream (a SUBSCRIBE replaces options)
+            let no_local_changes = req.no_local != self.no_local.contains(&text);
+            if self.filters.get(&text).is_none_or(|&q| q < qos) || no_local_changes {
+                if req.no_local {
                     self.no_local.insert(text.clone());
+                } else {
+                    self.no_local.remove(&text);
                 }
-                self.filters.insert(text.clone(), qos);
-                new_up.push((text.clone(), qos));
+                let up_qos = self.filters.get(&text).map_or(qos, |&q| q.max(qos));
+                self.filters.insert(text.clone(), up_qos);
+                new_up.push((text.clone(), up_qos));
             }
             // retain handling: 0 always, 1 for a new subscription, 2 never
             if req.retain_handling == 0 || (req.retain_handling == 1 && !had) {
