@@ -29,6 +29,8 @@ struct V5 {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Got>,
     task: tokio::task::JoinHandle<()>,
+    /// The CONNACK's session present flag.
+    session_present: bool,
 }
 
 impl V5 {
@@ -47,9 +49,9 @@ impl V5 {
             let mut up = Some(up_tx);
             loop {
                 match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
                         if let Some(u) = up.take() {
-                            let _ = u.send(()).await;
+                            let _ = u.send(c.session_present).await;
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -63,11 +65,16 @@ impl V5 {
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), up_rx.recv())
+        let session_present = tokio::time::timeout(Duration::from_secs(10), up_rx.recv())
             .await
             .expect("v5 client connects")
             .expect("connack");
-        Self { client, rx, task }
+        Self {
+            client,
+            rx,
+            task,
+            session_present,
+        }
     }
 
     async fn next_publish(&mut self) -> Publish {
@@ -531,4 +538,69 @@ async fn a_v5_replica_that_breaks_the_protocol_hears_why() {
         "DISCONNECT topic alias invalid, then close"
     );
     app.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_replica_that_resumes_its_session_gets_what_waited_for_it() {
+    for upstream in Upstream::both().await {
+        let name = upstream.name();
+        let app = start(&upstream, "").await;
+        let persistent = |o: &mut MqttOptions| {
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(300));
+        };
+        let replica = V5::connect(app.mqtt_addr, "line1-nodered", persistent).await;
+        assert!(!replica.session_present, "{name}: no session yet");
+        replica
+            .subscribe(Filter::new("jobs/#", QoS::AtLeastOnce), Some(3))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        replica.client.disconnect().await.expect("disconnect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(replica);
+        let sender = V5::connect(app.mqtt_addr, "sender", |_| {}).await;
+        for i in 0..3 {
+            sender
+                .client
+                .publish(format!("jobs/{i}"), QoS::AtLeastOnce, false, "x")
+                .await
+                .expect("publish");
+        }
+        eventually("the jobs wait for the instance", || async {
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            metric_sum(
+                &m,
+                "flowgate_dispatch_queued_messages",
+                &[("instance", "line1")],
+            ) == 3.0
+        })
+        .await;
+        // back with clean start off: session present, and no SUBSCRIBE needed
+        let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", persistent).await;
+        assert!(replica.session_present, "{name}: the session was resumed");
+        for _ in 0..3 {
+            let p = replica.next_publish().await;
+            let ids = p.properties.map(|p| p.subscription_identifiers);
+            assert_eq!(ids, Some(vec![3]), "{name}: its subscription identifier");
+        }
+        replica.client.disconnect().await.expect("disconnect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(replica);
+        // a clean start ends the session: nothing is resumed
+        let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+        assert!(!replica.session_present, "{name}: clean start");
+        sender
+            .client
+            .publish("jobs/9", QoS::AtLeastOnce, false, "x")
+            .await
+            .expect("publish");
+        assert!(
+            replica
+                .nothing_for(Duration::from_millis(500))
+                .await
+                .is_none(),
+            "{name}"
+        );
+        app.shutdown(Duration::from_secs(2)).await;
+    }
 }

@@ -34,8 +34,13 @@ pub fn connect_facts(connect: &Connect<'_>, frame: &[u8]) -> (Option<Message>, R
         retain: w.retain,
         properties: None,
     });
-    let mut limits = ReplicaLimits::default();
+    let mut limits = ReplicaLimits {
+        clean_start: connect.clean_start(),
+        ..Default::default()
+    };
     if !connect.protocol.is_v5() {
+        // 3.x: clean session off keeps the session
+        limits.keep = (!limits.clean_start).then_some(Duration::MAX);
         return (will, limits);
     }
     limits.v5 = true;
@@ -46,6 +51,13 @@ pub fn connect_facts(connect: &Connect<'_>, frame: &[u8]) -> (Option<Message>, R
         if let Some(p) = c.properties {
             limits.receive_max = p.receive_maximum;
             limits.max_packet = p.max_packet_size;
+            // MQTT 5: the session outlives the connection for its expiry
+            // interval (0 or none: it ends with it; 0xFFFFFFFF: never)
+            limits.keep = match p.session_expiry_interval {
+                None | Some(0) => None,
+                Some(u32::MAX) => Some(Duration::MAX),
+                Some(s) => Some(Duration::from_secs(u64::from(s))),
+            };
         }
         if let (Some(w), Some(p)) = (will.as_mut(), last_will.and_then(|l| l.properties)) {
             w.properties = Some(Box::new(v5::PublishProperties {
@@ -90,6 +102,7 @@ impl Session<'_> {
     ) -> Result<(), ConnError> {
         let (tx, rx) = mpsc::channel(self.max_inflight + OUT_SLACK);
         let slot = self.guard.slot;
+        let (present_tx, present_rx) = tokio::sync::oneshot::channel();
         let joined = ReplicaEvent::Joined {
             slot,
             host: self.peer.ip(),
@@ -97,16 +110,26 @@ impl Session<'_> {
             will: self.will.clone(),
             counters: self.guard.counters.clone(),
             limits: self.limits,
+            present: Some(present_tx),
         };
         if self.handle.tx.send(joined).await.is_err() {
             return Ok(());
         }
-        let mut clean = false;
-        let result = self.serve(stream, inbuf, rx, &mut clean, shutdown).await;
+        // the dispatcher says whether the slot's session is resumed
+        let present = present_rx.await.unwrap_or(false);
+        let mut end = (false, None);
+        let result = self
+            .serve(stream, inbuf, rx, present, &mut end, shutdown)
+            .await;
+        let (clean, expiry) = end;
         let _ = self
             .handle
             .tx
-            .send(ReplicaEvent::Left { slot, clean })
+            .send(ReplicaEvent::Left {
+                slot,
+                clean,
+                expiry,
+            })
             .await;
         result
     }
@@ -116,7 +139,8 @@ impl Session<'_> {
         stream: Stream,
         mut inbuf: BytesMut,
         mut rx: mpsc::Receiver<Outgoing>,
-        clean: &mut bool,
+        present: bool,
+        end: &mut (bool, Option<u32>),
         shutdown: &CancellationToken,
     ) -> Result<(), ConnError> {
         let (mut rd, mut wr) = stream.split();
@@ -126,7 +150,7 @@ impl Session<'_> {
         let counters = &self.guard.counters;
         let mut out = BytesMut::new();
         let mut read_size = crate::stream::ReadSize::new();
-        wire::encode(self.protocol, &Outgoing::ConnAck, &mut out)
+        wire::encode(self.protocol, &Outgoing::ConnAck(present), &mut out)
             .map_err(|e| ConnError::Internal(e.0))?;
         wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
         counters.bytes_to.inc_by(out.len() as u64);
@@ -172,8 +196,8 @@ impl Session<'_> {
                             .map_err(|e| ConnError::Internal(e.0))?;
                         wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
                     }
-                    Incoming::Disconnect => {
-                        *clean = true;
+                    Incoming::Disconnect(expiry) => {
+                        *end = (true, expiry);
                         return Ok(());
                     }
                     Incoming::Ignored => {}
@@ -234,7 +258,7 @@ impl Session<'_> {
                 }
                 () = shutdown.cancelled() => {
                     // flowgate stopping is no death of the instance: no will
-                    *clean = true;
+                    end.0 = true;
                     return Ok(());
                 }
             }

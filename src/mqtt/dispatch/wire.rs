@@ -86,7 +86,8 @@ pub enum Incoming {
     UnsubAck(u16),
     PingReq,
     PingResp,
-    Disconnect,
+    /// With the MQTT 5 session expiry interval it sets, if any.
+    Disconnect(Option<u32>),
     /// A packet the session ignores (v5 AUTH).
     Ignored,
 }
@@ -94,7 +95,8 @@ pub enum Incoming {
 /// Packets a session sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
-    ConnAck,
+    /// Session present: the replica's earlier subscriptions were kept.
+    ConnAck(bool),
     Publish {
         msg: Message,
         pkid: u16,
@@ -217,7 +219,7 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
         v4::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v4::Packet::PingReq => Incoming::PingReq,
         v4::Packet::PingResp => Incoming::PingResp,
-        v4::Packet::Disconnect => Incoming::Disconnect,
+        v4::Packet::Disconnect => Incoming::Disconnect(None),
         v4::Packet::Connect(_) => return Err(WireError("second CONNECT".into())),
     })
 }
@@ -277,7 +279,9 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
         v5::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v5::Packet::PingReq(_) => Incoming::PingReq,
         v5::Packet::PingResp(_) => Incoming::PingResp,
-        v5::Packet::Disconnect(_) => Incoming::Disconnect,
+        v5::Packet::Disconnect(d) => {
+            Incoming::Disconnect(d.properties.and_then(|p| p.session_expiry_interval))
+        }
         v5::Packet::Auth(_) => Incoming::Ignored,
         v5::Packet::Connect(..) => return Err(WireError("second CONNECT".into())),
     })
@@ -297,8 +301,8 @@ pub fn encode(protocol: Protocol, packet: &Outgoing, out: &mut BytesMut) -> Resu
 
 fn to_v4(p: &Outgoing) -> v4::Packet {
     match p {
-        Outgoing::ConnAck => {
-            v4::Packet::ConnAck(v4::ConnAck::new(v4::ConnectReturnCode::Success, false))
+        Outgoing::ConnAck(present) => {
+            v4::Packet::ConnAck(v4::ConnAck::new(v4::ConnectReturnCode::Success, *present))
         }
         Outgoing::Publish { msg, pkid, dup } => {
             let mut publish =
@@ -329,8 +333,8 @@ fn to_v4(p: &Outgoing) -> v4::Packet {
 
 fn to_v5(p: &Outgoing) -> v5::Packet {
     match p {
-        Outgoing::ConnAck => v5::Packet::ConnAck(v5::ConnAck {
-            session_present: false,
+        Outgoing::ConnAck(present) => v5::Packet::ConnAck(v5::ConnAck {
+            session_present: *present,
             code: v5::ConnectReturnCode::Success,
             properties: None,
         }),

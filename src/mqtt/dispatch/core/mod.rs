@@ -62,10 +62,14 @@ pub enum ReplicaEvent {
         will: Option<Message>,
         counters: Arc<ReplicaCounters>,
         limits: ReplicaLimits,
+        /// Answered with "session present" before the replica's CONNACK.
+        present: Option<tokio::sync::oneshot::Sender<bool>>,
     },
     Left {
         slot: u16,
         clean: bool,
+        /// MQTT 5: the session expiry interval its DISCONNECT set.
+        expiry: Option<u32>,
     },
     Packet {
         slot: u16,
@@ -82,6 +86,11 @@ pub struct ReplicaLimits {
     pub max_packet: Option<u32>,
     /// It speaks MQTT 5 (subscription identifiers, reason codes).
     pub v5: bool,
+    /// Clean start (3.x clean session): an earlier session is not resumed.
+    pub clean_start: bool,
+    /// How long its session (subscriptions) outlives the connection: 3.x
+    /// clean session off keeps it, MQTT 5 for its session expiry interval.
+    pub keep: Option<Duration>,
 }
 
 /// The replica sessions' way to the dispatcher.
@@ -106,6 +115,13 @@ struct Queued {
     redelivery: bool,
     /// When flowgate received it: its MQTT 5 expiry counts from here.
     arrived: Instant,
+}
+
+/// The subscriptions of a replica that left with its session kept, for the
+/// next replica in its slot that resumes it.
+struct SavedSession {
+    subs: Vec<Sub>,
+    until: Option<Instant>,
 }
 
 /// One subscription of a replica.
@@ -236,6 +252,8 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     queued_gauge: IntGauge,
     redeliveries: IntCounter,
+    /// Sessions of replicas that left with clean start off, by slot.
+    sessions: HashMap<u16, SavedSession>,
     /// Active-standby: the replica that gets every message.
     active: Option<u16>,
     lost: Option<standby::Lost>,
@@ -273,6 +291,7 @@ impl Dispatcher {
             metrics,
             queued_gauge,
             redeliveries,
+            sessions: HashMap::new(),
             active: None,
             lost: None,
             joins: 0,

@@ -16,6 +16,7 @@ impl Dispatcher {
                 will,
                 counters,
                 limits,
+                present,
             } => {
                 let inflight_gauge = self
                     .metrics
@@ -23,11 +24,22 @@ impl Dispatcher {
                     .with_label_values(&[self.cfg.instance.as_str(), &slot.to_string()]);
                 inflight_gauge.set(0);
                 self.joins += 1;
+                // a session the slot's last replica left behind: resumed
+                // unless this one starts clean
+                let saved = self
+                    .sessions
+                    .remove(&slot)
+                    .filter(|s| !limits.clean_start && s.until.is_none_or(|t| Instant::now() < t));
+                let resumed = saved.is_some();
+                let subs = saved.map(|s| s.subs).unwrap_or_default();
+                if let Some(p) = present {
+                    let _ = p.send(resumed);
+                }
                 self.replicas.insert(
                     slot,
                     Replica {
                         tx,
-                        subs: Vec::new(),
+                        subs,
                         window: limits.receive_max.map_or(self.cfg.max_inflight, |m| {
                             self.cfg.max_inflight.min(usize::from(m.max(1)))
                         }),
@@ -46,18 +58,43 @@ impl Dispatcher {
                     self.will = will;
                     self.send_up(UpCmd::SetWill(self.will.clone()));
                 }
+                if resumed {
+                    tracing::info!(instance = %self.cfg.instance, slot, "replica resumes its session");
+                    self.pump();
+                }
             }
-            ReplicaEvent::Left { slot, clean } => self.on_left(slot, clean),
+            ReplicaEvent::Left {
+                slot,
+                clean,
+                expiry,
+            } => self.on_left(slot, clean, expiry),
             ReplicaEvent::Packet { slot, packet } => self.on_replica_packet(slot, packet),
         }
     }
 
-    pub(super) fn on_left(&mut self, slot: u16, clean: bool) {
+    pub(super) fn on_left(&mut self, slot: u16, clean: bool, expiry: Option<u32>) {
         self.lose_active(slot, "disconnect", Instant::now());
-        let Some(replica) = self.replicas.remove(&slot) else {
+        let Some(mut replica) = self.replicas.remove(&slot) else {
             return;
         };
         replica.inflight_gauge.set(0);
+        // a DISCONNECT's session expiry replaces the CONNECT's
+        let keep = match expiry {
+            None => replica.limits.keep,
+            Some(0) => None,
+            Some(u32::MAX) => Some(Duration::MAX),
+            Some(s) => Some(Duration::from_secs(u64::from(s))),
+        };
+        if let Some(keep) = keep {
+            // its subscriptions wait for the next replica that resumes the slot
+            self.sessions.insert(
+                slot,
+                SavedSession {
+                    subs: std::mem::take(&mut replica.subs),
+                    until: Instant::now().checked_add(keep),
+                },
+            );
+        }
         let moved = self.requeue(replica.inflight);
         if moved > 0 {
             tracing::info!(instance = %self.cfg.instance, slot, moved, "unacknowledged messages of a departed replica go to others");
@@ -382,7 +419,9 @@ impl Dispatcher {
                     && !self
                         .replicas
                         .values()
-                        .any(|r| r.subs.iter().any(|s| s.filter.as_str() == f))
+                        .map(|r| &r.subs)
+                        .chain(self.sessions.values().map(|s| &s.subs))
+                        .any(|subs| subs.iter().any(|s| s.filter.as_str() == f))
             })
             .collect();
         for f in &unused {
