@@ -604,3 +604,150 @@ async fn a_replica_that_resumes_its_session_gets_what_waited_for_it() {
         app.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// A v5 will with a delay and a user property, as a replica's CONNECT sets it.
+fn delayed_will(payload: &str, delay: u32) -> rumqttc::v5::mqttbytes::v5::LastWill {
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
+    LastWill::new(
+        "status/line1",
+        payload,
+        QoS::AtLeastOnce,
+        false,
+        Some(LastWillProperties {
+            delay_interval: Some(delay),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![("why".into(), "will".into())],
+        }),
+    )
+}
+
+/// A replica on a bare socket: CONNECT 5.0 with `will` (no delay), CONNACK
+/// read.
+async fn raw_v5_replica(addr: std::net::SocketAddr, will: &str) -> tokio::net::TcpStream {
+    use rumqttc::v5::mqttbytes::v5::{Connect, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut connect = bytes::BytesMut::new();
+    let c = Connect {
+        keep_alive: 60,
+        client_id: "line1-nodered".into(),
+        clean_start: true,
+        properties: None,
+    };
+    Packet::Connect(c, Some(delayed_will(will, 0)), None)
+        .write(&mut connect, None)
+        .expect("encode CONNECT");
+    s.write_all(&connect).await.expect("connect sent");
+    let mut connack = [0u8; 5];
+    s.read_exact(&mut connack).await.expect("connack");
+    assert_eq!(&connack[..4], &[0x20, 3, 0, 0], "CONNACK success");
+    s
+}
+
+impl V5 {
+    /// The next publish with this payload, when it came, and the payloads
+    /// of those before it (a QoS 1 duplicate of an earlier one).
+    async fn next_with(&mut self, payload: &str) -> (Publish, std::time::Instant, Vec<Bytes>) {
+        let mut skipped = Vec::new();
+        loop {
+            let p = self.next_publish().await;
+            if p.payload == payload {
+                return (p, std::time::Instant::now(), skipped);
+            }
+            skipped.push(p.payload);
+        }
+    }
+}
+
+/// The instance's will waits for its delay: a replica back in time cancels
+/// it, none back publishes it after the delay, a session that ends at once
+/// (no session expiry) publishes it at once; a DISCONNECT (even the short
+/// form MQTT.js and Paho send) drops it, one with reason 0x04 publishes it,
+/// as a broker does.
+#[tokio::test]
+async fn the_will_waits_for_its_delay_and_a_replica_back_in_time_cancels_it() {
+    use tokio::io::AsyncWriteExt;
+    for upstream in Upstream::both().await {
+        let name = upstream.name();
+        let app = start(&upstream, "").await;
+        let mut observer = V5::connect(app.mqtt_addr, "observer", |_| {}).await;
+        observer
+            .subscribe(Filter::new("status/#", QoS::AtLeastOnce), None)
+            .await;
+        let connected = || async {
+            let (_, m) = http_get(app.admin_addr, "/metrics").await;
+            metric_sum(
+                &m,
+                "flowgate_instance_replicas_connected",
+                &[("instance", "line1")],
+            )
+        };
+        let with_will = |payload: &'static str, delay: u32, expiry: Option<u32>| {
+            move |o: &mut MqttOptions| {
+                o.set_last_will(delayed_will(payload, delay));
+                o.set_session_expiry_interval(expiry);
+            }
+        };
+        // dies without DISCONNECT; another replica is back within the delay
+        let first = V5::connect(app.mqtt_addr, "line1-nodered", with_will("a", 2, Some(300))).await;
+        drop(first);
+        eventually("the replica is gone", || async { connected().await == 0.0 }).await;
+        let second =
+            V5::connect(app.mqtt_addr, "line1-nodered", with_will("b", 2, Some(300))).await;
+        if let Some(p) = observer.nothing_for(Duration::from_secs(3)).await {
+            panic!("{name}: a will although a replica came back: {p:?}");
+        }
+        // none back: the will after its delay, with its properties
+        let gone = std::time::Instant::now();
+        drop(second);
+        let (will, at, _) = observer.next_with("b").await;
+        let waited = at - gone;
+        assert_eq!(will.topic, "status/line1", "{name}");
+        let props = will.properties.unwrap_or_default();
+        assert_eq!(
+            props.user_properties,
+            vec![("why".into(), "will".into())],
+            "{name}: the will's properties"
+        );
+        assert!(
+            waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6),
+            "{name}: the will came {waited:?} after the replica died (delay 2 s)"
+        );
+        // no session expiry: the session ends with the connection, and the
+        // will goes out then (the earlier of the two)
+        let third = V5::connect(app.mqtt_addr, "line1-nodered", with_will("c", 30, None)).await;
+        let gone = std::time::Instant::now();
+        drop(third);
+        let (_, at, _) = observer.next_with("c").await;
+        assert!(
+            at - gone < Duration::from_secs(2),
+            "{name}: the will of an ended session came after {:?}",
+            at - gone
+        );
+        // DISCONNECT in its shortest form: no will
+        let mut s = raw_v5_replica(app.mqtt_addr, "d").await;
+        s.write_all(&[0xe0, 0x00]).await.expect("disconnect sent");
+        eventually("the replica is gone", || async { connected().await == 0.0 }).await;
+        drop(s);
+        // DISCONNECT 0x04, "disconnect with will message"
+        let mut s = raw_v5_replica(app.mqtt_addr, "e").await;
+        s.write_all(&[0xe0, 0x01, 0x04])
+            .await
+            .expect("disconnect sent");
+        let (will, _, skipped) = observer.next_with("e").await;
+        assert_eq!(
+            will.topic, "status/line1",
+            "{name}: the will after DISCONNECT 0x04"
+        );
+        assert!(
+            !skipped.iter().any(|p| p == "d"),
+            "{name}: a will after a plain DISCONNECT: {skipped:?}"
+        );
+        drop(s);
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+}

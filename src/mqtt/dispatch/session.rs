@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use rumqttc::v5::mqttbytes::v5;
 
 use super::core::{Handle, ReplicaEvent, ReplicaLimits};
-use super::wire::{self, Incoming, Message, Outgoing};
+use super::wire::{self, Incoming, Message, Outgoing, Will};
 use crate::mqtt::codec::{check_flags, check_header, Connect, Protocol};
 use crate::mqtt::error::ConnError;
 use crate::mqtt::limit::RateLimit;
@@ -26,13 +26,16 @@ const OUT_SLACK: usize = 256;
 /// The will of a CONNECT as a message (with its MQTT 5 properties), and
 /// what an MQTT 5 CONNECT asks of the messages the replica gets. `frame` is
 /// the CONNECT's bytes.
-pub fn connect_facts(connect: &Connect<'_>, frame: &[u8]) -> (Option<Message>, ReplicaLimits) {
-    let mut will = connect.will.as_ref().map(|w| Message {
-        topic: w.topic.to_owned(),
-        payload: bytes::Bytes::copy_from_slice(w.payload),
-        qos: w.qos,
-        retain: w.retain,
-        properties: None,
+pub fn connect_facts(connect: &Connect<'_>, frame: &[u8]) -> (Option<Will>, ReplicaLimits) {
+    let mut will = connect.will.as_ref().map(|w| Will {
+        msg: Message {
+            topic: w.topic.to_owned(),
+            payload: bytes::Bytes::copy_from_slice(w.payload),
+            qos: w.qos,
+            retain: w.retain,
+            properties: None,
+        },
+        delay: 0,
     });
     let mut limits = ReplicaLimits {
         clean_start: connect.clean_start(),
@@ -60,7 +63,8 @@ pub fn connect_facts(connect: &Connect<'_>, frame: &[u8]) -> (Option<Message>, R
             };
         }
         if let (Some(w), Some(p)) = (will.as_mut(), last_will.and_then(|l| l.properties)) {
-            w.properties = Some(Box::new(v5::PublishProperties {
+            w.delay = p.delay_interval.unwrap_or(0);
+            w.msg.properties = Some(Box::new(v5::PublishProperties {
                 payload_format_indicator: p.payload_format_indicator,
                 message_expiry_interval: p.message_expiry_interval,
                 response_topic: p.response_topic,
@@ -82,7 +86,7 @@ pub struct Session<'a> {
     pub max_inflight: usize,
     pub guard: &'a SlotGuard,
     pub handle: Handle,
-    pub will: Option<Message>,
+    pub will: Option<Will>,
     pub limits: ReplicaLimits,
     pub peer: std::net::SocketAddr,
     /// `mqtt.max_publish_rate`: PUBLISH packets a second.
@@ -196,8 +200,9 @@ impl Session<'_> {
                             .map_err(|e| ConnError::Internal(e.0))?;
                         wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
                     }
-                    Incoming::Disconnect(expiry) => {
-                        *end = (true, expiry);
+                    Incoming::Disconnect { expiry, will } => {
+                        // MQTT 5 reason 0x04 asks for the will all the same
+                        *end = (!will, expiry);
                         return Ok(());
                     }
                     Incoming::Ignored => {}

@@ -20,7 +20,7 @@ use crate::tls::Connector;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, qos4, qos5, Incoming, Message, SubRequest};
+use super::wire::{self, qos4, qos5, Incoming, Message, SubRequest, Will};
 use crate::mqtt::codec::Protocol;
 
 /// What the dispatcher asks of the upstream session.
@@ -44,7 +44,7 @@ pub enum UpCmd {
         filters: Vec<String>,
     },
     /// Reconnect with this will (the session is kept).
-    SetWill(Option<Message>),
+    SetWill(Option<Will>),
 }
 
 /// What the upstream session reports.
@@ -72,7 +72,7 @@ pub struct UpstreamSession {
     pub client_id: String,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
-    pub will: Option<Message>,
+    pub will: Option<Will>,
     pub login: Login,
 }
 
@@ -186,11 +186,24 @@ fn encode_v5(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// A will as MQTT 5 carries it: the publish properties a will may have.
-fn will_properties(msg: &Message) -> Option<v5::LastWillProperties> {
-    let p = msg.properties.as_deref()?;
+/// A will as MQTT 5 carries it: the publish properties a will may have and
+/// its delay (the broker waits that long, and publishes nothing if flowgate
+/// is back by then).
+fn will_properties(will: &Will) -> Option<v5::LastWillProperties> {
+    let delay_interval = (will.delay > 0).then_some(will.delay);
+    let Some(p) = will.msg.properties.as_deref() else {
+        return delay_interval.map(|d| v5::LastWillProperties {
+            delay_interval: Some(d),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        });
+    };
     Some(v5::LastWillProperties {
-        delay_interval: None,
+        delay_interval,
         payload_format_indicator: p.payload_format_indicator,
         message_expiry_interval: p.message_expiry_interval,
         content_type: p.content_type.clone(),
@@ -316,10 +329,10 @@ impl UpstreamSession {
             };
             let will = self.will.as_ref().map(|w| {
                 v5::LastWill::new(
-                    w.topic.clone(),
-                    w.payload.to_vec(),
-                    qos5(w.qos),
-                    w.retain,
+                    w.msg.topic.clone(),
+                    w.msg.payload.to_vec(),
+                    qos5(w.msg.qos),
+                    w.msg.retain,
                     will_properties(w),
                 )
             });
@@ -339,10 +352,10 @@ impl UpstreamSession {
             let password = self.login.password.as_ref().map_or("", |p| p.expose());
             c.set_login(user.clone(), password.to_owned());
         }
-        c.last_will = self
-            .will
-            .as_ref()
-            .map(|w| v4::LastWill::new(w.topic.clone(), w.payload.clone(), qos4(w.qos), w.retain));
+        c.last_will =
+            self.will.as_ref().map(|w| &w.msg).map(|w| {
+                v4::LastWill::new(w.topic.clone(), w.payload.clone(), qos4(w.qos), w.retain)
+            });
         v4::Packet::Connect(c)
             .write(&mut out, usize::MAX)
             .map_err(|e| e.to_string())?;

@@ -2,7 +2,7 @@
 //! version, and their translation to and from bytes with rumqttc's
 //! `mqttbytes` codec (v4 for 3.1/3.1.1, v5 for 5.0). No I/O.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
@@ -17,6 +17,14 @@ pub struct Message {
     pub qos: u8,
     pub retain: bool,
     pub properties: Option<Box<v5::PublishProperties>>,
+}
+
+/// A will: its message and, MQTT 5, its will delay interval in seconds (0:
+/// none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Will {
+    pub msg: Message,
+    pub delay: u32,
 }
 
 /// One filter of a SUBSCRIBE with its options (MQTT 5; 3.x asks only a QoS).
@@ -86,8 +94,12 @@ pub enum Incoming {
     UnsubAck(u16),
     PingReq,
     PingResp,
-    /// With the MQTT 5 session expiry interval it sets, if any.
-    Disconnect(Option<u32>),
+    /// `expiry`: the MQTT 5 session expiry interval it sets, if any; `will`:
+    /// reason 0x04, "disconnect with will message" (the will is published).
+    Disconnect {
+        expiry: Option<u32>,
+        will: bool,
+    },
     /// A packet the session ignores (v5 AUTH).
     Ignored,
 }
@@ -120,6 +132,9 @@ pub enum Outgoing {
     },
     PingResp,
 }
+
+/// DISCONNECT reason 0x04: "disconnect with will message".
+const DISCONNECT_WITH_WILL: u8 = 0x04;
 
 /// SUBACK codes (5.0 reason codes; 3.1.1 sends 0x80 for each).
 pub const SUB_FAILURE: u8 = 0x80;
@@ -155,6 +170,24 @@ pub fn decode(
     max: usize,
 ) -> Result<Option<Incoming>, WireError> {
     if protocol.is_v5() {
+        // a DISCONNECT may omit its reason code (0: normal) and properties
+        // length (MQTT 5 3.14.2.1-2), an AUTH both (3.15.2.1); rumqttc 0.25
+        // wants them
+        let short = match buf[..] {
+            [0xe0, 0x00, ..] => Some((2, Some(0))),
+            [0xe0, 0x01, code, ..] => Some((3, Some(code))),
+            [0xf0, 0x00, ..] => Some((2, None)),
+            _ => None,
+        };
+        if let Some((len, disconnect)) = short {
+            buf.advance(len);
+            return Ok(Some(disconnect.map_or(Incoming::Ignored, |code| {
+                Incoming::Disconnect {
+                    expiry: None,
+                    will: code == DISCONNECT_WITH_WILL,
+                }
+            })));
+        }
         match v5::Packet::read(buf, Some(u32::try_from(max).unwrap_or(u32::MAX))) {
             Ok(p) => Ok(Some(from_v5(p)?)),
             Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
@@ -219,7 +252,10 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
         v4::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v4::Packet::PingReq => Incoming::PingReq,
         v4::Packet::PingResp => Incoming::PingResp,
-        v4::Packet::Disconnect => Incoming::Disconnect(None),
+        v4::Packet::Disconnect => Incoming::Disconnect {
+            expiry: None,
+            will: false,
+        },
         v4::Packet::Connect(_) => return Err(WireError("second CONNECT".into())),
     })
 }
@@ -279,9 +315,10 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
         v5::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v5::Packet::PingReq(_) => Incoming::PingReq,
         v5::Packet::PingResp(_) => Incoming::PingResp,
-        v5::Packet::Disconnect(d) => {
-            Incoming::Disconnect(d.properties.and_then(|p| p.session_expiry_interval))
-        }
+        v5::Packet::Disconnect(d) => Incoming::Disconnect {
+            will: d.reason_code as u8 == DISCONNECT_WITH_WILL,
+            expiry: d.properties.and_then(|p| p.session_expiry_interval),
+        },
         v5::Packet::Auth(_) => Incoming::Ignored,
         v5::Packet::Connect(..) => return Err(WireError("second CONNECT".into())),
     })
@@ -462,6 +499,36 @@ mod tests {
             qos: 1,
             retain: false,
             properties: None,
+        }
+    }
+
+    #[test]
+    fn a_v5_disconnect_says_whether_the_will_goes_out() {
+        for (bytes, want) in [
+            (&[0xe0, 0x00][..], (None, false)),
+            (&[0xe0, 0x01, 0x00][..], (None, false)),
+            (&[0xe0, 0x01, 0x04][..], (None, true)),
+            (&[0xe0, 0x02, 0x00, 0x00][..], (None, false)),
+            (&[0xf0, 0x00, 0xe0, 0x01, 0x04][..], (None, true)),
+            (
+                &[0xe0, 0x07, 0x04, 0x05, 0x11, 0, 0, 0, 9][..],
+                (Some(9), true),
+            ),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            let mut got = decode(Protocol::V5, &mut buf, 1024).expect("decode");
+            if got == Some(Incoming::Ignored) {
+                got = decode(Protocol::V5, &mut buf, 1024).expect("decode");
+            }
+            assert!(buf.is_empty(), "{bytes:x?}: all read");
+            assert_eq!(
+                got,
+                Some(Incoming::Disconnect {
+                    expiry: want.0,
+                    will: want.1
+                }),
+                "{bytes:x?}"
+            );
         }
     }
 

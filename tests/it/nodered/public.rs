@@ -242,7 +242,10 @@ async fn the_public_listener_serves_only_what_the_flows_publish() {
         call(fg, "GET", "/hello").await.0 == 200
     })
     .await;
-    assert_eq!(call(fg, "GET", "/added/1").await, (404, "not found\n".into()));
+    assert_eq!(
+        call(fg, "GET", "/added/1").await,
+        (404, "not found\n".into())
+    );
 
     app.shutdown(Duration::from_secs(2)).await;
     drop(rep);

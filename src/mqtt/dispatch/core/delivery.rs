@@ -168,6 +168,10 @@ impl Dispatcher {
     pub(super) fn on_tick(&mut self) {
         let timeout = self.cfg.ack_timeout;
         let now = Instant::now();
+        if self.will_due.is_some_and(|due| now >= due) {
+            self.will_due = None;
+            self.publish_will();
+        }
         let late: Vec<u16> = self
             .replicas
             .iter()

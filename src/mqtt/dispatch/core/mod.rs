@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::strategy::{self, Candidate, Strategy};
 use super::upstream::{RetainedFetch, UpCmd, UpEvent};
-use super::wire::{Incoming, Message, Outgoing, SubRequest};
+use super::wire::{Incoming, Message, Outgoing, SubRequest, Will};
 use crate::metrics::{Metrics, ReplicaCounters};
 use crate::mqtt::topic::TopicFilter;
 
@@ -59,7 +59,7 @@ pub enum ReplicaEvent {
         /// Where the replica's connection comes from.
         host: std::net::IpAddr,
         tx: mpsc::Sender<Outgoing>,
-        will: Option<Message>,
+        will: Option<Will>,
         counters: Arc<ReplicaCounters>,
         limits: ReplicaLimits,
         /// Answered with "session present" before the replica's CONNACK.
@@ -248,7 +248,9 @@ pub struct Dispatcher {
     /// Replica SUBACKs held while the upstream session is down.
     waiting_for_up: Vec<SubAckLater>,
     fetches: u64,
-    will: Option<Message>,
+    will: Option<Will>,
+    /// MQTT 5 will delay: when the will goes out unless a replica is back.
+    will_due: Option<Instant>,
     metrics: Arc<Metrics>,
     queued_gauge: IntGauge,
     redeliveries: IntCounter,
@@ -288,6 +290,7 @@ impl Dispatcher {
             waiting_for_up: Vec::new(),
             fetches: 0,
             will: None,
+            will_due: None,
             metrics,
             queued_gauge,
             redeliveries,

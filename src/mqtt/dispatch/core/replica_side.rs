@@ -54,6 +54,9 @@ impl Dispatcher {
                         inflight_gauge,
                     },
                 );
+                if self.will_due.take().is_some() {
+                    tracing::info!(instance = %self.cfg.instance, slot, "a replica is back within the will delay: no will");
+                }
                 if will.is_some() && will != self.will {
                     self.will = will;
                     self.send_up(UpCmd::SetWill(self.will.clone()));
@@ -100,32 +103,50 @@ impl Dispatcher {
             tracing::info!(instance = %self.cfg.instance, slot, moved, "unacknowledged messages of a departed replica go to others");
         }
         if !clean && self.replicas.is_empty() {
-            if let Some(will) = self.will.clone() {
-                tracing::info!(instance = %self.cfg.instance, topic = %will.topic, "last replica gone without DISCONNECT: publishing the instance's will");
-                let pkid = if will.qos > 0 {
-                    self.alloc_up_pkid()
+            if let Some(delay) = self.will.as_ref().map(|w| w.delay) {
+                // MQTT 5: the will waits for its delay or the end of the
+                // session, whichever comes first; a replica back in time
+                // (any of the instance's) cancels it
+                let wait = Duration::from_secs(u64::from(delay)).min(keep.unwrap_or_default());
+                if wait.is_zero() {
+                    self.publish_will();
                 } else {
-                    0
-                };
-                if will.qos > 0 {
-                    self.out.insert(
-                        pkid,
-                        OutPub {
-                            slot: u16::MAX,
-                            replica_pkid: 0,
-                            msg: will.clone(),
-                            received: false,
-                        },
-                    );
+                    tracing::info!(instance = %self.cfg.instance, ?wait, "last replica gone without DISCONNECT: the instance's will waits for its delay");
+                    self.will_due = Instant::now().checked_add(wait);
                 }
-                self.send_up(UpCmd::Publish {
-                    msg: will,
-                    pkid,
-                    dup: false,
-                });
             }
         }
         self.pump();
+    }
+
+    /// Publishes the instance's will upstream: its last replica went away
+    /// uncleanly (and its will delay passed).
+    pub(super) fn publish_will(&mut self) {
+        let Some(Will { msg: will, .. }) = self.will.clone() else {
+            return;
+        };
+        tracing::info!(instance = %self.cfg.instance, topic = %will.topic, "last replica gone without DISCONNECT: publishing the instance's will");
+        let pkid = if will.qos > 0 {
+            self.alloc_up_pkid()
+        } else {
+            0
+        };
+        if will.qos > 0 {
+            self.out.insert(
+                pkid,
+                OutPub {
+                    slot: u16::MAX,
+                    replica_pkid: 0,
+                    msg: will.clone(),
+                    received: false,
+                },
+            );
+        }
+        self.send_up(UpCmd::Publish {
+            msg: will,
+            pkid,
+            dup: false,
+        });
     }
 
     /// Puts unacknowledged messages back at the front of the queue, oldest
