@@ -289,7 +289,7 @@ impl Window {
             Incoming::PubAck(id, _) | Incoming::PubComp(id) => {
                 self.sent.remove(id);
             }
-            Incoming::PubRec(id, code) if *code >= 0x80 => {
+            Incoming::PubRec(id, r) if r.code >= 0x80 => {
                 self.sent.remove(id);
             }
             _ => {}
@@ -627,8 +627,8 @@ impl UpstreamSession {
             tracing::warn!(client_id = %self.client_id, topic = %msg.topic, max, "publish larger than the broker's maximum packet size: refused");
             match msg.qos {
                 0 => {}
-                1 => refused.push(Incoming::PubAck(*pkid, 0x80)),
-                _ => refused.push(Incoming::PubRec(*pkid, 0x80)),
+                1 => refused.push(Incoming::PubAck(*pkid, 0x80.into())),
+                _ => refused.push(Incoming::PubRec(*pkid, 0x80.into())),
             }
         }
         Ok(())
@@ -801,7 +801,7 @@ mod tests {
         assert!(w.admit(UpCmd::PubAck(9)).is_some(), "acks always go");
         assert!(w.admit(publish(1, 1)).is_some(), "a resend keeps its place");
         assert!(w.release().is_empty());
-        w.on_incoming(&Incoming::PubRec(2, 0));
+        w.on_incoming(&Incoming::PubRec(2, 0.into()));
         assert!(
             w.release().is_empty(),
             "QoS 2 holds its place until PUBCOMP"
@@ -809,11 +809,11 @@ mod tests {
         w.on_incoming(&Incoming::PubComp(2));
         let out: Vec<u16> = w.release().iter().map(pkid).collect();
         assert_eq!(out, [3]);
-        w.on_incoming(&Incoming::PubAck(1, 0x10));
+        w.on_incoming(&Incoming::PubAck(1, 0x10.into()));
         let out: Vec<u16> = w.release().iter().map(pkid).collect();
         assert_eq!(out, [4]);
         // a refused QoS 2 publish ends at its PUBREC
-        w.on_incoming(&Incoming::PubRec(3, 0x87));
+        w.on_incoming(&Incoming::PubRec(3, 0x87.into()));
         assert!(w.admit(publish(5, 2)).is_some());
     }
 

@@ -66,9 +66,9 @@ pub enum Incoming {
         pkid: u16,
         dup: bool,
     },
-    /// With the reason code (0 for 3.x).
-    PubAck(u16, u8),
-    PubRec(u16, u8),
+    /// With the reason (code 0 for 3.x).
+    PubAck(u16, Reason),
+    PubRec(u16, Reason),
     PubRel(u16),
     PubComp(u16),
     Subscribe {
@@ -89,8 +89,9 @@ pub enum Incoming {
         receive_max: Option<u16>,
         max_packet: Option<u32>,
     },
-    /// With each filter's code: the QoS granted (0-2) or a failure (0x80 up).
-    SubAck(u16, Vec<u8>),
+    /// With each filter's code: the QoS granted (0-2) or a failure (0x80 up),
+    /// and the v5 reason string and user properties.
+    SubAck(u16, Vec<u8>, AckProps),
     UnsubAck(u16),
     PingReq,
     PingResp,
@@ -114,10 +115,11 @@ pub enum Outgoing {
         pkid: u16,
         dup: bool,
     },
-    /// With a reason code: v5 carries it (0x87 for a publish the acl
-    /// refused), 3.1.1 can only acknowledge.
-    PubAck(u16, u8),
-    PubRec(u16, u8),
+    /// With a reason: v5 carries it (0x87 for a publish the acl refused, the
+    /// broker's code and string for one it answered), 3.1.1 can only
+    /// acknowledge.
+    PubAck(u16, Reason),
+    PubRec(u16, Reason),
     PubRel(u16),
     PubComp(u16),
     /// `granted`: the QoS (0-2) or a failure code (0x80 and up: 3.1.1 says
@@ -125,12 +127,49 @@ pub enum Outgoing {
     SubAck {
         pkid: u16,
         granted: Vec<u8>,
+        /// v5: the broker's reason string and user properties, if it said any.
+        props: AckProps,
     },
     UnsubAck {
         pkid: u16,
         count: usize,
     },
     PingResp,
+}
+
+/// What an MQTT 5 acknowledgement says besides its codes: a reason string
+/// and user properties (none for 3.x).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AckProps {
+    pub string: Option<String>,
+    pub user: Vec<(String, String)>,
+}
+
+impl AckProps {
+    fn from_parts(string: Option<String>, user: Vec<(String, String)>) -> Self {
+        Self { string, user }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.string.is_none() && self.user.is_empty()
+    }
+}
+
+/// A PUBACK or PUBREC reason: its code (0x80 and up a refusal) and what it
+/// says besides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reason {
+    pub code: u8,
+    pub props: AckProps,
+}
+
+impl From<u8> for Reason {
+    fn from(code: u8) -> Self {
+        Self {
+            code,
+            props: AckProps::default(),
+        }
+    }
 }
 
 /// DISCONNECT reason 0x04: "disconnect with will message".
@@ -215,8 +254,8 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
             pkid: p.pkid,
             dup: p.dup,
         },
-        v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid, SUCCESS),
-        v4::Packet::PubRec(a) => Incoming::PubRec(a.pkid, SUCCESS),
+        v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid, SUCCESS.into()),
+        v4::Packet::PubRec(a) => Incoming::PubRec(a.pkid, SUCCESS.into()),
         v4::Packet::PubRel(a) => Incoming::PubRel(a.pkid),
         v4::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
         v4::Packet::Subscribe(s) => Incoming::Subscribe {
@@ -248,6 +287,7 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
                     v4::SubscribeReasonCode::Failure => SUB_FAILURE,
                 })
                 .collect(),
+            AckProps::default(),
         ),
         v4::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v4::Packet::PingReq => Incoming::PingReq,
@@ -274,8 +314,24 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
             pkid: p.pkid,
             dup: p.dup,
         },
-        v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid, puback_code(a.reason)),
-        v5::Packet::PubRec(a) => Incoming::PubRec(a.pkid, pubrec_code(a.reason)),
+        v5::Packet::PubAck(a) => Incoming::PubAck(
+            a.pkid,
+            Reason {
+                code: puback_code(a.reason),
+                props: a.properties.map_or_else(AckProps::default, |p| {
+                    AckProps::from_parts(p.reason_string, p.user_properties)
+                }),
+            },
+        ),
+        v5::Packet::PubRec(a) => Incoming::PubRec(
+            a.pkid,
+            Reason {
+                code: pubrec_code(a.reason),
+                props: a.properties.map_or_else(AckProps::default, |p| {
+                    AckProps::from_parts(p.reason_string, p.user_properties)
+                }),
+            },
+        ),
         v5::Packet::PubRel(a) => Incoming::PubRel(a.pkid),
         v5::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
         v5::Packet::Subscribe(s) => Incoming::Subscribe {
@@ -311,6 +367,9 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
         v5::Packet::SubAck(s) => Incoming::SubAck(
             s.pkid,
             s.return_codes.iter().map(|c| suback_code(*c)).collect(),
+            s.properties.map_or_else(AckProps::default, |p| {
+                AckProps::from_parts(p.reason_string, p.user_properties)
+            }),
         ),
         v5::Packet::UnsubAck(u) => Incoming::UnsubAck(u.pkid),
         v5::Packet::PingReq(_) => Incoming::PingReq,
@@ -353,7 +412,7 @@ fn to_v4(p: &Outgoing) -> v4::Packet {
         Outgoing::PubRec(id, _) => v4::Packet::PubRec(v4::PubRec::new(*id)),
         Outgoing::PubRel(id) => v4::Packet::PubRel(v4::PubRel::new(*id)),
         Outgoing::PubComp(id) => v4::Packet::PubComp(v4::PubComp::new(*id)),
-        Outgoing::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
+        Outgoing::SubAck { pkid, granted, .. } => v4::Packet::SubAck(v4::SubAck::new(
             *pkid,
             granted
                 .iter()
@@ -387,22 +446,37 @@ fn to_v5(p: &Outgoing) -> v5::Packet {
             publish.retain = msg.retain;
             v5::Packet::Publish(publish)
         }
-        Outgoing::PubAck(id, code) => {
-            let mut ack = v5::PubAck::new(*id, None);
-            ack.reason = puback_reason(*code);
+        Outgoing::PubAck(id, r) => {
+            let props = (!r.props.is_empty()).then(|| v5::PubAckProperties {
+                reason_string: r.props.string.clone(),
+                user_properties: r.props.user.clone(),
+            });
+            let mut ack = v5::PubAck::new(*id, props);
+            ack.reason = puback_reason(r.code);
             v5::Packet::PubAck(ack)
         }
-        Outgoing::PubRec(id, code) => {
-            let mut rec = v5::PubRec::new(*id, None);
-            rec.reason = pubrec_reason(*code);
+        Outgoing::PubRec(id, r) => {
+            let props = (!r.props.is_empty()).then(|| v5::PubRecProperties {
+                reason_string: r.props.string.clone(),
+                user_properties: r.props.user.clone(),
+            });
+            let mut rec = v5::PubRec::new(*id, props);
+            rec.reason = pubrec_reason(r.code);
             v5::Packet::PubRec(rec)
         }
         Outgoing::PubRel(id) => v5::Packet::PubRel(v5::PubRel::new(*id, None)),
         Outgoing::PubComp(id) => v5::Packet::PubComp(v5::PubComp::new(*id, None)),
-        Outgoing::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
+        Outgoing::SubAck {
+            pkid,
+            granted,
+            props,
+        } => v5::Packet::SubAck(v5::SubAck {
             pkid: *pkid,
             return_codes: granted.iter().map(|&q| suback_reason(q)).collect(),
-            properties: None,
+            properties: (!props.is_empty()).then(|| v5::SubAckProperties {
+                reason_string: props.string.clone(),
+                user_properties: props.user.clone(),
+            }),
         }),
         Outgoing::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
             pkid: *pkid,
@@ -583,7 +657,11 @@ mod tests {
         let granted = vec![1, SUB_FAILURE, SUB_NOT_AUTHORIZED];
         encode(
             Protocol::V311,
-            &Outgoing::SubAck { pkid: 7, granted },
+            &Outgoing::SubAck {
+                pkid: 7,
+                granted,
+                props: AckProps::default(),
+            },
             &mut v4,
         )
         .expect("encodes");
@@ -592,7 +670,11 @@ mod tests {
         let granted = vec![1, SUB_NOT_AUTHORIZED, SUB_SHARED_NOT_SUPPORTED];
         encode(
             Protocol::V5,
-            &Outgoing::SubAck { pkid: 7, granted },
+            &Outgoing::SubAck {
+                pkid: 7,
+                granted,
+                props: AckProps::default(),
+            },
             &mut v5,
         )
         .expect("encodes");
@@ -646,16 +728,38 @@ mod tests {
             assert_eq!(puback_code(puback_reason(code)), code);
             assert_eq!(pubrec_code(pubrec_reason(code)), code);
             let mut buf = BytesMut::new();
-            encode(Protocol::V5, &Outgoing::PubAck(3, code), &mut buf).expect("encode");
+            encode(Protocol::V5, &Outgoing::PubAck(3, code.into()), &mut buf).expect("encode");
             assert_eq!(
                 decode(Protocol::V5, &mut buf, 64).expect("decode"),
-                Some(Incoming::PubAck(3, code))
+                Some(Incoming::PubAck(3, code.into()))
             );
             // 3.1.1 cannot say it: a plain PUBACK
             let mut buf = BytesMut::new();
-            encode(Protocol::V311, &Outgoing::PubAck(3, code), &mut buf).expect("encode");
+            encode(Protocol::V311, &Outgoing::PubAck(3, code.into()), &mut buf).expect("encode");
             assert_eq!(&buf[..], &[0x40, 2, 0, 3]);
         }
+        // the reason string and user properties go with the code
+        let said = AckProps {
+            string: Some("quota of line1".into()),
+            user: vec![("k".into(), "v".into())],
+        };
+        let reason = Reason {
+            code: 0x97,
+            props: said.clone(),
+        };
+        let mut buf = BytesMut::new();
+        encode(Protocol::V5, &Outgoing::PubAck(3, reason.clone()), &mut buf).expect("encode");
+        encode(Protocol::V5, &Outgoing::PubRec(4, reason.clone()), &mut buf).expect("encode");
+        let suback = Outgoing::SubAck {
+            pkid: 5,
+            granted: vec![0x87],
+            props: said.clone(),
+        };
+        encode(Protocol::V5, &suback, &mut buf).expect("encode");
+        let mut next = || decode(Protocol::V5, &mut buf, 256).expect("decode");
+        assert_eq!(next(), Some(Incoming::PubAck(3, reason.clone())));
+        assert_eq!(next(), Some(Incoming::PubRec(4, reason)));
+        assert_eq!(next(), Some(Incoming::SubAck(5, vec![0x87], said)));
         for code in [
             0, 1, 2, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2,
         ] {
@@ -669,13 +773,13 @@ mod tests {
         let mut buf = BytesMut::from(&[0x90, 4, 0, 5, 1, 0x80][..]);
         assert_eq!(
             decode(Protocol::V311, &mut buf, 64).expect("decode"),
-            Some(Incoming::SubAck(5, vec![1, 0x80]))
+            Some(Incoming::SubAck(5, vec![1, 0x80], AckProps::default()))
         );
         // 5.0 SUBACK, no properties: QoS 2, not authorized
         let mut buf = BytesMut::from(&[0x90, 5, 0, 5, 0, 2, 0x87][..]);
         assert_eq!(
             decode(Protocol::V5, &mut buf, 64).expect("decode"),
-            Some(Incoming::SubAck(5, vec![2, 0x87]))
+            Some(Incoming::SubAck(5, vec![2, 0x87], AckProps::default()))
         );
     }
 }

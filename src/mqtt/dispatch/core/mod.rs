@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::strategy::{self, Candidate, Strategy};
 use super::upstream::{RetainedFetch, UpCmd, UpEvent};
-use super::wire::{Incoming, Message, Outgoing, SubRequest, Will};
+use super::wire::{AckProps, Incoming, Message, Outgoing, SubRequest, Will};
 use crate::metrics::{Metrics, ReplicaCounters};
 use crate::mqtt::topic::TopicFilter;
 
@@ -216,6 +216,8 @@ struct SubAckLater {
     filters: Vec<String>,
     /// Filters whose retained messages the replica gets after its SUBACK.
     fetch: Vec<String>,
+    /// What the broker's SUBACK said besides its codes.
+    props: AckProps,
 }
 
 pub struct Dispatcher {

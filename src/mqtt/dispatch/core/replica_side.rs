@@ -169,7 +169,7 @@ impl Dispatcher {
         match packet {
             Incoming::PubAck(pkid, _) => self.on_replica_ack(slot, pkid, false),
             // a refusal (v5 reason 0x80 and up) ends a QoS 2 delivery at PUBREC
-            Incoming::PubRec(pkid, code) => self.on_replica_ack(slot, pkid, code < 0x80),
+            Incoming::PubRec(pkid, r) => self.on_replica_ack(slot, pkid, r.code < 0x80),
             Incoming::PubComp(pkid) => {
                 if let Some(r) = self.replicas.get_mut(&slot) {
                     r.released.remove(&pkid);
@@ -226,10 +226,16 @@ impl Dispatcher {
             match msg.qos {
                 0 => {}
                 1 => {
-                    self.to_replica(slot, Outgoing::PubAck(replica_pkid, wire::NOT_AUTHORIZED));
+                    self.to_replica(
+                        slot,
+                        Outgoing::PubAck(replica_pkid, wire::NOT_AUTHORIZED.into()),
+                    );
                 }
                 _ => {
-                    self.to_replica(slot, Outgoing::PubRec(replica_pkid, wire::NOT_AUTHORIZED));
+                    self.to_replica(
+                        slot,
+                        Outgoing::PubRec(replica_pkid, wire::NOT_AUTHORIZED.into()),
+                    );
                 }
             }
             return;
@@ -333,6 +339,7 @@ impl Dispatcher {
             granted,
             filters,
             fetch,
+            props: AckProps::default(),
         };
         // the replica hears SUBACK once the broker's subscription is live
         if !self.upstream_up {
@@ -356,9 +363,15 @@ impl Dispatcher {
             pkid,
             granted,
             fetch,
+            props,
             ..
         } = ack;
-        if !self.to_replica(slot, Outgoing::SubAck { pkid, granted }) || fetch.is_empty() {
+        let suback = Outgoing::SubAck {
+            pkid,
+            granted,
+            props,
+        };
+        if !self.to_replica(slot, suback) || fetch.is_empty() {
             return;
         }
         let Some(r) = self.replicas.get(&slot) else {

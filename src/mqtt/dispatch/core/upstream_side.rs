@@ -83,7 +83,7 @@ impl Dispatcher {
                     self.to_replica(o.slot, Outgoing::PubAck(o.replica_pkid, code));
                 }
             }
-            Incoming::PubRec(pkid, code) if code >= 0x80 => {
+            Incoming::PubRec(pkid, code) if code.code >= 0x80 => {
                 // refused: the QoS 2 exchange ends here, no PUBREL
                 if let Some(o) = self.out.remove(&pkid) {
                     self.to_replica(o.slot, Outgoing::PubRec(o.replica_pkid, code));
@@ -100,14 +100,15 @@ impl Dispatcher {
             Incoming::PubComp(pkid) => {
                 self.out.remove(&pkid);
             }
-            Incoming::SubAck(pkid, codes) => self.on_upstream_suback(pkid, &codes),
+            Incoming::SubAck(pkid, codes, props) => self.on_upstream_suback(pkid, &codes, &props),
             _ => {}
         }
     }
 
     /// The broker's answer to a SUBSCRIBE: a filter it refused is refused to
-    /// the replicas that asked (with its reason), a lower QoS is what they get.
-    fn on_upstream_suback(&mut self, pkid: u16, codes: &[u8]) {
+    /// the replicas that asked (with its reason), a lower QoS is what they get;
+    /// what else it says (v5 reason string, user properties) goes with it.
+    fn on_upstream_suback(&mut self, pkid: u16, codes: &[u8], props: &AckProps) {
         let filters = self.sub_filters.remove(&pkid).unwrap_or_default();
         let answer: HashMap<String, u8> = filters.into_iter().zip(codes.iter().copied()).collect();
         for (f, code) in &answer {
@@ -118,6 +119,9 @@ impl Dispatcher {
             }
         }
         for mut ack in self.pending_subacks.remove(&pkid).unwrap_or_default() {
+            if !props.is_empty() {
+                ack.props = props.clone();
+            }
             for (i, f) in ack.filters.iter().enumerate() {
                 let Some(&code) = answer.get(f) else { continue };
                 let Some(g) = ack.granted.get_mut(i) else {
