@@ -751,3 +751,78 @@ async fn the_will_waits_for_its_delay_and_a_replica_back_in_time_cancels_it() {
         app.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+/// Retained messages a replica gets on subscribe come at their QoS (at most
+/// the subscription's), with the retain flag, through its window: a receive
+/// maximum of 1 holds them back one at a time, none is lost.
+#[tokio::test]
+async fn retained_messages_on_subscribe_keep_their_qos_within_the_window() {
+    for upstream in Upstream::both().await {
+        let name = upstream.name();
+        let app = start(&upstream, "").await;
+        let outside = V5::connect(app.mqtt_addr, "outside", |_| {}).await;
+        for (topic, qos) in [
+            ("ret/0", QoS::AtMostOnce),
+            ("ret/1", QoS::AtLeastOnce),
+            ("ret/2", QoS::ExactlyOnce),
+        ] {
+            outside
+                .client
+                .publish(topic, qos, true, topic)
+                .await
+                .expect("publish");
+        }
+        // stored once a plain client (passed through) gets all three
+        let mut probes = 0;
+        eventually("the broker holds the three retained messages", || {
+            probes += 1;
+            let id = format!("probe{probes}");
+            async move {
+                let mut probe = V5::connect(app.mqtt_addr, &id, |_| {}).await;
+                probe
+                    .subscribe(Filter::new("ret/#", QoS::AtMostOnce), None)
+                    .await;
+                let mut n = 0;
+                while probe
+                    .nothing_for(Duration::from_millis(300))
+                    .await
+                    .is_some()
+                {
+                    n += 1;
+                }
+                n == 3
+            }
+        })
+        .await;
+        let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |o| {
+            o.set_receive_maximum(Some(1));
+        })
+        .await;
+        replica
+            .subscribe(Filter::new("ret/#", QoS::AtLeastOnce), Some(4))
+            .await;
+        let mut got = std::collections::BTreeMap::new();
+        for _ in 0..3 {
+            let p = replica.next_publish().await;
+            assert!(p.retain, "{name}: {p:?}");
+            let ids = p.properties.map(|p| p.subscription_identifiers);
+            assert_eq!(ids, Some(vec![4]), "{name}: its subscription identifier");
+            got.insert(String::from_utf8_lossy(&p.topic).into_owned(), p.qos);
+        }
+        assert_eq!(got.get("ret/1"), Some(&QoS::AtLeastOnce), "{name}: {got:?}");
+        assert_eq!(got.get("ret/2"), Some(&QoS::AtLeastOnce), "{name}: {got:?}");
+        if name == "mosquitto" {
+            // rumqttd sends retained messages at the subscription's QoS
+            // (README, known broker behaviour)
+            assert_eq!(got.get("ret/0"), Some(&QoS::AtMostOnce), "{name}: {got:?}");
+        }
+        assert!(
+            replica
+                .nothing_for(Duration::from_millis(300))
+                .await
+                .is_none(),
+            "{name}: each once"
+        );
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+}

@@ -713,7 +713,9 @@ impl RetainedFetch {
                 filters: self
                     .filters
                     .iter()
-                    .map(|f| SubRequest::new(f.clone(), 0))
+                    // at QoS 2: each comes at its own QoS, which the
+                    // replica's subscription may lower
+                    .map(|f| SubRequest::new(f.clone(), 2))
                     .collect(),
             };
             encode(&sub, self.v5, &mut out)?;
@@ -730,10 +732,24 @@ impl RetainedFetch {
                 } else {
                     Protocol::V311
                 };
+                out.clear();
                 while let Some(p) =
                     wire::decode(protocol, &mut buf, usize::MAX).map_err(|e| e.to_string())?
                 {
                     let now = tokio::time::Instant::now();
+                    // acknowledged, or the broker holds back the rest
+                    match &p {
+                        Incoming::Publish { msg, pkid, .. } if msg.qos == 1 => {
+                            encode(&UpCmd::PubAck(*pkid), self.v5, &mut out)?;
+                        }
+                        Incoming::Publish { pkid, .. } if *pkid != 0 => {
+                            encode(&UpCmd::PubRec(*pkid), self.v5, &mut out)?;
+                        }
+                        Incoming::PubRel(pkid) => {
+                            encode(&UpCmd::PubComp(*pkid), self.v5, &mut out)?;
+                        }
+                        _ => {}
+                    }
                     match p {
                         Incoming::Publish { msg, .. } if msg.retain => {
                             messages.push(msg);
@@ -747,6 +763,9 @@ impl RetainedFetch {
                         }
                         _ => {}
                     }
+                }
+                if !out.is_empty() {
+                    wr.write_all(&out).await.map_err(|e| e.to_string())?;
                 }
                 match tokio::time::timeout_at(until, rd.read_buf(&mut buf)).await {
                     Ok(Ok(0)) => return Err("broker closed the retained fetch".to_owned()),

@@ -94,6 +94,7 @@ impl Dispatcher {
         } else {
             None
         };
+        self.pump_retained();
         let mut i = 0;
         while i < self.queue.len() {
             let any_room = self.replicas.values().any(Replica::has_room);
@@ -153,6 +154,33 @@ impl Dispatcher {
             }
         }
         self.update_queue_gauge();
+    }
+
+    /// Retained messages fetched for a replica go first, as its window
+    /// allows.
+    fn pump_retained(&mut self) {
+        let waiting: Vec<u16> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| !r.retained.is_empty())
+            .map(|(&s, _)| s)
+            .collect();
+        for slot in waiting {
+            while let Some(r) = self.replicas.get_mut(&slot).filter(|r| r.has_room()) {
+                let Some(q) = r.retained.pop_front() else {
+                    break;
+                };
+                if r.granted(&q.msg.topic).is_none() {
+                    continue; // unsubscribed since
+                }
+                if let Err(q) = self.deliver(slot, q) {
+                    if let Some(r) = self.replicas.get_mut(&slot) {
+                        r.retained.push_front(q);
+                    }
+                    break;
+                }
+            }
+        }
     }
 
     /// A message not delivered to `slot` (expired, too large): counted,

@@ -154,6 +154,9 @@ struct Replica {
     host: std::net::IpAddr,
     counters: Arc<ReplicaCounters>,
     inflight_gauge: IntGauge,
+    /// Retained messages fetched for its subscriptions, waiting for room in
+    /// its window (they go at their QoS, as a broker sends them).
+    retained: VecDeque<Queued>,
 }
 
 impl Replica {
@@ -205,6 +208,13 @@ struct PendingAck {
     pkid: u16,
     qos: u8,
     ready: bool,
+}
+
+/// Retained messages a side session fetched for one join of a replica.
+struct Fetched {
+    slot: u16,
+    generation: u64,
+    messages: Vec<Message>,
 }
 
 /// A replica's SUBACK waiting for the broker's.
@@ -262,6 +272,9 @@ pub struct Dispatcher {
     active: Option<u16>,
     lost: Option<standby::Lost>,
     joins: u64,
+    /// Where retained fetches report (the receiver is taken by `run`).
+    fetched: mpsc::UnboundedSender<Fetched>,
+    fetched_rx: Option<mpsc::UnboundedReceiver<Fetched>>,
 }
 
 impl Dispatcher {
@@ -272,6 +285,7 @@ impl Dispatcher {
         let redeliveries = metrics
             .dispatch_redeliveries
             .with_label_values(&[cfg.instance.as_str()]);
+        let (fetched, fetched_rx) = mpsc::unbounded_channel();
         Self {
             cfg,
             replicas: BTreeMap::new(),
@@ -300,6 +314,8 @@ impl Dispatcher {
             active: None,
             lost: None,
             joins: 0,
+            fetched,
+            fetched_rx: Some(fetched_rx),
         }
     }
 
@@ -315,6 +331,9 @@ impl Dispatcher {
             (self.cfg.ack_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(50)),
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Some(mut fetched_rx) = self.fetched_rx.take() else {
+            return;
+        };
         loop {
             let room = self.queue.len() < self.cfg.queue_limit;
             tokio::select! {
@@ -326,6 +345,7 @@ impl Dispatcher {
                     Some(ev) => self.on_upstream(ev),
                     None => return,
                 },
+                Some(f) = fetched_rx.recv() => self.on_fetched(f),
                 _ = tick.tick() => self.on_tick(),
                 () = shutdown.cancelled() => return,
             }

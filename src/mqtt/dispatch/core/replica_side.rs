@@ -1,7 +1,7 @@
 //! What replica sessions tell the dispatcher: joins, departures, acks,
 //! publishes, subscriptions.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use super::*;
 use crate::mqtt::dispatch::wire;
@@ -52,6 +52,7 @@ impl Dispatcher {
                         host,
                         counters,
                         inflight_gauge,
+                        retained: VecDeque::new(),
                     },
                 );
                 if self.will_due.take().is_some() {
@@ -152,7 +153,11 @@ impl Dispatcher {
     /// Puts unacknowledged messages back at the front of the queue, oldest
     /// first. Returns how many.
     pub(super) fn requeue(&mut self, inflight: BTreeMap<u16, Inflight>) -> usize {
-        let mut items: Vec<Inflight> = inflight.into_values().collect();
+        // a retained message sent on subscribe was that replica's alone
+        let mut items: Vec<Inflight> = inflight
+            .into_values()
+            .filter(|i| !(i.queued.msg.retain && i.queued.origin == Origin::None))
+            .collect();
         items.sort_by_key(|i| i.sent);
         let n = items.len();
         for item in items.into_iter().rev() {
@@ -390,54 +395,43 @@ impl Dispatcher {
             timeout: self.cfg.retained_timeout,
             login: self.cfg.upstream_login.clone(),
         };
-        let tx = r.tx.clone();
-        let counters = r.counters.clone();
+        let (generation, back) = (r.generation, self.fetched.clone());
         let instance = self.cfg.instance.clone();
-        // the replica's subscription identifiers, for the messages fetched
-        let ids: Vec<(TopicFilter, usize)> = if r.limits.v5 {
-            r.subs
-                .iter()
-                .filter_map(|s| Some((s.filter.clone(), s.id?)))
-                .collect()
-        } else {
-            Vec::new()
-        };
         tokio::spawn(async move {
             match fetcher.run().await {
                 Ok(messages) => {
-                    for mut msg in messages {
-                        let mine: Vec<usize> = ids
-                            .iter()
-                            .filter(|(f, _)| f.matches(&msg.topic))
-                            .map(|(_, id)| *id)
-                            .collect();
-                        if let Some(p) = msg.properties.as_deref_mut() {
-                            p.subscription_identifiers.clear();
-                        }
-                        if !mine.is_empty() {
-                            msg.properties
-                                .get_or_insert_with(Default::default)
-                                .subscription_identifiers = mine;
-                        }
-                        if tx
-                            .send(Outgoing::Publish {
-                                msg,
-                                pkid: 0,
-                                dup: false,
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        counters.messages_to.inc();
-                    }
+                    let _ = back.send(Fetched {
+                        slot,
+                        generation,
+                        messages,
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(%instance, slot, error = %e, "cannot fetch retained messages")
                 }
             }
         });
+    }
+
+    /// Retained messages fetched for a replica's subscription: they wait
+    /// for room in its window, then go at their QoS (at most the
+    /// subscription's), with its subscription identifiers.
+    pub(super) fn on_fetched(&mut self, f: Fetched) {
+        let Some(r) = self
+            .replicas
+            .get_mut(&f.slot)
+            .filter(|r| r.generation == f.generation)
+        else {
+            return; // that connection is gone
+        };
+        let now = Instant::now();
+        r.retained.extend(f.messages.into_iter().map(|msg| Queued {
+            msg,
+            origin: Origin::None,
+            redelivery: false,
+            arrived: now,
+        }));
+        self.pump();
     }
 
     pub(super) fn on_unsubscribe(&mut self, slot: u16, pkid: u16, filters: Vec<String>) {
