@@ -6,6 +6,7 @@
 #
 #   bash bench/paho.sh                 # MODE=dispatch (default) or share
 #   MODE=share bash bench/paho.sh
+#   ONLY=test_subscribe_options bash bench/paho.sh   # tests whose name matches
 #
 # Every test gets fresh processes: a broker for the direct run, and a broker
 # with flowgate in front of it for the flowgate run (persistence off, as the
@@ -35,6 +36,7 @@ allow_anonymous true
 persistence false
 set_tcp_nodelay true
 max_queued_messages 100000
+${MOSQUITTO_LOG:+log_type all}
 CONF
   mosquitto -c "$work/mosquitto-$1.conf" >/dev/null 2>"$work/mosquitto-$1.log" & pids+=($!)
   for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done
@@ -58,7 +60,7 @@ name = "paho"
 match = { client_id = "$REPLICA" }
 CONF
   rm -f "$work/ready.json"
-  RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" \
+  RUST_LOG=${FLOWGATE_LOG:-warn} target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" \
     >>"$work/flowgate.log" 2>&1 & pids+=($!)
   for _ in $(seq 100); do [ -s "$work/ready.json" ] && break; sleep 0.1; done
   P=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"].split(":")[1])' "$work/ready.json")
@@ -77,6 +79,7 @@ declare -A pass
 for module in client_test client_test5; do
   suite=$([ "$module" = client_test ] && echo 3.1.1 || echo 5.0)
   for t in $(python3 bench/paho_run.py "$dir" "$module" x 0 --list); do
+    [[ -z "${ONLY:-}" || "$t" == *"$ONLY"* ]] || continue
     row="| $suite | $t |"
     for target in direct flowgate; do
       start_target "$target"; p=$P

@@ -21,6 +21,7 @@ use crate::support::*;
 enum Got {
     Publish(Box<Publish>),
     PubAck(PubAckReason),
+    SubAck,
 }
 
 /// A v5 client whose event loop runs in a task and reports publishes and
@@ -60,6 +61,9 @@ impl V5 {
                     Ok(Event::Incoming(Packet::PubAck(a))) => {
                         let _ = tx.send(Got::PubAck(a.reason));
                     }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = tx.send(Got::SubAck);
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
@@ -93,6 +97,19 @@ impl V5 {
                 Ok(Some(Got::PubAck(r))) => return r,
                 Ok(Some(_)) => {}
                 _ => panic!("no PUBACK within 10 s"),
+            }
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK (publishes before it are lost
+    /// to the caller).
+    async fn subscribed(&mut self, filter: Filter) {
+        self.subscribe(filter, None).await;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await {
+                Ok(Some(Got::SubAck)) => return,
+                Ok(Some(_)) => {}
+                _ => panic!("no SUBACK within 10 s"),
             }
         }
     }
@@ -823,6 +840,45 @@ async fn retained_messages_on_subscribe_keep_their_qos_within_the_window() {
                 .is_none(),
             "{name}: each once"
         );
+        app.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// Retain as published: a live message published with the retain flag
+/// keeps it for a subscription that asks (Mosquitto; rumqttd 0.20 clears
+/// it, README), loses it for one that does not; neither gets the retained
+/// messages twice when flowgate subscribes again upstream with the option.
+#[tokio::test]
+async fn retain_as_published_keeps_the_flag_of_live_messages() {
+    for upstream in Upstream::both().await {
+        let name = upstream.name();
+        let app = start(&upstream, "").await;
+        let outside = V5::connect(app.mqtt_addr, "outside", |_| {}).await;
+        let mut replica = V5::connect(app.mqtt_addr, "line1-nodered", |_| {}).await;
+        let mut plain = Filter::new("plain/#", QoS::AtLeastOnce);
+        plain.retain_forward_rule = RetainForwardRule::Never;
+        replica.subscribed(plain).await;
+        let mut rap = Filter::new("rap/#", QoS::AtLeastOnce);
+        rap.preserve_retain = true;
+        rap.retain_forward_rule = RetainForwardRule::Never;
+        replica.subscribed(rap).await;
+        let mut flags = std::collections::BTreeMap::new();
+        for topic in ["plain/1", "rap/1"] {
+            // until the subscriptions are live upstream (the SUBACK came
+            // after the broker's; the publisher is another connection)
+            outside
+                .client
+                .publish(topic, QoS::AtLeastOnce, true, topic)
+                .await
+                .expect("publish");
+            let p = replica.next_publish().await;
+            flags.insert(String::from_utf8_lossy(&p.topic).into_owned(), p.retain);
+        }
+        assert_eq!(flags.get("plain/1"), Some(&false), "{name}: {flags:?}");
+        let rap_kept = name == "mosquitto";
+        assert_eq!(flags.get("rap/1"), Some(&rap_kept), "{name}: {flags:?}");
+        let extra = replica.nothing_for(Duration::from_millis(500)).await;
+        assert!(extra.is_none(), "{name}: {extra:?}");
         app.shutdown(Duration::from_secs(2)).await;
     }
 }

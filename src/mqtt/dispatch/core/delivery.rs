@@ -9,7 +9,7 @@ impl Dispatcher {
     /// Sends one message to one replica; hands it back when the replica
     /// cannot take it.
     pub(super) fn deliver(&mut self, slot: u16, queued: Queued) -> Result<(), Queued> {
-        let (granted, props, too_large) = {
+        let (granted, props, too_large, retain) = {
             let Some(r) = self.replicas.get(&slot) else {
                 return Err(queued);
             };
@@ -25,7 +25,10 @@ impl Dispatcher {
                 (Some(p), Some(max)) => publish_len(&queued.msg, p.as_deref()) > max as usize,
                 _ => false,
             };
-            (granted, props, too_large)
+            // live messages: the retain flag only for retain as published
+            let retain =
+                queued.on_subscribe || (queued.msg.retain && r.keeps_retain(&queued.msg.topic));
+            (granted, props, too_large, retain)
         };
         let Some(props) = props else {
             // expired while it waited: dropped as a broker drops it
@@ -49,6 +52,7 @@ impl Dispatcher {
                 mut msg, origin, ..
             } = queued;
             msg.qos = 0;
+            msg.retain = retain;
             msg.properties = props;
             tracing::trace!(slot, topic = %msg.topic, "delivered");
             let _ = r.tx.try_send(Outgoing::Publish {
@@ -62,6 +66,7 @@ impl Dispatcher {
         }
         let mut msg = queued.msg.clone();
         msg.qos = qos;
+        msg.retain = retain;
         msg.properties = props;
         let pkid = r.alloc_pkid();
         if r.tx

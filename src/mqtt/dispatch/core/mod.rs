@@ -50,6 +50,9 @@ pub struct DispatchSettings {
     pub retained_timeout: Duration,
     /// TLS and credentials for side sessions.
     pub upstream_login: super::upstream::Login,
+    /// The broker honours the MQTT 5 retain as published and retain handling
+    /// options (Mosquitto, EMQX, HiveMQ; not the embedded rumqttd 0.20).
+    pub retain_options: bool,
 }
 
 /// What replica sessions tell the dispatcher.
@@ -115,6 +118,9 @@ struct Queued {
     redelivery: bool,
     /// When flowgate received it: its MQTT 5 expiry counts from here.
     arrived: Instant,
+    /// A retained message sent because its replica subscribed (retain flag
+    /// on, that replica's alone); otherwise a live one.
+    on_subscribe: bool,
 }
 
 /// The subscriptions of a replica that left with its session kept, for the
@@ -130,6 +136,8 @@ struct Sub {
     qos: u8,
     /// MQTT 5 subscription identifier, carried by the messages it matches.
     id: Option<usize>,
+    /// MQTT 5 retain as published: live messages keep their retain flag.
+    rap: bool,
 }
 
 struct Inflight {
@@ -167,6 +175,11 @@ impl Replica {
             .filter(|s| s.filter.matches(topic))
             .map(|s| s.qos)
             .max()
+    }
+
+    /// Does a subscription matching `topic` ask for retain as published?
+    fn keeps_retain(&self, topic: &str) -> bool {
+        self.subs.iter().any(|s| s.rap && s.filter.matches(topic))
     }
 
     /// The subscription identifiers of its subscriptions matching `topic`.
@@ -242,6 +255,10 @@ pub struct Dispatcher {
     /// Filters the replicas subscribed with MQTT 5 no local: upstream too, so
     /// the instance does not get its own publishes back.
     no_local: HashSet<String>,
+    /// Filters a replica subscribed with MQTT 5 retain as published: upstream
+    /// with it (and retain handling 2, so that a retained message on the main
+    /// session is a live one), when the broker honours both.
+    rap: Vec<TopicFilter>,
     /// Filters asked for while the upstream session was down.
     unsent: Vec<(String, u8)>,
     /// The filters of each SUBSCRIBE sent upstream, until its SUBACK.
@@ -295,6 +312,7 @@ impl Dispatcher {
             upstream_up: false,
             filters: BTreeMap::new(),
             no_local: HashSet::new(),
+            rap: Vec::new(),
             unsent: Vec::new(),
             sub_filters: HashMap::new(),
             upstream_v5: false,
@@ -391,15 +409,27 @@ impl Dispatcher {
         let pkid = self.alloc_up_pkid();
         let up: Vec<SubRequest> = filters
             .iter()
-            .map(|(f, q)| SubRequest {
-                no_local: self.no_local.contains(f),
-                ..SubRequest::new(self.upstream_filter(f), *q)
+            .map(|(f, q)| {
+                let rap = self.rap.iter().any(|r| r.as_str() == f);
+                SubRequest {
+                    no_local: self.no_local.contains(f),
+                    retain_as_published: rap,
+                    retain_handling: if rap { 2 } else { 0 },
+                    ..SubRequest::new(self.upstream_filter(f), *q)
+                }
             })
             .collect();
         self.sub_filters
             .insert(pkid, filters.into_iter().map(|(f, _)| f).collect());
         self.send_up(UpCmd::Subscribe { pkid, filters: up });
         Some(pkid)
+    }
+
+    /// Forgets what the instance asked of a filter it no longer subscribes.
+    fn forget_filter(&mut self, filter: &str) {
+        self.filters.remove(filter);
+        self.no_local.remove(filter);
+        self.rap.retain(|r| r.as_str() != filter);
     }
 
     fn is_broadcast(&self, topic: &str) -> bool {

@@ -156,7 +156,7 @@ impl Dispatcher {
         // a retained message sent on subscribe was that replica's alone
         let mut items: Vec<Inflight> = inflight
             .into_values()
-            .filter(|i| !(i.queued.msg.retain && i.queued.origin == Origin::None))
+            .filter(|i| !i.queued.on_subscribe)
             .collect();
         items.sort_by_key(|i| i.sent);
         let n = items.len();
@@ -318,12 +318,25 @@ impl Dispatcher {
             if let Some(r) = self.replicas.get_mut(&slot) {
                 had = r.subs.iter().any(|s| s.filter.as_str() == text);
                 r.subs.retain(|s| s.filter.as_str() != text);
-                r.subs.push(Sub { filter, qos, id });
+                r.subs.push(Sub {
+                    filter: filter.clone(),
+                    qos,
+                    id,
+                    rap: req.retain_as_published,
+                });
             }
             // the latest subscription's no local is the instance's: a
             // change subscribes again upstream (a SUBSCRIBE replaces options)
             let no_local_changes = req.no_local != self.no_local.contains(&text);
-            if self.filters.get(&text).is_none_or(|&q| q < qos) || no_local_changes {
+            // retain as published upstream once a replica asks for it (the
+            // others get the retain flag off from flowgate)
+            let rap_new = req.retain_as_published
+                && self.cfg.retain_options
+                && !self.rap.iter().any(|r| r.as_str() == text);
+            if rap_new {
+                self.rap.push(filter);
+            }
+            if self.filters.get(&text).is_none_or(|&q| q < qos) || no_local_changes || rap_new {
                 if req.no_local {
                     self.no_local.insert(text.clone());
                 } else {
@@ -430,6 +443,7 @@ impl Dispatcher {
             origin: Origin::None,
             redelivery: false,
             arrived: now,
+            on_subscribe: true,
         }));
         self.pump();
     }
@@ -453,8 +467,7 @@ impl Dispatcher {
             })
             .collect();
         for f in &unused {
-            self.filters.remove(f);
-            self.no_local.remove(f);
+            self.forget_filter(f);
         }
         if !unused.is_empty() && self.upstream_up {
             let up_pkid = self.alloc_up_pkid();

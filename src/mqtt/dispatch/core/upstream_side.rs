@@ -114,8 +114,7 @@ impl Dispatcher {
         for (f, code) in &answer {
             if *code >= 0x80 {
                 tracing::warn!(instance = %self.cfg.instance, filter = %f, code, "the broker refused a subscription");
-                self.filters.remove(f);
-                self.no_local.remove(f);
+                self.forget_filter(f);
             }
         }
         for mut ack in self.pending_subacks.remove(&pkid).unwrap_or_default() {
@@ -159,9 +158,11 @@ impl Dispatcher {
         } else {
             Origin::None
         };
-        if msg.retain {
+        if msg.retain && !self.rap.iter().any(|r| r.matches(&msg.topic)) {
             // sent because the main session (re)subscribed: replicas get
             // retained messages from a side session when they subscribe
+            // (with retain as published upstream, retain handling 2 keeps
+            // those away: a retained message there is a live one)
             tracing::trace!(topic = %msg.topic, "retained message on the main session: acknowledged, not dispatched");
             self.ack_upstream(origin);
             return;
@@ -182,6 +183,7 @@ impl Dispatcher {
             origin,
             redelivery: false,
             arrived: Instant::now(),
+            on_subscribe: false,
         });
         self.pump();
     }
@@ -194,6 +196,7 @@ impl Dispatcher {
                 origin: Origin::None,
                 redelivery: false,
                 arrived: Instant::now(),
+                on_subscribe: false,
             };
             if self.deliver(slot, queued).is_err() {
                 self.metrics
