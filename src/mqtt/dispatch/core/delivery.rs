@@ -64,10 +64,14 @@ impl Dispatcher {
             self.ack_upstream(origin);
             return Ok(());
         }
-        let mut msg = queued.msg.clone();
-        msg.qos = qos;
-        msg.retain = retain;
-        msg.properties = props;
+        // a copy for the wire; `queued` stays for a re-delivery
+        let msg = Message {
+            topic: queued.msg.topic.clone(),
+            payload: queued.msg.payload.clone(),
+            qos,
+            retain,
+            properties: props,
+        };
         let pkid = r.alloc_pkid();
         if r.tx
             .try_send(Outgoing::Publish {
@@ -246,24 +250,35 @@ fn for_replica(
     r: &Replica,
     queued: &Queued,
 ) -> Option<Option<Box<rumqttc::v5::mqttbytes::v5::PublishProperties>>> {
-    let mut props = queued.msg.properties.clone();
-    if let Some(p) = props.as_deref_mut() {
-        if let Some(expiry) = p.message_expiry_interval {
+    let expiry = queued
+        .msg
+        .properties
+        .as_deref()
+        .and_then(|p| p.message_expiry_interval);
+    let left = match expiry {
+        Some(expiry) => {
             let waited = queued.arrived.elapsed().as_secs();
             if waited >= u64::from(expiry) {
                 return None;
             }
-            p.message_expiry_interval = Some(expiry - waited as u32);
+            Some(expiry - waited as u32)
         }
+        None => None,
+    };
+    if !r.limits.v5 {
+        // 3.x carries no properties: nothing to copy
+        return Some(None);
+    }
+    let mut props = queued.msg.properties.clone();
+    if let Some(p) = props.as_deref_mut() {
+        p.message_expiry_interval = left;
         p.subscription_identifiers.clear();
     }
-    if r.limits.v5 {
-        let ids = r.sub_ids(&queued.msg.topic);
-        if !ids.is_empty() {
-            props
-                .get_or_insert_with(Default::default)
-                .subscription_identifiers = ids;
-        }
+    let ids = r.sub_ids(&queued.msg.topic);
+    if !ids.is_empty() {
+        props
+            .get_or_insert_with(Default::default)
+            .subscription_identifiers = ids;
     }
     Some(props.filter(|p| **p != Default::default()))
 }
