@@ -6,6 +6,8 @@
 mod delivery;
 mod replica_side;
 mod standby;
+#[cfg(test)]
+mod tests;
 mod upstream_side;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -21,6 +23,10 @@ use super::upstream::{RetainedFetch, UpCmd, UpEvent};
 use super::wire::{AckProps, Incoming, Message, Outgoing, SubRequest, Will};
 use crate::metrics::{Metrics, ReplicaCounters};
 use crate::mqtt::topic::TopicFilter;
+
+/// Upstream commands waiting beyond the channel at which replicas' events
+/// are no longer read (the broker's still are).
+const BACKLOG_PAUSE: usize = 4096;
 
 /// Per-instance dispatch settings, from the config.
 #[derive(Debug, Clone)]
@@ -289,6 +295,8 @@ pub struct Dispatcher {
     active: Option<u16>,
     lost: Option<standby::Lost>,
     joins: u64,
+    /// Commands for the upstream session waiting for room in its channel.
+    backlog: VecDeque<UpCmd>,
     /// Where retained fetches report (the receiver is taken by `run`).
     fetched: mpsc::UnboundedSender<Fetched>,
     fetched_rx: Option<mpsc::UnboundedReceiver<Fetched>>,
@@ -332,6 +340,7 @@ impl Dispatcher {
             active: None,
             lost: None,
             joins: 0,
+            backlog: VecDeque::new(),
             fetched,
             fetched_rx: Some(fetched_rx),
         }
@@ -352,10 +361,20 @@ impl Dispatcher {
         let Some(mut fetched_rx) = self.fetched_rx.take() else {
             return;
         };
+        let up = self.up.clone();
         loop {
             let room = self.queue.len() < self.cfg.queue_limit;
+            // the upstream session is behind: replicas wait (their sessions
+            // stop reading), the broker's events go on (its acks free room)
+            let replicas_wait = self.backlog.len() >= BACKLOG_PAUSE;
             tokio::select! {
-                ev = replica_rx.recv() => match ev {
+                permit = up.reserve(), if !self.backlog.is_empty() => {
+                    if let (Ok(permit), Some(cmd)) = (permit, self.backlog.pop_front()) {
+                        permit.send(cmd);
+                        self.flush_backlog();
+                    }
+                }
+                ev = replica_rx.recv(), if !replicas_wait => match ev {
                     Some(ev) => self.on_replica(ev),
                     None => return,
                 },
@@ -370,11 +389,42 @@ impl Dispatcher {
         }
     }
 
-    fn send_up(&self, cmd: UpCmd) {
-        if let Err(e) = self.up.try_send(cmd) {
-            tracing::warn!(instance = %self.cfg.instance, error = %e, "upstream command dropped");
-            self.metrics.error("upstream_backlog");
+    /// Hands a command to the upstream session, in order: when its channel
+    /// is full the command waits in `backlog` (never dropped: a lost PUBACK
+    /// or publish would wait for a reconnect).
+    fn send_up(&mut self, cmd: UpCmd) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(cmd);
+            return;
         }
+        match self.up.try_send(cmd) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                tracing::warn!(instance = %self.cfg.instance, "the upstream session is behind: its commands wait in order");
+                self.metrics.error("upstream_backlog");
+                self.backlog.push_back(cmd);
+            }
+            // the upstream task is gone: flowgate is stopping
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Moves waiting commands into the upstream channel while it has room.
+    fn flush_backlog(&mut self) {
+        while let Some(cmd) = self.backlog.pop_front() {
+            match self.up.try_send(cmd) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    self.backlog.push_front(cmd);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+        tracing::info!(instance = %self.cfg.instance, "the upstream session caught up");
     }
 
     fn alloc_up_pkid(&mut self) -> u16 {
