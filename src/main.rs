@@ -33,6 +33,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
+        // colour only on a terminal: a log file or journald gets plain text
+        // (NO_COLOR, the common convention, turns it off there too)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
         Command::Check { config } => check(&config),
