@@ -428,6 +428,7 @@ fn start_dispatcher(
         retained_timeout: config.mqtt.upstream_connect_timeout,
         upstream_login: login,
         retain_options: config.mqtt.upstream != Upstream::Embedded,
+        complete: inst.complete.clone(),
     };
     let dispatcher = Dispatcher::new(settings, up_cmd_tx, metrics.clone());
     tracker.spawn(dispatcher.run(replica_rx, up_ev_rx, shutdown.clone()));

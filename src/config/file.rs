@@ -89,6 +89,79 @@ struct FileInstance {
     upstream_password_file: Option<String>,
     upstream_client_id: Option<String>,
     max_replicas: Option<usize>,
+    complete: Option<FileComplete>,
+}
+
+/// `complete = { topic = "done/#", correlate = "topic:1", timeout = "30s" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileComplete {
+    topic: OneOrMany,
+    correlate: String,
+    timeout: Option<String>,
+}
+
+/// A string or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// Checks an instance's `complete` table.
+fn complete(
+    p: &mut Problems,
+    path: &str,
+    file: FileComplete,
+    mode: Mode,
+    ack_timeout: Duration,
+) -> Option<super::Complete> {
+    if mode == Mode::Share {
+        p.add(
+            path,
+            "completion acknowledgement works in dispatch mode only (mqtt.mode = \"dispatch\")",
+        );
+        return None;
+    }
+    let mut topic = Vec::new();
+    let filters = file.topic.into_vec();
+    if filters.is_empty() {
+        p.add(format!("{path}.topic"), "needs at least one topic filter");
+    }
+    for (j, f) in filters.iter().enumerate() {
+        match TopicFilter::new(f) {
+            Ok(filter) => topic.push(filter),
+            Err(e) => p.add(format!("{path}.topic[{j}]"), format!("{f:?}: {e}")),
+        }
+    }
+    let correlate = p.check(
+        &format!("{path}.correlate"),
+        file.correlate.parse().map(Some),
+        None,
+    );
+    let timeout = p.check(
+        &format!("{path}.timeout"),
+        duration(file.timeout.as_deref(), ack_timeout),
+        ack_timeout,
+    );
+    if timeout.is_zero() {
+        p.add(format!("{path}.timeout"), "must be above 0");
+    }
+    Some(super::Complete {
+        topic,
+        correlate: correlate?,
+        timeout,
+    })
 }
 
 /// Topic filters a replica may publish to and subscribe to (dispatch mode).
@@ -476,7 +549,11 @@ impl FileConfig {
                     "must be 1-65535 bytes",
                 );
             }
+            let complete = inst
+                .complete
+                .and_then(|c| complete(&mut p, &format!("{path}.complete"), c, mode, ack_timeout));
             instances.push(InstanceConfig {
+                complete,
                 http,
                 password_file: password_file(
                     &mut p,

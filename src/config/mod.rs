@@ -75,6 +75,70 @@ pub struct MqttWebSocket {
     pub tls: Option<TlsConfig>,
 }
 
+/// Completion acknowledgement (dispatch mode): a job (QoS 1/2) is
+/// acknowledged upstream once the replica that got it publishes a result
+/// carrying the same key, not when it acknowledges receipt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Complete {
+    /// Where results are published (`complete.topic`, one filter or a list).
+    pub topic: Vec<TopicFilter>,
+    /// How a result names its job.
+    pub correlate: Correlate,
+    /// A job not done this long after it was delivered goes to another
+    /// replica (default: the instance's `ack_timeout`).
+    #[serde(with = "types::humantime_ser")]
+    pub timeout: Duration,
+}
+
+/// How a job and its result carry the same key (`complete.correlate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Correlate {
+    /// `topic:N`: topic level N, 0-based (`jobs/123`, `done/123`).
+    TopicLevel(usize),
+    /// `json:FIELD`: a top-level field of a JSON payload.
+    JsonField(String),
+    /// `correlation-data`: the MQTT 5 Correlation Data property.
+    CorrelationData,
+}
+
+impl std::str::FromStr for Correlate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        const EXPECTED: &str =
+            "expected \"topic:N\" (a 0-based topic level), \"json:FIELD\" or \"correlation-data\"";
+        if s == "correlation-data" {
+            return Ok(Self::CorrelationData);
+        }
+        if let Some(n) = s.strip_prefix("topic:") {
+            return n
+                .parse()
+                .map(Self::TopicLevel)
+                .map_err(|_| format!("{s:?}: {EXPECTED}"));
+        }
+        match s.strip_prefix("json:") {
+            Some(field) if !field.is_empty() => Ok(Self::JsonField(field.to_owned())),
+            _ => Err(format!("{s:?}: {EXPECTED}")),
+        }
+    }
+}
+
+impl fmt::Display for Correlate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TopicLevel(n) => write!(f, "topic:{n}"),
+            Self::JsonField(field) => write!(f, "json:{field}"),
+            Self::CorrelationData => f.write_str("correlation-data"),
+        }
+    }
+}
+
+impl Serialize for Correlate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Topic filters an instance's replicas may use; a list left out allows all.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Acl {
@@ -268,6 +332,9 @@ pub struct InstanceConfig {
     /// Replicas connected at once on this node; one more is refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_replicas: Option<usize>,
+    /// Dispatch mode: completion acknowledgement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub complete: Option<Complete>,
 }
 
 /// One problem found in a config, with the path of the key.
@@ -347,6 +414,54 @@ mod tests {
             }
             other => panic!("expected invalid config, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn complete_is_checked_key_by_key() {
+        let inst = |complete: &str| {
+            format!("[[instance]]\nname = \"a\"\nmatch = {{ client_id = \"x\" }}\nack_timeout = \"7s\"\ncomplete = {complete}\n")
+        };
+        let c = Config::parse(
+            &inst(r#"{ topic = ["done/#", "ok/+"], correlate = "json:id" }"#),
+            "t",
+        )
+        .expect("valid");
+        let done = c.instances[0].complete.as_ref().expect("complete");
+        assert_eq!(done.topic.len(), 2);
+        assert_eq!(done.correlate, Correlate::JsonField("id".into()));
+        assert_eq!(
+            done.timeout,
+            Duration::from_secs(7),
+            "ack_timeout by default"
+        );
+        assert!(c.to_toml().contains("correlate = \"json:id\""));
+        let p = problems(&inst(
+            r#"{ topic = "done/#", correlate = "topic:x", timeout = "soon" }"#,
+        ));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("instance[0].complete.correlate")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("instance[0].complete.timeout")),
+            "{p:?}"
+        );
+        let p = problems(&inst(
+            r#"{ topic = "done/#/x", correlate = "correlation-data" }"#,
+        ));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("instance[0].complete.topic[0]")),
+            "{p:?}"
+        );
+        let share = format!(
+            "[mqtt]\nupstream = \"mqtt://127.0.0.1:1883\"\nmode = \"share\"\n{}",
+            inst(r#"{ topic = "done/#", correlate = "topic:1" }"#)
+        );
+        assert!(problems(&share)
+            .iter()
+            .any(|m| m.contains("dispatch mode only")));
     }
 
     #[test]

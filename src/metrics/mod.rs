@@ -4,8 +4,8 @@
 pub mod names;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use std::collections::VecDeque;
@@ -28,6 +28,10 @@ pub struct Metrics {
     pub dispatch_queued: IntGaugeVec,
     pub dispatch_redeliveries: IntCounterVec,
     pub dispatch_dropped: IntCounterVec,
+    pub dispatch_uncorrelated: IntCounterVec,
+    pub dispatch_unmatched: IntCounterVec,
+    pub dispatch_in_progress: IntGaugeVec,
+    pub dispatch_oldest_job: GaugeVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub http_inflight: IntGaugeVec,
@@ -112,6 +116,15 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
     vec
 }
 
+fn float_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let vec = GaugeVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("each metric is registered once in a fresh registry");
+    vec
+}
+
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let vec = IntGaugeVec::new(Opts::new(name, help), labels)
         .expect("metric names and labels are static and valid");
@@ -125,7 +138,7 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
-        Self {
+        let metrics = Self {
             replica_messages: counter_vec(
                 r,
                 REPLICA_MESSAGES,
@@ -191,6 +204,30 @@ impl Metrics {
                 DISPATCH_DROPPED,
                 "Messages dropped because a limit forced it, by reason",
                 &[LABEL_INSTANCE, LABEL_REASON],
+            ),
+            dispatch_uncorrelated: counter_vec(
+                r,
+                DISPATCH_UNCORRELATED,
+                "Completion acknowledgement: jobs with no key, acknowledged on receipt",
+                &[LABEL_INSTANCE],
+            ),
+            dispatch_unmatched: counter_vec(
+                r,
+                DISPATCH_UNMATCHED,
+                "Completion acknowledgement: results whose key no job of their replica has",
+                &[LABEL_INSTANCE],
+            ),
+            dispatch_in_progress: gauge_vec(
+                r,
+                DISPATCH_IN_PROGRESS,
+                "Completion acknowledgement: jobs delivered and not yet done",
+                &[LABEL_INSTANCE],
+            ),
+            dispatch_oldest_job: float_gauge_vec(
+                r,
+                DISPATCH_OLDEST_JOB,
+                "Completion acknowledgement: age of the oldest job in progress (0 when none)",
+                &[LABEL_INSTANCE],
             ),
             http_requests: counter_vec(
                 r,
@@ -307,13 +344,28 @@ impl Metrics {
                 &[LABEL_INSTANCE, LABEL_RESULT],
             ),
             registry,
+        };
+        // every kind of error at 0 from the start
+        for kind in MQTT_ERROR_KINDS {
+            metrics.mqtt_errors.with_label_values(&[kind]);
         }
+        metrics
     }
 
     /// Registers an instance so its gauge reads 0 before any replica comes.
+    /// An instance's series, at 0 before their first count (alerts and
+    /// dashboards see them: `rate()` and `absent()`).
     pub fn declare_instance(&self, instance: &str) {
         self.instance_replicas.with_label_values(&[instance]).set(0);
         self.dispatch_redeliveries.with_label_values(&[instance]);
+        for kind in REWRITE_KINDS {
+            self.mqtt_rewrites.with_label_values(&[instance, kind]);
+        }
+        for reason in DROP_REASONS {
+            self.dispatch_dropped.with_label_values(&[instance, reason]);
+        }
+        self.dispatch_uncorrelated.with_label_values(&[instance]);
+        self.dispatch_unmatched.with_label_values(&[instance]);
     }
 
     pub fn replica(&self, instance: &str, slot: u16) -> ReplicaCounters {

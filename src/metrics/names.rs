@@ -13,6 +13,10 @@ pub const REPLICA_INFLIGHT: &str = "flowgate_replica_inflight_messages";
 pub const DISPATCH_QUEUED: &str = "flowgate_dispatch_queued_messages";
 pub const DISPATCH_REDELIVERIES: &str = "flowgate_dispatch_redeliveries_total";
 pub const DISPATCH_DROPPED: &str = "flowgate_dispatch_dropped_total";
+pub const DISPATCH_UNCORRELATED: &str = "flowgate_dispatch_uncorrelated_total";
+pub const DISPATCH_UNMATCHED: &str = "flowgate_dispatch_unmatched_results_total";
+pub const DISPATCH_IN_PROGRESS: &str = "flowgate_dispatch_jobs_in_progress";
+pub const DISPATCH_OLDEST_JOB: &str = "flowgate_dispatch_oldest_job_seconds";
 pub const HTTP_REQUESTS: &str = "flowgate_http_requests_total";
 pub const HTTP_DURATION: &str = "flowgate_http_request_duration_seconds";
 pub const HTTP_INFLIGHT: &str = "flowgate_http_inflight_requests";
@@ -51,3 +55,34 @@ pub const FROM_REPLICA: &str = "from_replica";
 /// `kind` values of the connection metrics.
 pub const CONN_REPLICA: &str = "replica";
 pub const CONN_PASSTHROUGH: &str = "passthrough";
+
+/// `kind` values of `flowgate_mqtt_errors_total` (see `ConnError::kind`,
+/// `CodecError::kind` and the CONNECT refusals), exported at 0 from the start.
+pub const MQTT_ERROR_KINDS: &[&str] = &[
+    "accept",
+    "connect_timeout",
+    "closed_before_connect",
+    "protocol_violation",
+    "unsupported_protocol",
+    "unexpected_packet",
+    "malformed_packet",
+    "packet_too_large",
+    "client_id_too_long",
+    "client_io",
+    "upstream_io",
+    "upstream_unreachable",
+    "upstream_malformed_packet",
+    "keep_alive_timeout",
+    "handshake",
+    "bad_credentials",
+    "not_authorized",
+    "max_connections",
+    "max_replicas",
+    "internal",
+];
+
+/// `kind` values of `flowgate_mqtt_rewrites_total`.
+pub const REWRITE_KINDS: &[&str] = &["client_id", "subscribe", "unsubscribe"];
+
+/// `reason` values of `flowgate_dispatch_dropped_total`.
+pub const DROP_REASONS: &[&str] = &["replica_backlog", "expired", "too_large"];

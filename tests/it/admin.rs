@@ -25,6 +25,15 @@ async fn admin_endpoints_answer() {
         metrics.contains("flowgate_instance_replicas_connected{instance=\"line1\"} 0"),
         "{metrics}"
     );
+    // the counters alerts watch exist at 0 before their first count
+    for line in [
+        "flowgate_mqtt_errors_total{kind=\"malformed_packet\"} 0",
+        "flowgate_mqtt_errors_total{kind=\"upstream_unreachable\"} 0",
+        "flowgate_mqtt_rewrites_total{instance=\"line1\",kind=\"client_id\"} 0",
+        "flowgate_dispatch_dropped_total{instance=\"line1\",reason=\"expired\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     let (status, body) = http_get(app.admin_addr, "/api/instances").await;
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");

@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod binary;
+mod complete;
 mod dispatch;
 mod hostile;
 mod http;

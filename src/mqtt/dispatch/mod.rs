@@ -14,7 +14,12 @@
 //! to another replica, oldest first; with no replica able to take a message it
 //! waits in a queue of at most `queue_limit`, and past that the dispatcher
 //! stops reading from the broker (back-pressure: the broker holds them).
+//! With completion acknowledgement (`complete`), "acknowledged" means done: a
+//! job is acknowledged upstream once its replica published the result
+//! carrying its key ([`complete`]), and one not done is handed on the same
+//! way.
 
+pub mod complete;
 mod core;
 pub mod session;
 pub mod strategy;

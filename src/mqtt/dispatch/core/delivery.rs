@@ -85,11 +85,26 @@ impl Dispatcher {
         }
         r.counters.messages_to.inc();
         tracing::trace!(slot, pkid, topic = %queued.msg.topic, "delivered");
+        // completion acknowledgement: a job from the broker is done when its
+        // result comes; one without a key is done on receipt
+        let key = match (&self.cfg.complete, queued.origin) {
+            (Some(c), Origin::Upstream { .. }) => {
+                let key = crate::mqtt::dispatch::complete::key(&c.correlate, &queued.msg);
+                if key.is_none() && !queued.redelivery {
+                    self.uncorrelated.inc();
+                    tracing::debug!(instance = %self.cfg.instance, topic = %queued.msg.topic, "job without a key: done on receipt");
+                }
+                key
+            }
+            _ => None,
+        };
         r.inflight.insert(
             pkid,
             Inflight {
                 queued,
                 sent: Instant::now(),
+                key,
+                acked: false,
             },
         );
         r.inflight_gauge.set(r.inflight.len() as i64);
@@ -111,10 +126,17 @@ impl Dispatcher {
                 break;
             }
             let topic = self.queue[i].msg.topic.as_str();
+            // a job its replica did not finish goes to another, if another
+            // subscribes (busy or not)
+            let avoid = self.queue[i].not_to.filter(|&a| {
+                self.replicas
+                    .iter()
+                    .any(|(&s, r)| s != a && r.granted(topic).is_some())
+            });
             let candidates: Vec<Candidate> = self
                 .replicas
                 .iter()
-                .filter(|(_, r)| r.has_room())
+                .filter(|(&s, r)| r.has_room() && Some(s) != avoid)
                 .filter(|(_, r)| r.granted(topic).is_some())
                 .map(|(&slot, r)| Candidate {
                     slot,
@@ -127,7 +149,7 @@ impl Dispatcher {
                 let all: Vec<Candidate> = self
                     .replicas
                     .iter()
-                    .filter(|(_, r)| r.granted(topic).is_some() && !r.stalled)
+                    .filter(|(&s, r)| r.granted(topic).is_some() && !r.stalled && Some(s) != avoid)
                     .map(|(&slot, r)| Candidate {
                         slot,
                         inflight: r.inflight.len(),
@@ -213,9 +235,11 @@ impl Dispatcher {
             .replicas
             .iter()
             .filter(|(_, r)| {
+                // a job whose receipt was acknowledged waits for its result
+                // under complete.timeout, below
                 r.inflight
                     .values()
-                    .any(|i| now.duration_since(i.sent) > timeout)
+                    .any(|i| !i.acked && now.duration_since(i.sent) > timeout)
             })
             .map(|(&s, _)| s)
             .collect();
@@ -228,6 +252,7 @@ impl Dispatcher {
             let deadline = r
                 .inflight
                 .values()
+                .filter(|i| !i.acked)
                 .map(|i| i.sent)
                 .min()
                 .map_or(now, |sent| sent + timeout);
@@ -237,7 +262,52 @@ impl Dispatcher {
             tracing::warn!(instance = %self.cfg.instance, slot, moved, ?timeout, "replica stopped acknowledging: its messages go to others");
             self.lose_active(slot, "ack_timeout", deadline);
         }
+        self.sweep_jobs(now);
         self.pump();
+    }
+
+    /// Completion acknowledgement: a job not done within `complete.timeout`
+    /// of its delivery goes to another replica (the one that has it may
+    /// still finish it: a duplicate, as at-least-once allows); the jobs in
+    /// progress and the oldest one's age are published.
+    pub(super) fn sweep_jobs(&mut self, now: Instant) {
+        let Some(timeout) = self.cfg.complete.as_ref().map(|c| c.timeout) else {
+            return;
+        };
+        let mut overdue = Vec::new();
+        let (mut count, mut oldest) = (0i64, Duration::ZERO);
+        for (&slot, r) in &self.replicas {
+            for (&pkid, i) in &r.inflight {
+                if i.key.is_none() {
+                    continue;
+                }
+                let age = now.duration_since(i.sent);
+                if i.acked && age > timeout {
+                    overdue.push((slot, pkid));
+                } else {
+                    count += 1;
+                    oldest = oldest.max(age);
+                }
+            }
+        }
+        for (slot, pkid) in overdue {
+            let Some(r) = self.replicas.get_mut(&slot) else {
+                continue;
+            };
+            let Some(job) = r.inflight.remove(&pkid) else {
+                continue;
+            };
+            r.inflight_gauge.set(r.inflight.len() as i64);
+            tracing::warn!(instance = %self.cfg.instance, slot, topic = %job.queued.msg.topic, ?timeout, "job not done within complete.timeout: handed to another replica");
+            let mut q = job.queued;
+            q.redelivery = true;
+            q.not_to = Some(slot);
+            self.queue.push_front(q);
+            self.redeliveries.inc();
+            count += 1;
+        }
+        self.in_progress.set(count);
+        self.oldest_job.set(oldest.as_secs_f64());
     }
 }
 

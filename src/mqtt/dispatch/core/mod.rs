@@ -59,6 +59,9 @@ pub struct DispatchSettings {
     /// The broker honours the MQTT 5 retain as published and retain handling
     /// options (Mosquitto, EMQX, HiveMQ; not the embedded rumqttd 0.20).
     pub retain_options: bool,
+    /// Completion acknowledgement: a job is acknowledged upstream once its
+    /// result is published, not on receipt.
+    pub complete: Option<crate::config::Complete>,
 }
 
 /// What replica sessions tell the dispatcher.
@@ -127,6 +130,9 @@ struct Queued {
     /// A retained message sent because its replica subscribed (retain flag
     /// on, that replica's alone); otherwise a live one.
     on_subscribe: bool,
+    /// A job handed on because this replica did not finish it in time: to
+    /// another replica when there is one.
+    not_to: Option<u16>,
 }
 
 /// The subscriptions of a replica that left with its session kept, for the
@@ -149,6 +155,12 @@ struct Sub {
 struct Inflight {
     queued: Queued,
     sent: Instant,
+    /// Completion acknowledgement: the key its result must carry (`None`:
+    /// done on receipt, as without `complete`).
+    key: Option<Vec<u8>>,
+    /// The replica acknowledged receipt; a job with a key waits for its
+    /// result.
+    acked: bool,
 }
 
 struct Replica {
@@ -221,6 +233,9 @@ struct OutPub {
     msg: Message,
     /// PUBREC seen (QoS 2): only PUBREL/PUBCOMP left.
     received: bool,
+    /// A result: the job it finishes, acknowledged upstream once the broker
+    /// has the result (handed on if the broker refuses it).
+    completes: Option<Queued>,
 }
 
 struct PendingAck {
@@ -289,6 +304,11 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     queued_gauge: IntGauge,
     redeliveries: IntCounter,
+    /// Completion acknowledgement: jobs without a key, results without a job.
+    uncorrelated: IntCounter,
+    unmatched: IntCounter,
+    in_progress: IntGauge,
+    oldest_job: prometheus::Gauge,
     /// Sessions of replicas that left with clean start off, by slot.
     sessions: HashMap<u16, SavedSession>,
     /// Active-standby: the replica that gets every message.
@@ -310,6 +330,11 @@ impl Dispatcher {
         let redeliveries = metrics
             .dispatch_redeliveries
             .with_label_values(&[cfg.instance.as_str()]);
+        let instance = [cfg.instance.as_str()];
+        let uncorrelated = metrics.dispatch_uncorrelated.with_label_values(&instance);
+        let unmatched = metrics.dispatch_unmatched.with_label_values(&instance);
+        let in_progress = metrics.dispatch_in_progress.with_label_values(&instance);
+        let oldest_job = metrics.dispatch_oldest_job.with_label_values(&instance);
         let (fetched, fetched_rx) = mpsc::unbounded_channel();
         Self {
             cfg,
@@ -336,6 +361,10 @@ impl Dispatcher {
             metrics,
             queued_gauge,
             redeliveries,
+            uncorrelated,
+            unmatched,
+            in_progress,
+            oldest_job,
             sessions: HashMap::new(),
             active: None,
             lost: None,
@@ -400,8 +429,9 @@ impl Dispatcher {
         match self.up.try_send(cmd) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(cmd)) => {
+                // not an error: nothing is lost, replicas wait (no longer
+                // counted as `upstream_backlog`, which meant a drop)
                 tracing::warn!(instance = %self.cfg.instance, "the upstream session is behind: its commands wait in order");
-                self.metrics.error("upstream_backlog");
                 self.backlog.push_back(cmd);
             }
             // the upstream task is gone: flowgate is stopping

@@ -140,6 +140,7 @@ impl Dispatcher {
                     replica_pkid: 0,
                     msg: will.clone(),
                     received: false,
+                    completes: None,
                 },
             );
         }
@@ -200,13 +201,22 @@ impl Dispatcher {
             tracing::info!(instance = %self.cfg.instance, slot, "stalled replica acknowledges again");
             r.stalled = false;
         }
-        let Some(done) = r.inflight.remove(&pkid) else {
+        let Some(entry) = r.inflight.get_mut(&pkid) else {
             return; // already moved to another replica
         };
         if qos2 {
             r.released.insert(pkid);
             let _ = r.tx.try_send(Outgoing::PubRel(pkid));
         }
+        if entry.key.is_some() {
+            // received, not done: it waits for its result (and still
+            // counts against the replica's window)
+            entry.acked = true;
+            return;
+        }
+        let Some(done) = r.inflight.remove(&pkid) else {
+            return;
+        };
         r.inflight_gauge.set(r.inflight.len() as i64);
         self.ack_upstream(done.queued.origin);
         self.pump();
@@ -246,11 +256,16 @@ impl Dispatcher {
             return;
         }
         if msg.qos == 0 {
+            let completes = self.job_done_by(slot, &msg);
             self.send_up(UpCmd::Publish {
                 msg,
                 pkid: 0,
                 dup: false,
             });
+            // written before the job's acknowledgement, on one connection
+            if let Some(job) = completes {
+                self.ack_upstream(job.origin);
+            }
             return;
         }
         if self
@@ -260,6 +275,7 @@ impl Dispatcher {
         {
             return; // a DUP of a publish already on its way
         }
+        let completes = self.job_done_by(slot, &msg);
         let pkid = self.alloc_up_pkid();
         self.out.insert(
             pkid,
@@ -268,6 +284,7 @@ impl Dispatcher {
                 replica_pkid,
                 msg: msg.clone(),
                 received: false,
+                completes,
             },
         );
         if self.upstream_up {
@@ -277,6 +294,35 @@ impl Dispatcher {
                 dup: false,
             });
         }
+    }
+
+    /// Completion acknowledgement: the job of `slot` that the result `msg`
+    /// finishes (the oldest with its key), taken out of the replica's
+    /// window. `None` when `msg` is no result, or names no job of that
+    /// replica (counted: `flowgate_dispatch_unmatched_results_total`).
+    fn job_done_by(&mut self, slot: u16, msg: &Message) -> Option<Queued> {
+        let c = self.cfg.complete.as_ref()?;
+        if !c.topic.iter().any(|f| f.matches(&msg.topic)) {
+            return None;
+        }
+        let key = crate::mqtt::dispatch::complete::key(&c.correlate, msg);
+        let r = self.replicas.get_mut(&slot)?;
+        let found = key.as_ref().and_then(|k| {
+            r.inflight
+                .iter()
+                .filter(|(_, i)| i.key.as_ref() == Some(k))
+                .min_by_key(|(_, i)| i.sent)
+                .map(|(&pkid, _)| pkid)
+        });
+        let Some(job) = found.and_then(|pkid| r.inflight.remove(&pkid)) else {
+            self.unmatched.inc();
+            tracing::debug!(instance = %self.cfg.instance, slot, topic = %msg.topic, "result names no job of its replica");
+            return None;
+        };
+        r.inflight_gauge.set(r.inflight.len() as i64);
+        // room in its window
+        self.pump();
+        Some(job.queued)
     }
 
     pub(super) fn on_subscribe(
@@ -444,6 +490,7 @@ impl Dispatcher {
             redelivery: false,
             arrived: now,
             on_subscribe: true,
+            not_to: None,
         }));
         self.pump();
     }

@@ -80,13 +80,16 @@ impl Dispatcher {
                 // the broker's reason (v5: no matching subscribers, not
                 // authorized...) goes on to the replica
                 if let Some(o) = self.out.remove(&pkid) {
+                    let stored = code.code < 0x80;
                     self.to_replica(o.slot, Outgoing::PubAck(o.replica_pkid, code));
+                    self.result_stored(o.completes, stored);
                 }
             }
             Incoming::PubRec(pkid, code) if code.code >= 0x80 => {
                 // refused: the QoS 2 exchange ends here, no PUBREL
                 if let Some(o) = self.out.remove(&pkid) {
                     self.to_replica(o.slot, Outgoing::PubRec(o.replica_pkid, code));
+                    self.result_stored(o.completes, false);
                 }
             }
             Incoming::PubRec(pkid, code) => {
@@ -98,10 +101,29 @@ impl Dispatcher {
                 }
             }
             Incoming::PubComp(pkid) => {
-                self.out.remove(&pkid);
+                if let Some(o) = self.out.remove(&pkid) {
+                    self.result_stored(o.completes, true);
+                }
             }
             Incoming::SubAck(pkid, codes, props) => self.on_upstream_suback(pkid, &codes, &props),
             _ => {}
+        }
+    }
+
+    /// Completion acknowledgement: the broker has the result of `job` (its
+    /// job is acknowledged upstream, in order) or refused it (the job is
+    /// handed on, to be done again).
+    fn result_stored(&mut self, job: Option<Queued>, stored: bool) {
+        let Some(mut job) = job else {
+            return;
+        };
+        if stored {
+            self.ack_upstream(job.origin);
+        } else {
+            tracing::warn!(instance = %self.cfg.instance, topic = %job.msg.topic, "the broker refused a result: its job is done again");
+            job.redelivery = true;
+            self.queue.push_front(job);
+            self.pump();
         }
     }
 
@@ -184,6 +206,7 @@ impl Dispatcher {
             redelivery: false,
             arrived: Instant::now(),
             on_subscribe: false,
+            not_to: None,
         });
         self.pump();
     }
@@ -197,6 +220,7 @@ impl Dispatcher {
                 redelivery: false,
                 arrived: Instant::now(),
                 on_subscribe: false,
+                not_to: None,
             };
             if self.deliver(slot, queued).is_err() {
                 self.metrics

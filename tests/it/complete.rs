@@ -1,0 +1,288 @@
+//! Completion acknowledgement (`complete`): a job a replica took and had not
+//! finished when it died is done by another. Two replicas that acknowledge
+//! on receipt (as Node-RED's `mqtt in` does) and publish the result 1 s
+//! later; one is killed mid-stream; every job must be done.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+use crate::dispatch::{start, Upstream};
+use crate::support::*;
+
+/// Jobs sent, one every 50 ms (20 a second).
+const JOBS: u32 = 60;
+/// How long a replica works on a job before it publishes the result.
+const WORK: Duration = Duration::from_secs(1);
+
+/// How a job and its result carry the key.
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    Topic,
+    Json,
+    CorrelationData,
+}
+
+impl Form {
+    fn config(self) -> &'static str {
+        match self {
+            Form::Topic => "complete = { topic = \"done/#\", correlate = \"topic:1\" }",
+            Form::Json => "complete = { topic = \"done\", correlate = \"json:id\" }",
+            Form::CorrelationData => {
+                "complete = { topic = \"done\", correlate = \"correlation-data\" }"
+            }
+        }
+    }
+
+    fn job(self, id: u32) -> (String, String, Option<PublishProperties>) {
+        match self {
+            Form::Topic => (format!("jobs/{id}"), String::new(), None),
+            Form::Json => ("jobs".into(), format!("{{\"id\": {id}}}"), None),
+            Form::CorrelationData => (
+                "jobs".into(),
+                String::new(),
+                Some(PublishProperties {
+                    correlation_data: Some(Bytes::from(format!("c{id}"))),
+                    response_topic: Some("done".into()),
+                    ..Default::default()
+                }),
+            ),
+        }
+    }
+
+    /// The job's id, from what a replica got or an observer saw.
+    fn id_of(self, topic: &str, payload: &[u8], props: Option<&PublishProperties>) -> Option<u32> {
+        match self {
+            Form::Topic => topic.rsplit('/').next()?.parse().ok(),
+            Form::Json => {
+                let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+                u32::try_from(v.get("id")?.as_u64()?).ok()
+            }
+            Form::CorrelationData => {
+                let c = props?.correlation_data.as_ref()?;
+                std::str::from_utf8(c.strip_prefix(b"c")?)
+                    .ok()?
+                    .parse()
+                    .ok()
+            }
+        }
+    }
+
+    /// The result of job `id`, as the replica publishes it.
+    fn result(
+        self,
+        id: u32,
+        props: Option<PublishProperties>,
+    ) -> (String, String, Option<PublishProperties>) {
+        match self {
+            Form::Topic => (format!("done/{id}"), "ok".into(), None),
+            Form::Json => ("done".into(), format!("{{\"id\": \"{id}\"}}"), None),
+            Form::CorrelationData => (
+                "done".into(),
+                "ok".into(),
+                Some(PublishProperties {
+                    correlation_data: props.and_then(|p| p.correlation_data),
+                    ..Default::default()
+                }),
+            ),
+        }
+    }
+}
+
+/// A replica: acknowledges each job on receipt (rumqttc does), publishes its
+/// result `WORK` later. Aborting its task kills it (no DISCONNECT).
+fn worker(
+    addr: std::net::SocketAddr,
+    form: Form,
+    subscribed: tokio::sync::mpsc::UnboundedSender<()>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut opts = MqttOptions::new("line1-nodered", addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(opts, 1000);
+        client
+            // "jobs/#" covers "jobs" too
+            .subscribe_many([Filter::new("jobs/#", QoS::AtLeastOnce)])
+            .await
+            .expect("queued");
+        let mut work = tokio::task::JoinSet::new();
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let Some(id) = form.id_of(&topic, &p.payload, p.properties.as_ref()) else {
+                        continue;
+                    };
+                    let client = client.clone();
+                    let props = p.properties.clone();
+                    work.spawn(async move {
+                        tokio::time::sleep(WORK).await;
+                        let (topic, payload, props) = form.result(id, props);
+                        let _ = match props {
+                            Some(props) => {
+                                client
+                                    .publish_with_properties(
+                                        topic,
+                                        QoS::AtLeastOnce,
+                                        false,
+                                        payload,
+                                        props,
+                                    )
+                                    .await
+                            }
+                            None => {
+                                client
+                                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                                    .await
+                            }
+                        };
+                    });
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = subscribed.send(());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+}
+
+/// Sends `JOBS` jobs at 20 a second, kills the replica `kill` half-way, and
+/// returns the ids whose result an observer saw.
+async fn run(upstream: &Upstream, form: Form) -> BTreeSet<u32> {
+    let app = start(upstream, form.config()).await;
+    let addr = app.mqtt_addr;
+    // the observer of results, and the job publisher: plain clients
+    let mut opts = MqttOptions::new("observer", addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (observer, mut observer_el) = AsyncClient::new(opts, 1000);
+    observer
+        .subscribe_many([Filter::new("done/#", QoS::AtLeastOnce)])
+        .await
+        .expect("queued");
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (sub_tx, mut sub_rx) = tokio::sync::mpsc::unbounded_channel();
+    let observer_sub = sub_tx.clone();
+    let observing = tokio::spawn(async move {
+        loop {
+            match observer_el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let _ = done_tx.send((topic, p.payload, p.properties));
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = observer_sub.send(());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    // a replica's SUBACK comes once the instance's subscription is live
+    // upstream: from then on no job is lost at the broker
+    let workers = [
+        worker(addr, form, sub_tx.clone()),
+        worker(addr, form, sub_tx),
+    ];
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
+            .await
+            .expect("the SUBACKs of the replicas and the observer")
+            .expect("replica alive");
+    }
+    let mut opts = MqttOptions::new("publisher", addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (publisher, mut publisher_el) = AsyncClient::new(opts, 1000);
+    let publishing = tokio::spawn(async move { while publisher_el.poll().await.is_ok() {} });
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for id in 0..JOBS {
+        tick.tick().await;
+        if id == JOBS / 2 {
+            workers[0].abort();
+        }
+        let (topic, payload, props) = form.job(id);
+        match props {
+            Some(p) => publisher
+                .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, p)
+                .await
+                .expect("queued"),
+            None => publisher
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("queued"),
+        }
+    }
+    let mut done = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while done.len() < JOBS as usize {
+        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+            Ok(Some((topic, payload, props))) => {
+                if let Some(id) = result_id(form, &topic, &payload, props.as_ref()) {
+                    done.insert(id);
+                }
+            }
+            _ => break,
+        }
+    }
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    eprintln!(
+        "{} {form:?}: {} of {JOBS} done; uncorrelated {}, redelivered {}",
+        upstream.name(),
+        done.len(),
+        metric_sum(
+            &m,
+            "flowgate_dispatch_uncorrelated_total",
+            &[("instance", "line1")]
+        ),
+        metric_sum(
+            &m,
+            "flowgate_dispatch_redeliveries_total",
+            &[("instance", "line1")]
+        ),
+    );
+    for w in workers {
+        w.abort();
+    }
+    observing.abort();
+    publishing.abort();
+    app.shutdown(Duration::from_secs(2)).await;
+    done
+}
+
+/// The id a result names.
+fn result_id(
+    form: Form,
+    topic: &str,
+    payload: &[u8],
+    props: Option<&PublishProperties>,
+) -> Option<u32> {
+    match form {
+        Form::Json => {
+            let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+            v.get("id")?.as_str()?.parse().ok()
+        }
+        _ => form.id_of(topic, payload, props),
+    }
+}
+
+#[tokio::test]
+async fn every_job_is_done_when_a_replica_dies_holding_jobs_in_progress() {
+    let embedded = Upstream::Embedded;
+    for form in [Form::Topic, Form::Json, Form::CorrelationData] {
+        let done = run(&embedded, form).await;
+        let missing: Vec<u32> = (0..JOBS).filter(|id| !done.contains(id)).collect();
+        assert!(
+            missing.is_empty(),
+            "embedded {form:?}: never done: {missing:?}"
+        );
+    }
+    let mosquitto = Upstream::Mosquitto(Mosquitto::start().await);
+    let done = run(&mosquitto, Form::Topic).await;
+    let missing: Vec<u32> = (0..JOBS).filter(|id| !done.contains(id)).collect();
+    assert!(missing.is_empty(), "mosquitto: never done: {missing:?}");
+}
