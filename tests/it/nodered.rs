@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use crate::loadtest::{loadtest, strings};
 use crate::support::*;
 
+mod complete;
 mod public;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowgate");

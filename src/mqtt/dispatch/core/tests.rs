@@ -335,3 +335,21 @@ fn a_job_not_done_within_the_timeout_goes_to_another_replica() {
     rig.result(other, "done/7", 0, 0);
     assert_eq!(rig.drain_up().0, vec![10]);
 }
+
+#[test]
+fn two_jobs_with_one_key_are_finished_oldest_first() {
+    let mut rig = Rig::new(Some(complete("topic:1")));
+    rig.join(0);
+    rig.job(7, 10);
+    rig.job(7, 11);
+    for (_, pkid) in rig.got(0) {
+        rig.ack(0, pkid);
+    }
+    rig.result(0, "done/7", 0, 0);
+    assert_eq!(rig.drain_up().0, vec![10], "the older one");
+    rig.result(0, "done/7", 0, 0);
+    assert_eq!(rig.drain_up().0, vec![11]);
+    rig.result(0, "done/7", 0, 0);
+    assert!(rig.drain_up().0.is_empty());
+    assert_eq!(rig.d.unmatched.get(), 1, "a third result names no job");
+}
