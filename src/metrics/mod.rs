@@ -107,31 +107,30 @@ pub struct ReplicaCounters {
     pub bytes_from: IntCounter,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let vec = IntCounterVec::new(Opts::new(name, help), labels)
-        .expect("metric names and labels are static and valid");
+/// Registers `vec` in `registry` and hands it back.
+fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, vec: C) -> C {
     registry
         .register(Box::new(vec.clone()))
         .expect("each metric is registered once in a fresh registry");
     vec
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric names and labels are static and valid");
+    registered(registry, vec)
 }
 
 fn float_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let vec = GaugeVec::new(Opts::new(name, help), labels)
         .expect("metric names and labels are static and valid");
-    registry
-        .register(Box::new(vec.clone()))
-        .expect("each metric is registered once in a fresh registry");
-    vec
+    registered(registry, vec)
 }
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let vec = IntGaugeVec::new(Opts::new(name, help), labels)
         .expect("metric names and labels are static and valid");
-    registry
-        .register(Box::new(vec.clone()))
-        .expect("each metric is registered once in a fresh registry");
-    vec
+    registered(registry, vec)
 }
 
 impl Metrics {

@@ -157,6 +157,21 @@ impl Rig {
         out
     }
 
+    /// Which of replicas 0 and 1 got the one job sent, and its packet id.
+    fn holder(&mut self) -> (u16, u16) {
+        match self.got(0).first() {
+            Some(g) => (0, g.1),
+            None => (1, self.got(1)[0].1),
+        }
+    }
+
+    /// `slot` acknowledges receipt of every job it got since the last call.
+    fn ack_all(&mut self, slot: u16) {
+        for (_, pkid) in self.got(slot) {
+            self.ack(slot, pkid);
+        }
+    }
+
     /// The replica acknowledges receipt (PUBACK).
     fn ack(&mut self, slot: u16, pkid: u16) {
         self.d.on_replica(ReplicaEvent::Packet {
@@ -266,9 +281,7 @@ fn acknowledgements_stay_in_arrival_order_when_results_do_not() {
     rig.join(0);
     rig.job(1, 10);
     rig.job(2, 11);
-    for (_, pkid) in rig.got(0) {
-        rig.ack(0, pkid);
-    }
+    rig.ack_all(0);
     rig.result(0, "done/2", 0, 0);
     assert!(rig.drain_up().0.is_empty(), "job 10 is not done yet");
     rig.result(0, "done/1", 0, 0);
@@ -292,10 +305,7 @@ fn a_result_naming_no_job_is_counted_and_acknowledges_nothing() {
     rig.join(0);
     rig.join(1);
     rig.job(7, 10);
-    let (slot, pkid) = match rig.got(0).first() {
-        Some(g) => (0, g.1),
-        None => (1, rig.got(1)[0].1),
-    };
+    let (slot, pkid) = rig.holder();
     rig.ack(slot, pkid);
     rig.result(slot, "done/8", 0, 0); // no such job
     rig.result(1 - slot, "done/7", 0, 0); // another replica's job
@@ -312,10 +322,7 @@ fn a_job_not_done_within_the_timeout_goes_to_another_replica() {
     rig.join(0);
     rig.join(1);
     rig.job(7, 10);
-    let (slot, pkid) = match rig.got(0).first() {
-        Some(g) => (0, g.1),
-        None => (1, rig.got(1)[0].1),
-    };
+    let (slot, pkid) = rig.holder();
     rig.ack(slot, pkid);
     // the other replica gets job 8 (fewer in flight) and holds it: by
     // least-inflight job 7 would now go back to the slow one
@@ -342,9 +349,7 @@ fn two_jobs_with_one_key_are_finished_oldest_first() {
     rig.join(0);
     rig.job(7, 10);
     rig.job(7, 11);
-    for (_, pkid) in rig.got(0) {
-        rig.ack(0, pkid);
-    }
+    rig.ack_all(0);
     rig.result(0, "done/7", 0, 0);
     assert_eq!(rig.drain_up().0, vec![10], "the older one");
     rig.result(0, "done/7", 0, 0);
