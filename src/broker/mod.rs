@@ -5,6 +5,8 @@
 //! bound, so flowgate picks free loopback ports, starts it there, and waits
 //! until both listeners (3.1.1 and 5.0) answer. It listens on 127.0.0.1 only:
 //! clients reach it through flowgate's MQTT listener, never directly.
+//! rumqttd is built from `vendor/rumqttd` (the published 0.20.0 with the
+//! fixes listed in its FLOWGATE.md).
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
@@ -45,9 +47,9 @@ fn settings(name: &str, addr: SocketAddr, max_packet: usize) -> String {
     )
 }
 
-/// A CONNECT, clean session, with a client id used once: rumqttd 0.20
-/// panics (and poisons its listener for good) when a client id comes back
-/// while a half-set-up connection of that id is still registered.
+/// A CONNECT, clean session, with a client id used once (a probe that times
+/// out leaves a half-set-up connection of its id behind; the unpatched
+/// rumqttd 0.20 then took the listener down, vendor/rumqttd/FLOWGATE.md).
 fn probe_connect(v5: bool, attempt: u32) -> Vec<u8> {
     let id = format!("flowgate-probe-{}-{attempt}", std::process::id());
     let mut body = vec![

@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod binary;
+mod bundled;
 mod complete;
 mod dispatch;
 mod hostile;
