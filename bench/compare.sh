@@ -25,6 +25,13 @@ SIZES=${SIZES:-"64 1024"}
 FG_THREADS=${FG_THREADS:-}
 # the load tool's clients: 3.1.1 (default) or 5
 CLIENTS=${CLIENTS:-3.1.1}
+# every publish retained (RETAIN=1): the brokers' durable path
+RETAIN=${RETAIN:-}
+# which targets, in this order: direct flowgate dispatch dispatch-3.1.1 haproxy
+# (the default), and the bundled broker with and without its store beside
+# Mosquitto with persistence on:
+#   TARGETS="embedded embedded-durable direct mosquitto-persist" RETAIN=1 bash bench/compare.sh
+TARGETS=(${TARGETS:-direct flowgate dispatch dispatch-3.1.1 haproxy})
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -167,6 +174,50 @@ for _ in $(seq 100); do
 done
 FGD3_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-dispatch3.json")
 
+wanted() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
+
+# start_flowgate NAME CONFIG: runs flowgate on CONFIG; sets FG_STARTED_PID and
+# FG_STARTED_ADDR
+start_flowgate() {
+    "$FLOWGATE_BIN" run --config "$2" --ready-file "$WORK/ready-$1.json" \
+        >"$WORK/flowgate-$1.out" 2>"$WORK/flowgate-$1.log" &
+    FG_STARTED_PID=$!
+    PIDS+=("$FG_STARTED_PID")
+    for _ in $(seq 100); do
+        [[ -s $WORK/ready-$1.json ]] && break
+        kill -0 "$FG_STARTED_PID" 2>/dev/null || { log "flowgate ($1) exited; see $WORK/flowgate-$1.log"; exit 1; }
+        sleep 0.1
+    done
+    FG_STARTED_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-$1.json")
+}
+
+# --- flowgate on its bundled broker (dispatch), store off and on ----------------
+EMB_PID=$MOSQ_PID EMBD_PID=$MOSQ_PID MOSQP_PID=$MOSQ_PID
+if wanted embedded || wanted embedded-durable; then
+    sed -e "s|upstream = \"mqtt://127.0.0.1:$MOSQ_PORT\"|upstream = \"embedded\"|" \
+        -e 's/mode = "share"/mode = "dispatch"/' -e 's/node_id = "bench"/node_id = "benche"/' \
+        "$WORK/flowgate.toml" >"$WORK/flowgate-embedded.toml"
+    { echo 'data_dir = ""'; cat "$WORK/flowgate-embedded.toml"; } >"$WORK/flowgate-embedded-off.toml"
+    { echo "data_dir = \"$WORK/store\""; cat "$WORK/flowgate-embedded.toml"; } >"$WORK/flowgate-embedded-on.toml"
+    start_flowgate embedded "$WORK/flowgate-embedded-off.toml"
+    EMB_PID=$FG_STARTED_PID EMB_ADDR=$FG_STARTED_ADDR
+    start_flowgate embedded-durable "$WORK/flowgate-embedded-on.toml"
+    EMBD_PID=$FG_STARTED_PID EMBD_ADDR=$FG_STARTED_ADDR
+fi
+
+# --- Mosquitto with persistence on (its default autosave) ------------------------
+if wanted mosquitto-persist; then
+    MOSQP_PORT=$(free_port)
+    mkdir -p "$WORK/mosquitto-persist"
+    sed -e "s/^listener $MOSQ_PORT /listener $MOSQP_PORT /" -e 's/^persistence false/persistence true/' \
+        "$WORK/mosquitto.conf" >"$WORK/mosquitto-persist.conf"
+    echo "persistence_location $WORK/mosquitto-persist/" >>"$WORK/mosquitto-persist.conf"
+    mosquitto -c "$WORK/mosquitto-persist.conf" 2>"$WORK/mosquitto-persist.log" &
+    MOSQP_PID=$!
+    PIDS+=("$MOSQP_PID")
+    wait_port "$MOSQP_PORT" "$MOSQP_PID" mosquitto-persist
+fi
+
 # --- HAProxy (TCP mode) ----------------------------------------------------
 HA_PORT=$(free_port)
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -206,7 +257,11 @@ run_one() { # TARGET QOS SIZE RATE ROUND
         dispatch) addr=$FGD_ADDR; proxy_cpu=(--cpu "proxy=$FGD_PID"); mosq_pid=$MOSQ2_PID ;;
         dispatch-3.1.1) addr=$FGD3_ADDR; proxy_cpu=(--cpu "proxy=$FGD3_PID"); mosq_pid=$MOSQ3_PID ;;
         haproxy) addr=127.0.0.1:$HA_PORT; extra=(--share --sub-id-unique); proxy_cpu=(--cpu "proxy=$HA_PID") ;;
+        embedded) addr=$EMB_ADDR; proxy_cpu=(--cpu "proxy=$EMB_PID"); mosq_pid=$EMB_PID ;;
+        embedded-durable) addr=$EMBD_ADDR; proxy_cpu=(--cpu "proxy=$EMBD_PID"); mosq_pid=$EMBD_PID ;;
+        mosquitto-persist) addr=127.0.0.1:$MOSQP_PORT; extra=(--share --sub-id-unique); mosq_pid=$MOSQP_PID ;;
     esac
+    [[ -n $RETAIN ]] && extra+=(--retain)
     local line
     if ! line=$("$BENCH_BIN" --target "$addr" --label "$target" --qos "$qos" --size "$size" \
         --rate "$rate" --duration "$DURATION" --subscribers "$SUBSCRIBERS" \
@@ -216,7 +271,8 @@ run_one() { # TARGET QOS SIZE RATE ROUND
         log "mqtt_load failed: $target qos=$qos size=$size rate=$rate round=$round (see $WORK/mqtt_load.log)"
         line="{\"target_label\":\"$target\",\"qos\":$qos,\"size\":$size,\"rate_target\":$rate,\"failed\":true}"
     fi
-    for pid in "$MOSQ_PID" "$MOSQ2_PID" "$MOSQ3_PID" "$FG_PID" "$FGD_PID" "$FGD3_PID" "$HA_PID"; do
+    for pid in "$MOSQ_PID" "$MOSQ2_PID" "$MOSQ3_PID" "$FG_PID" "$FGD_PID" "$FGD3_PID" "$HA_PID" \
+        "$EMB_PID" "$EMBD_PID" "$MOSQP_PID"; do
         kill -0 "$pid" 2>/dev/null || { log "process $pid died (see $WORK)"; exit 1; }
     done
     line=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$line" "$round")
@@ -225,7 +281,6 @@ run_one() { # TARGET QOS SIZE RATE ROUND
     sleep 0.5
 }
 
-TARGETS=(direct flowgate dispatch dispatch-3.1.1 haproxy)
 N=${#TARGETS[@]}
 for qos in $QOSES; do
     for size in $SIZES; do
@@ -262,18 +317,23 @@ print(f"MQTT {runs[0].get('protocol', '3.1.1')} clients. Saturation (`--rate 0`)
       f"{duration} s per run (1 s warm-up), median of {rounds} alternating rounds; "
       f"latency at a fixed {int(rate):,} msg/s. Lost = sent - received after drain, summed over all runs of that row.\n")
 print("target flowgate = share mode; dispatch = flowgate in dispatch mode (MQTT 5 upstream session; a second process, its own broker); dispatch-3.1.1 = the same with `upstream_protocol = \"3.1.1\"` (a third).\n")
-print("| QoS | size | target | msgs/s (sat) | vs direct | vs haproxy | p50 µs @rate | p99 µs @rate | lost (sat / rate) | CPU % tool / mosquitto / proxy (sat) |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+if any(r["target_label"].startswith(("embedded", "mosquitto-")) for r in runs):
+    print("embedded = flowgate in dispatch mode on its bundled broker, `data_dir = \"\"` (keeps nothing); embedded-durable = the same with its store on (a process of its own); mosquitto-persist = Mosquitto with `persistence true` (default autosave); `vs off` = embedded-durable / embedded, mosquitto-persist / direct." + (" Every publish retained (`RETAIN=1`)." if any(r.get("retain") for r in runs) else "") + "\n")
+print("| QoS | size | target | msgs/s (sat) | vs direct | vs haproxy | vs off | p50 µs @rate | p99 µs @rate | lost (sat / rate) | CPU % tool / mosquitto / proxy (sat) |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+OFF = {"embedded-durable": "embedded", "mosquitto-persist": "direct"}
 for qos, size in cases:
-    targets = [t for t in ("direct", "flowgate", "dispatch", "dispatch-3.1.1", "haproxy") if pick(qos, size, 0, t)]
+    targets = [t for t in ("direct", "flowgate", "dispatch", "dispatch-3.1.1", "haproxy", "embedded",
+                           "embedded-durable", "mosquitto-persist") if pick(qos, size, 0, t)]
     sat = {t: med(pick(qos, size, 0, t), "msgs_per_s") for t in targets}
     for t in targets:
         s, fixed = pick(qos, size, 0, t), pick(qos, size, int(rate), t)
-        ratio = lambda base: f(sat[t] / sat[base], "{:.2f}x") if sat[t] and sat[base] else "n/a"
+        ratio = lambda base: f(sat[t] / sat[base], "{:.2f}x") if sat[t] and sat.get(base) else "n/a"
         cpu = " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto", "proxy")) if t != "direct" \
             else " / ".join(f(med(s, "cpu_pct", k)) for k in ("tool", "mosquitto")) + " / -"
         print(f"| {qos} | {size} B | {t} | {f(sat[t])} | {ratio('direct') if t != 'direct' else '1.00x'} | "
-              f"{ratio('haproxy') if t in ('flowgate', 'dispatch', 'dispatch-3.1.1') else '-'} | {f(med(fixed, 'p50_us'))} | "
+              f"{ratio('haproxy') if t in ('flowgate', 'dispatch', 'dispatch-3.1.1') else '-'} | "
+              f"{ratio(OFF[t]) if t in OFF else '-'} | {f(med(fixed, 'p50_us'))} | "
               f"{f(med(fixed, 'p99_us'))} | {lost(s)} / {lost(fixed)} | {cpu} |")
 EOF
 # flowgate's own counters after every run: errors, rewrites, connections
@@ -287,6 +347,15 @@ python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" +
     echo '```'
     grep -E '^flowgate_mqtt_(errors|rewrites|connections)_total' "$WORK/flowgate-metrics.txt" || echo "(no error, rewrite or connection samples)"
     echo '```'
+    if wanted embedded-durable; then
+        python3 -c 'import json,sys,urllib.request; a=json.load(open(sys.argv[1]))["admin"]; print(urllib.request.urlopen("http://"+a+"/metrics", timeout=5).read().decode())' \
+            "$WORK/ready-embedded-durable.json" >"$WORK/embedded-durable-metrics.txt" || log "cannot read embedded-durable /metrics"
+        echo "embedded-durable's store at the end (commits batch the changes; the histogram is how long a change waits to be on disk):"
+        echo '```'
+        grep -E '^flowgate_broker_(store|retained)' "$WORK/embedded-durable-metrics.txt" | grep -v '_bucket' || true
+        grep -E '^flowgate_broker_store_commit_seconds_bucket' "$WORK/embedded-durable-metrics.txt" || true
+        echo '```'
+    fi
 } >>"$MD"
 cat "$MD"
 log "table: $MD, raw runs: $JSONL"

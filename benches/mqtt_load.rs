@@ -38,6 +38,8 @@ struct Args {
     cpu: Vec<(String, u32)>, // `--cpu name=pid`: report its CPU use over the window
     /// `--v5`: MQTT 5 clients (the default is 3.1.1).
     v5: bool,
+    /// `--retain`: every publish retained (a broker's durable path).
+    retain: bool,
 }
 
 /// A publisher of either protocol version.
@@ -47,14 +49,14 @@ enum Publisher {
 }
 
 impl Publisher {
-    async fn publish(&self, topic: String, qos: QoS, payload: Vec<u8>) {
+    async fn publish(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) {
         match self {
             Self::V4(c) => c
-                .publish(topic, qos, false, payload)
+                .publish(topic, qos, retain, payload)
                 .await
                 .map_err(|e| e.to_string()),
             Self::V5(c) => c
-                .publish(topic, qos5(qos), false, payload)
+                .publish(topic, qos5(qos), retain, payload)
                 .await
                 .map_err(|e| e.to_string()),
         }
@@ -74,7 +76,7 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "mqtt_load: {msg}\nargs: --target HOST:PORT [--label L] [--qos 0|1] [--size BYTES] \
          [--rate MSGS_PER_S (0 = max)] [--duration SECS] [--subscribers K] [--sub-id ID] \
-         [--sub-id-unique] [--share] [--publishers P] [--cpu NAME=PID]... [--v5]"
+         [--sub-id-unique] [--share] [--publishers P] [--cpu NAME=PID]... [--v5] [--retain]"
     );
     std::process::exit(2)
 }
@@ -93,6 +95,7 @@ fn parse_args() -> Args {
         sub_id_unique: false,
         share: false,
         v5: false,
+        retain: false,
         publishers: 1,
         cpu: Vec::new(),
     };
@@ -126,6 +129,7 @@ fn parse_args() -> Args {
             "--sub-id-unique" => a.sub_id_unique = true,
             "--share" => a.share = true,
             "--v5" => a.v5 = true,
+            "--retain" => a.retain = true,
             "--cpu" => a.cpu.push(split(&flag, &value(), '=')),
             f => usage(&format!("unknown argument {f:?}")),
         }
@@ -414,7 +418,9 @@ async fn send(sh: Arc<Shared>, client: Publisher, index: u64, end_ns: u64) -> u6
         for (i, w) in [now_ns(), index, seq].into_iter().enumerate() {
             payload[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
-        client.publish(topic.clone(), a.qos, payload).await;
+        client
+            .publish(topic.clone(), a.qos, a.retain, payload)
+            .await;
         seq += 1;
     }
 }
@@ -516,6 +522,7 @@ async fn run(args: Args) {
     let line = serde_json::json!({
         "target_label": a.label,
         "protocol": if a.v5 { "5" } else { "3.1.1" },
+        "retain": a.retain,
         "qos": a.qos as u8,
         "size": a.size,
         "sent": sent,

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::admin::{self, AdminState};
 use crate::broker;
+use crate::broker::store::{Store, StoreError};
 use crate::config::{Balance, Config, InstanceConfig, Mode, Upstream};
 use crate::http::{self, backend::Pool};
 use crate::metrics::Metrics;
@@ -38,6 +39,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{0}")]
     Tls(String),
     #[error("cannot start the HTTP threads: {0}")]
@@ -61,6 +64,8 @@ pub struct App {
     /// What SIGHUP reloads.
     acceptors: Vec<Arc<Acceptor>>,
     passwords: Vec<Arc<PasswordFile>>,
+    /// The bundled broker's store, flushed at stop.
+    store: Option<Store>,
 }
 
 /// Binds `addr` (named by its config key in errors) and reports the address
@@ -79,10 +84,17 @@ impl App {
     /// Binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let mut store = None;
         let (upstream_v3, upstream_v5) = match config.mqtt.upstream.authority() {
             Some(a) => (a.clone(), a),
             None => {
-                let b = broker::start(config.mqtt.max_packet_size.bytes()).await?;
+                // restored before any listener accepts a client
+                if let Some(dir) = &config.data_dir {
+                    store = Some(Store::open(dir, &metrics)?);
+                }
+                let retained = store.as_ref().map(|s| s.router.clone());
+                let b = broker::start(config.mqtt.max_packet_size.bytes(), retained).await?;
                 (b.v4.to_string(), b.v5.to_string())
             }
         };
@@ -146,7 +158,6 @@ impl App {
             }
         }
 
-        let metrics = Arc::new(Metrics::new());
         let instances = Arc::new(Instances::new(&config.instances, &metrics));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -318,6 +329,7 @@ impl App {
             admin,
             acceptors,
             passwords,
+            store,
         })
     }
 
@@ -362,7 +374,12 @@ impl App {
         if !done {
             tracing::warn!(?grace, "tasks still running after the grace period");
         }
-        done
+        // the clients are gone: what the broker reported is all there is
+        let flushed = match &self.store {
+            Some(store) => store.flush(grace).await,
+            None => true,
+        };
+        done && flushed
     }
 }
 

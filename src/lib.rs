@@ -18,7 +18,7 @@
 //!   share-mode and pass-through forwarding;
 //! - [`mqtt::dispatch`]: dispatch mode: terminated replica sessions, the upstream
 //!   session per instance, strategies, acknowledgement tracking;
-//! - [`broker`]: the embedded rumqttd;
+//! - [`broker`]: the embedded rumqttd and its store of retained messages;
 //! - [`http`]: the HTTP balancer: [`http::lean`] carries HTTP/1.1 requests on
 //!   heads read once ([`http::h1`], bytes only), hyper ([`http::forward`]) what
 //!   it hands over (upgrades, HTTP/1.0, chunked request bodies); replica pools

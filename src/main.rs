@@ -374,7 +374,7 @@ fn load(args: &RunArgs) -> Result<Config, ConfigError> {
         None if Path::new(config::DEFAULT_PATH).exists() => {
             Config::load(Path::new(config::DEFAULT_PATH))
         }
-        None => Config::parse("", "built-in defaults"),
+        None => Config::parse_in("", "built-in defaults", Some(Path::new("."))),
     }
 }
 

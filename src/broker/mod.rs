@@ -8,6 +8,8 @@
 //! rumqttd is built from `vendor/rumqttd` (the published 0.20.0 with the
 //! fixes listed in its FLOWGATE.md).
 
+pub mod store;
+
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
@@ -92,8 +94,13 @@ async fn answers(addr: SocketAddr, connect: &[u8]) -> bool {
     )
 }
 
-/// Starts rumqttd on two free loopback ports and waits until it answers.
-pub async fn start(max_packet: usize) -> Result<EmbeddedBroker, BrokerError> {
+/// Starts rumqttd on two free loopback ports and waits until it answers;
+/// with `retained`, it starts with the store's retained messages and reports
+/// their changes to it.
+pub async fn start(
+    max_packet: usize,
+    retained: Option<rumqttd::persist::RetainedStore>,
+) -> Result<EmbeddedBroker, BrokerError> {
     let v4: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let v5: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let text = format!(
@@ -102,8 +109,9 @@ pub async fn start(max_packet: usize) -> Result<EmbeddedBroker, BrokerError> {
         settings("v4", v4, max_packet),
         settings("v5", v5, max_packet)
     );
-    let config: rumqttd::Config =
+    let mut config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    config.router.retained_store = retained;
     std::thread::Builder::new()
         .name("embedded-broker".into())
         .spawn(move || {

@@ -3,7 +3,7 @@
 //! problem with its path instead of stopping at the first.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use crate::mqtt::topic::TopicFilter;
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     node_id: Option<String>,
+    data_dir: Option<String>,
     worker_threads: Option<usize>,
     #[serde(default)]
     admin: FileAdmin,
@@ -261,8 +262,44 @@ fn valid_instance_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Where the bundled broker keeps its state: `data_dir` as written (`""`:
+/// nowhere), else `$STATE_DIRECTORY` (systemd),
+/// else `flowgate-data` beside the config; nowhere for config text of no file
+/// or for a broker of the user's own.
+fn data_dir(
+    written: Option<&str>,
+    base: Option<&Path>,
+    state_dir: Option<&str>,
+    embedded: bool,
+) -> Result<Option<PathBuf>, String> {
+    let path = match written {
+        Some("") => return Ok(None),
+        Some(_) if !embedded => {
+            return Err(
+                "only the bundled broker (mqtt.upstream = \"embedded\") keeps state here; \
+                 leave data_dir out with a broker of your own"
+                    .into(),
+            )
+        }
+        // as every other path in the file: relative to the working directory
+        Some(p) => PathBuf::from(p),
+        None if !embedded => return Ok(None),
+        None => match (state_dir.and_then(|s| s.split(':').next()), base) {
+            (Some(s), _) if !s.is_empty() => PathBuf::from(s),
+            (_, Some(b)) => b.join("flowgate-data"),
+            _ => return Ok(None),
+        },
+    };
+    if path.exists() && !path.is_dir() {
+        return Err(format!("{} is not a directory", path.display()));
+    }
+    Ok(Some(path))
+}
+
 impl FileConfig {
-    pub(super) fn validate(self) -> Result<Config, Vec<ConfigProblem>> {
+    /// `base`: the folder of the config file (relative paths start there);
+    /// `None` for config text of no file.
+    pub(super) fn validate(self, base: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
         let mut p = Problems::default();
         let node_id = match self.node_id {
             Some(id) if !valid_node_id(&id) => {
@@ -337,6 +374,17 @@ impl FileConfig {
                 "share mode needs an external broker (the embedded rumqttd loses messages in shared groups); use mode = \"dispatch\" or set upstream = \"mqtt://host:port\"",
             );
         }
+        let state_dir = std::env::var("STATE_DIRECTORY").ok();
+        let data_dir = p.check(
+            "data_dir",
+            data_dir(
+                self.data_dir.as_deref(),
+                base,
+                state_dir.as_deref(),
+                upstream == Upstream::Embedded,
+            ),
+            None,
+        );
         let mqtt = MqttConfig {
             listen: p.check(
                 "mqtt.listen",
@@ -615,6 +663,7 @@ impl FileConfig {
         if p.0.is_empty() {
             Ok(Config {
                 node_id,
+                data_dir,
                 worker_threads: self.worker_threads,
                 admin,
                 mqtt,
@@ -623,5 +672,34 @@ impl FileConfig {
         } else {
             Err(p.0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_defaults_beside_the_config_or_to_systemds_state_directory() {
+        let base = Some(Path::new("/etc/flowgate"));
+        let beside = Some(PathBuf::from("/etc/flowgate/flowgate-data"));
+        assert_eq!(data_dir(None, base, None, true), Ok(beside));
+        let systemd = Some("/var/lib/flowgate:/var/lib/other");
+        let state = Some(PathBuf::from("/var/lib/flowgate"));
+        assert_eq!(data_dir(None, base, systemd, true), Ok(state));
+        // config text of no file (tests, the library): nothing on disk
+        assert_eq!(data_dir(None, None, None, true), Ok(None));
+        // a broker of the user's own keeps its own state
+        assert_eq!(data_dir(None, base, systemd, false), Ok(None));
+        assert_eq!(data_dir(Some(""), base, systemd, true), Ok(None));
+        let own = Some(PathBuf::from("state"));
+        assert_eq!(data_dir(Some("state"), base, systemd, true), Ok(own));
+        assert!(data_dir(Some("state"), base, None, false)
+            .expect_err("refused")
+            .contains("upstream = \"embedded\""));
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        assert!(data_dir(Some(file), None, None, true)
+            .expect_err("refused")
+            .contains("is not a directory"));
     }
 }

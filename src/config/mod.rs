@@ -33,6 +33,10 @@ pub const DEFAULT_PATH: &str = "config/flowgate.toml";
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node_id: String,
+    /// Where the bundled broker keeps its retained messages (`None`: it keeps
+    /// nothing on disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
     /// Threads of the async runtime; `None`: one per core (or
     /// `TOKIO_WORKER_THREADS`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -382,16 +386,28 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Self::parse_in(&text, &path.display().to_string(), Some(base))
     }
 
-    /// Parses and validates config text; `origin` names it in errors.
+    /// Parses and validates config text; `origin` names it in errors. The
+    /// bundled broker keeps nothing on disk unless the text sets `data_dir`.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::parse_in(text, origin, None)
+    }
+
+    /// As [`Config::parse`], for text that lives in the folder `base`: the
+    /// bundled broker keeps its state in `base/flowgate-data` (or
+    /// `$STATE_DIRECTORY`) unless the text says otherwise.
+    pub fn parse_in(text: &str, origin: &str, base: Option<&Path>) -> Result<Self, ConfigError> {
         let raw: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        raw.validate().map_err(|problems| ConfigError::Invalid {
+        raw.validate(base).map_err(|problems| ConfigError::Invalid {
             path: origin.to_owned(),
             problems,
         })

@@ -4,7 +4,7 @@
 pub mod names;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -48,6 +48,12 @@ pub struct Metrics {
     pub mqtt_refused: IntCounterVec,
     pub mqtt_throttled: IntCounterVec,
     pub tls_reloads: IntCounterVec,
+    pub broker_store_changes: IntCounter,
+    pub broker_store_commits: IntCounter,
+    pub broker_store_errors: IntCounter,
+    pub broker_store_pending: IntGauge,
+    pub broker_store_commit_seconds: Histogram,
+    pub broker_retained_restored: IntGauge,
     /// The last failovers, newest last, for the admin API.
     failovers: Mutex<VecDeque<Failover>>,
 }
@@ -341,6 +347,60 @@ impl Metrics {
                 DEPLOYS,
                 "Rolling flow deploys, by result (done, failed)",
                 &[LABEL_INSTANCE, LABEL_RESULT],
+            ),
+            broker_store_changes: registered(
+                r,
+                IntCounter::new(
+                    BROKER_STORE_CHANGES,
+                    "Changes of the bundled broker's retained messages written to its store",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_store_commits: registered(
+                r,
+                IntCounter::new(
+                    BROKER_STORE_COMMITS,
+                    "Commits (one fsync each) of the bundled broker's store",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_store_errors: registered(
+                r,
+                IntCounter::new(
+                    BROKER_STORE_ERRORS,
+                    "Failed commits of the bundled broker's store (retried)",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_store_pending: registered(
+                r,
+                IntGauge::new(
+                    BROKER_STORE_PENDING,
+                    "Changes of the bundled broker's retained messages not yet on disk",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_store_commit_seconds: registered(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        BROKER_STORE_COMMIT_SECONDS,
+                        "Time of one commit of the bundled broker's store: how long a change \
+                         may wait to be on disk",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                    ]),
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_retained_restored: registered(
+                r,
+                IntGauge::new(
+                    BROKER_RETAINED_RESTORED,
+                    "Retained messages the bundled broker restored from its store at start",
+                )
+                .expect("metric names are static and valid"),
             ),
             registry,
         };

@@ -2,10 +2,18 @@
 //! survive from its clients.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
+use rumqttc::v5::mqttbytes::v5::{Packet as P5, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::v5::{AsyncClient as C5, Event as E5, MqttOptions as O5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::support::*;
 
 /// CONNECT 3.1.1, clean session, keep-alive 30 s.
 fn connect_v4(id: &str) -> Vec<u8> {
@@ -42,7 +50,7 @@ async fn connack(addr: SocketAddr, id: &str) -> Result<u8, String> {
 /// (vendor/rumqttd).
 #[tokio::test]
 async fn a_client_reset_during_its_handshake_does_not_take_the_broker_down() {
-    let broker = flowgate::broker::start(1 << 20)
+    let broker = flowgate::broker::start(1 << 20, None)
         .await
         .expect("broker starts");
     for round in 0..20 {
@@ -61,4 +69,266 @@ async fn a_client_reset_during_its_handshake_does_not_take_the_broker_down() {
             assert_eq!(first, 0x20, "round {round}: {id} got a CONNACK");
         }
     }
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
+
+/// The flowgate binary on `config` (the bundled broker), killed on drop.
+struct Flowgate {
+    child: tokio::process::Child,
+    mqtt: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Flowgate {
+    async fn run(config: &Path) -> Self {
+        let ready = config.with_extension("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let child = tokio::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("flowgate starts");
+        let start = Instant::now();
+        let announced: serde_json::Value = loop {
+            assert!(start.elapsed() < DEADLINE, "no ready file");
+            if let Ok(v) = std::fs::read_to_string(&ready)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+            {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let addr = |key: &str| -> SocketAddr {
+            announced[key]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("{key} address in {announced}"))
+        };
+        Self {
+            mqtt: addr("mqtt"),
+            admin: addr("admin"),
+            child,
+        }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http_get(self.admin, "/metrics").await;
+        metric_sum(&text, name, &[])
+    }
+
+    /// SIGTERM (a clean stop) or SIGKILL; waits for the exit, returns its code.
+    async fn stop(mut self, signal: &str) -> Option<i32> {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("flowgate stops")
+            .expect("wait")
+            .code()
+    }
+}
+
+/// An MQTT 5 client of the bundled broker, through flowgate.
+async fn v5_client(addr: SocketAddr, id: &str) -> (C5, mpsc::UnboundedReceiver<P5>) {
+    let mut opts = O5::new(id, addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = C5::new(opts, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let E5::Incoming(p) = ev {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// Waits for the packet `want` picks out; panics at the deadline.
+async fn next<T>(rx: &mut mpsc::UnboundedReceiver<P5>, mut want: impl FnMut(P5) -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        let left = DEADLINE.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(p)) => {
+                if let Some(t) = want(p) {
+                    return t;
+                }
+            }
+            _ => panic!("timed out or disconnected"),
+        }
+    }
+}
+
+/// Publishes at QoS 1 and waits for the broker's PUBACK.
+async fn publish_acked(
+    (client, rx): &mut (C5, mpsc::UnboundedReceiver<P5>),
+    topic: &str,
+    payload: &str,
+    retain: bool,
+    props: PublishProperties,
+) {
+    client
+        .publish_with_properties(topic, Q5::AtLeastOnce, retain, payload.to_string(), props)
+        .await
+        .expect("queued");
+    next(rx, |p| matches!(p, P5::PubAck(_)).then_some(())).await;
+}
+
+/// The retained messages `status/#` gets on subscribe: (topic, payload,
+/// user properties), sorted. A live marker published after the subscription
+/// ends the list (retained messages come first).
+async fn retained_status(addr: SocketAddr) -> Vec<(String, String, Vec<(String, String)>)> {
+    let (client, mut rx) = v5_client(addr, "reader").await;
+    client
+        .subscribe("status/#", Q5::AtLeastOnce)
+        .await
+        .expect("queued");
+    next(&mut rx, |p| matches!(p, P5::SubAck(_)).then_some(())).await;
+    client
+        .publish("status/~marker", Q5::AtLeastOnce, false, "end")
+        .await
+        .expect("queued");
+    let mut got = Vec::new();
+    loop {
+        let p = next(&mut rx, |p| match p {
+            P5::Publish(p) => Some(p),
+            _ => None,
+        })
+        .await;
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        if topic == "status/~marker" {
+            break;
+        }
+        assert!(p.retain, "{topic}: a retained message on subscribe");
+        let user = p.properties.map(|p| p.user_properties).unwrap_or_default();
+        got.push((
+            topic,
+            String::from_utf8_lossy(&p.payload).into_owned(),
+            user,
+        ));
+    }
+    let _ = client.disconnect().await;
+    got.sort();
+    got
+}
+
+/// Issue 21: the bundled broker keeps its retained messages across a clean
+/// stop and a crash, every property with them; a store it cannot read stops
+/// the start with the file's name.
+#[tokio::test]
+async fn retained_messages_survive_a_restart_and_a_crash() {
+    let dir = temp_dir("bundled-restart");
+    let config = dir.join("flowgate.toml");
+    std::fs::write(
+        &config,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("write config");
+    let user = vec![("site".to_string(), "north".to_string())];
+    let with_user = PublishProperties {
+        user_properties: user.clone(),
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+
+    let fg = Flowgate::run(&config).await;
+    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    publish_acked(
+        &mut publisher,
+        "status/line1",
+        "up",
+        true,
+        with_user.clone(),
+    )
+    .await;
+    publish_acked(
+        &mut publisher,
+        "status/line2",
+        "up",
+        true,
+        Default::default(),
+    )
+    .await;
+    // a retained empty message clears; an empty live one does not
+    publish_acked(&mut publisher, "status/line2", "", true, Default::default()).await;
+    publish_acked(
+        &mut publisher,
+        "status/line1",
+        "",
+        false,
+        Default::default(),
+    )
+    .await;
+    let _ = publisher.0.disconnect().await;
+    // SIGTERM at once: the clean stop writes what is not yet on disk
+    assert_eq!(fg.stop("-TERM").await, Some(0));
+    assert!(
+        dir.join("flowgate-data/broker.redb").is_file(),
+        "the store lives beside the config"
+    );
+
+    let fg = Flowgate::run(&config).await;
+    assert_eq!(fg.metric("flowgate_broker_retained_restored").await, 1.0);
+    let line1 = ("status/line1".to_string(), "up".to_string(), user.clone());
+    assert_eq!(retained_status(fg.mqtt).await, vec![line1.clone()]);
+    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    publish_acked(
+        &mut publisher,
+        "status/line3",
+        "down",
+        true,
+        Default::default(),
+    )
+    .await;
+    let _ = publisher.0.disconnect().await;
+    // a crash loses nothing on disk: wait for the commit, then SIGKILL
+    let on_disk = || async { fg.metric("flowgate_broker_store_pending").await == 0.0 };
+    eventually("the change is on disk", on_disk).await;
+    assert!(fg.metric("flowgate_broker_store_changes_total").await >= 1.0);
+    assert_eq!(fg.stop("-KILL").await, None);
+
+    let fg = Flowgate::run(&config).await;
+    let line3 = ("status/line3".to_string(), "down".to_string(), vec![]);
+    assert_eq!(retained_status(fg.mqtt).await, vec![line1, line3]);
+    assert_eq!(fg.stop("-TERM").await, Some(0));
+
+    // a damaged store: the start fails and says which file; the file stays
+    let store = dir.join("flowgate-data/broker.redb");
+    let len = std::fs::metadata(&store).expect("store").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .expect("open");
+    file.set_len(len / 2).expect("truncate");
+    drop(file);
+    let out = tokio::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, out)
+        .await
+        .expect("flowgate exits")
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a damaged store: {err}");
+    assert!(err.contains("broker.redb"), "names the file: {err}");
+    assert_eq!(
+        std::fs::metadata(&store).expect("kept").len(),
+        len / 2,
+        "the damaged file is left as it was"
+    );
 }

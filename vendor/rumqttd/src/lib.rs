@@ -28,6 +28,8 @@ pub use server::{Broker, LinkType, Server};
 pub use self::router::shared_subs::Strategy;
 
 mod link;
+/// flowgate patch: durable retained messages
+pub mod persist;
 pub mod protocol;
 mod router;
 mod segments;
@@ -202,6 +204,10 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// flowgate patch: retained messages restored at start, and where their
+    /// changes are reported
+    #[serde(skip)]
+    pub retained_store: Option<persist::RetainedStore>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

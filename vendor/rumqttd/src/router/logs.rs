@@ -1,3 +1,4 @@
+use crate::persist::RetainedChange;
 use super::Ack;
 use slab::Slab;
 use tracing::{info, trace};
@@ -67,7 +68,16 @@ impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
-        let retained_publishes = HashMap::new();
+        let mut retained_publishes = HashMap::new();
+        // flowgate patch: start with the retained messages the embedder kept
+        if let Some(store) = &config.retained_store {
+            for (publish, properties) in store.restore.iter() {
+                if let Ok(topic) = std::str::from_utf8(&publish.topic) {
+                    let data = (publish.clone(), properties.clone()).into();
+                    retained_publishes.insert(topic.to_owned(), data);
+                }
+            }
+        }
         let publish_filters = HashMap::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
@@ -261,12 +271,24 @@ impl DataLog {
         publish_properties: Option<PublishProperties>,
         topic: Topic,
     ) {
+        // flowgate patch: report the change to the embedder's store
+        if let Some(store) = &self.config.retained_store {
+            store.sink.changed(RetainedChange::Set {
+                topic: topic.clone(),
+                publish: publish.clone(),
+                properties: publish_properties.clone(),
+            });
+        }
         let pub_with_props = (publish, publish_properties);
         self.retained_publishes.insert(topic, pub_with_props.into());
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
-        self.retained_publishes.remove(&topic);
+        let removed = self.retained_publishes.remove(&topic).is_some();
+        // flowgate patch: report the change to the embedder's store
+        if let (true, Some(store)) = (removed, &self.config.retained_store) {
+            store.sink.changed(RetainedChange::Clear { topic });
+        }
     }
 
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {

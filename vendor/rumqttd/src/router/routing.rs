@@ -1227,7 +1227,9 @@ fn append_to_commitlog(
         }
     }
 
-    if publish.payload.is_empty() {
+    // flowgate patch: only a *retained* empty message clears the retained one
+    // (MQTT 3.3.1-10/11); an empty live message left nothing retained
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
@@ -1298,7 +1300,9 @@ fn append_will_message(
         }
     }
 
-    if publish.payload.is_empty() {
+    // flowgate patch: only a *retained* empty message clears the retained one
+    // (MQTT 3.3.1-10/11); an empty live message left nothing retained
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());

@@ -60,7 +60,13 @@ impl Scheduler {
     }
 
     pub fn reschedule(&mut self, id: ConnectionId, reason: ScheduleReason) {
-        let tracker = self.trackers.get_mut(id).unwrap();
+        // flowgate patch: a link's `Ready` can arrive after its connection was
+        // removed; unpatched, this `unwrap` killed the router thread (and with
+        // it the whole broker)
+        let Some(tracker) = self.trackers.get_mut(id) else {
+            trace!(connection_id = id, "reschedule of a connection that is gone");
+            return;
+        };
         if let Some(v) = tracker.try_ready(reason) {
             trace!(tracker_id = tracker.id, "reschedule {:?} -> Ready", v);
             self.readyqueue.push_back(id);
