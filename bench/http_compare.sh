@@ -8,13 +8,18 @@
 # ("flowgate-routes") runs with the public route check on (the default
 # `block_admin`): the replicas serve a Node-RED-like `GET /flows` with 20
 # `http in` routes, so each request is matched as on a real instance.
-# Usage: bash bench/http_compare.sh   (ROUNDS=5 DURATION=8 CONNS=50 LAYOUT=separate)
+# KEYS=1 adds key affinity: every request carries `x-device: d{0..999}`
+# (a wrk script), and two more balancers take it: flowgate with
+# `balance = "key-hash"`, `key = "header:x-device"` ("flowgate-keyhash") and
+# nginx with `hash $http_x_device consistent` ("nginx-hash").
+# Usage: bash bench/http_compare.sh   (ROUNDS=5 DURATION=8 CONNS=50 LAYOUT=separate KEYS=)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
 LAYOUT=${LAYOUT:-separate}
 DURATION=${DURATION:-8}
 CONNS=${CONNS:-50}
+KEYS=${KEYS:-}
 for tool in nginx wrk python3; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install nginx-light wrk)"; exit 1; }
 done
@@ -25,7 +30,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-R1=$(port); R2=$(port); NG=$(port)
+R1=$(port); R2=$(port); NG=$(port); NH=$(port)
 
 # what the replicas' "flows" publish: 20 http in routes, /api/:id among them
 python3 - "$work" <<'PY'
@@ -68,6 +73,26 @@ balancer="upstream replicas { server 127.0.0.1:$R1; server 127.0.0.1:$R2; least_
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
     }
   }"
+if [ -n "$KEYS" ]; then
+  nginx_conf "$work/balancer-hash" "upstream replicas { server 127.0.0.1:$R1; server 127.0.0.1:$R2; hash \$http_x_device consistent; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NH;
+    location / {
+      proxy_pass http://replicas;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }"
+  nginx -c "$work/balancer-hash/nginx.conf" -p "$work/balancer-hash" & pids+=($!)
+  cat > "$work/keys.lua" <<'LUA'
+math.randomseed(os.time())
+request = function()
+  wrk.headers["x-device"] = "d" .. math.random(0, 999)
+  return wrk.format(nil)
+end
+LUA
+fi
 if [ "$LAYOUT" = shared ]; then
   nginx_conf "$work/replicas" "$replicas
   $balancer"
@@ -97,6 +122,16 @@ CONF
 RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" >/dev/null & pids+=($!)
 sed -e '/^block_admin = false$/d' "$work/flowgate.toml" > "$work/flowgate-routes.toml"
 RUST_LOG=info target/release/flowgate run --config "$work/flowgate-routes.toml" --ready-file "$work/ready-routes.json" >"$work/routes.log" 2>&1 & pids+=($!)
+if [ -n "$KEYS" ]; then
+  sed -e 's/^block_admin = false$/block_admin = false\nbalance = "key-hash"\nkey = "header:x-device"/' "$work/flowgate.toml" > "$work/flowgate-keyhash.toml"
+  RUST_LOG=warn target/release/flowgate run --config "$work/flowgate-keyhash.toml" --ready-file "$work/ready-keyhash.json" >/dev/null & pids+=($!)
+  for _ in $(seq 100); do [ -s "$work/ready-keyhash.json" ] && break; sleep 0.1; done
+  FK=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready-keyhash.json")
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$NH/" >/dev/null && curl -sf "http://$FK/" >/dev/null && break; sleep 0.1; done
+  WRK_KEYS=(-s "$work/keys.lua")
+else
+  WRK_KEYS=()
+fi
 for _ in $(seq 100); do [ -s "$work/ready.json" ] && [ -s "$work/ready-routes.json" ] && break; sleep 0.1; done
 FG=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready.json")
 FR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready-routes.json")
@@ -106,7 +141,7 @@ FRA=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])'
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$FR/api")" = 200 ] || { echo "flowgate-routes does not pass /api:"; cat "$work/routes.log"; exit 1; }
 
 run() { # name url -> "rps p50_ms p99_ms errors"
-  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$2" 2>/dev/null | python3 -c '
+  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "${WRK_KEYS[@]}" "$2" 2>/dev/null | python3 -c '
 import re,sys
 t=sys.stdin.read()
 def ms(v,u): return float(v)*{"us":0.001,"ms":1,"s":1000}[u]
@@ -119,10 +154,14 @@ p50=lat.get("50",0); p99=lat.get("99",0)
 print(f"{rps:.0f} {p50:.3f} {p99:.3f} {e}")'
 }
 declare -A res
+targets=(nginx flowgate flowgate-routes)
+[ -n "$KEYS" ] && targets+=(nginx-hash flowgate-keyhash)
 for r in $(seq "$ROUNDS"); do
-  for target in nginx flowgate flowgate-routes; do
+  for target in "${targets[@]}"; do
     url="http://127.0.0.1:$NG/api"; [ "$target" = flowgate ] && url="http://$FG/api"
     [ "$target" = flowgate-routes ] && url="http://$FR/api"
+    [ "$target" = nginx-hash ] && url="http://127.0.0.1:$NH/api"
+    [ "$target" = flowgate-keyhash ] && url="http://$FK/api"
     res[$target]+="$(run "$target" "$url");"
   done
 done
@@ -140,9 +179,18 @@ out="bench/results/http-$(date +%Y%m%d-%H%M).md"
   echo "| nginx $(nginx -v 2>&1 | sed 's/.*\///') | $n_rps | $n_p50 | $n_p99 | $n_err |"
   echo "| flowgate | $f_rps | $f_p50 | $f_p99 | $f_err |"
   echo "| flowgate, route check on | $r_rps | $r_p50 | $r_p99 | $r_err |"
+  if [ -n "$KEYS" ]; then
+    read -r nh_rps nh_p50 nh_p99 nh_err <<<"$(median "${res[nginx-hash]}")"
+    read -r k_rps k_p50 k_p99 k_err <<<"$(median "${res[flowgate-keyhash]}")"
+    echo "| nginx, \`hash \$http_x_device consistent\` | $nh_rps | $nh_p50 | $nh_p99 | $nh_err |"
+    echo "| flowgate, \`key-hash\` on \`header:x-device\` | $k_rps | $k_p50 | $k_p99 | $k_err |"
+    echo
+    echo "every request carries x-device: d0..d999 (wrk script); the least-inflight rows above carry it too"
+    python3 -c "print(f'key-hash/least-inflight: req/s x{$k_rps/$f_rps:.2f}; flowgate key-hash/nginx hash: req/s x{$k_rps/$nh_rps:.2f}, p99 x{$k_p99/$nh_p99:.2f}')"
+  fi
   echo
   python3 -c "print(f'flowgate/nginx: req/s x{$f_rps/$n_rps:.2f}, p99 x{$f_p99/$n_p99:.2f}')"
   python3 -c "print(f'route check on/off: req/s x{$r_rps/$f_rps:.2f}, p99 x{$r_p99/$f_p99:.2f}; on/nginx: req/s x{$r_rps/$n_rps:.2f}')"
   echo
-  echo "raw rounds (rps p50 p99 errors): nginx ${res[nginx]} flowgate ${res[flowgate]} flowgate-routes ${res[flowgate-routes]}"
+  echo "raw rounds (rps p50 p99 errors): nginx ${res[nginx]} flowgate ${res[flowgate]} flowgate-routes ${res[flowgate-routes]}${KEYS:+ nginx-hash ${res[nginx-hash]} flowgate-keyhash ${res[flowgate-keyhash]}}"
 } | tee "$out"

@@ -19,6 +19,7 @@
 //! - [`mqtt::dispatch`]: dispatch mode: terminated replica sessions, the upstream
 //!   session per instance, strategies, acknowledgement tracking;
 //! - [`broker`]: the embedded rumqttd and its store of retained messages;
+//! - [`hash`]: rendezvous hashing, one rule for MQTT and HTTP `key-hash`;
 //! - [`http`]: the HTTP balancer: [`http::lean`] carries HTTP/1.1 requests on
 //!   heads read once ([`http::h1`], bytes only), hyper ([`http::forward`]) what
 //!   it hands over (upgrades, HTTP/1.0, chunked request bodies); replica pools
@@ -44,6 +45,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod hash;
 pub mod http;
 pub mod listener;
 pub mod loadtest;

@@ -17,6 +17,60 @@ pub enum Balance {
     RoundRobin,
     /// Every request to one active replica; the others take over when it fails.
     ActiveStandby,
+    /// Rendezvous hashing of a key of the request (`key`): each key value
+    /// stays on one replica; a request without it goes by least-inflight.
+    KeyHash,
+}
+
+/// Where a request's `key-hash` key is: `header:NAME`, `path:N` (path
+/// segment N, 0-based), `query:NAME`, `cookie:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKey {
+    /// A header (name lowercased).
+    Header(String),
+    Path(usize),
+    Query(String),
+    Cookie(String),
+}
+
+impl RequestKey {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{text:?} is not \"header:NAME\", \"path:N\", \"query:NAME\" or \"cookie:NAME\""
+            )
+        };
+        let (kind, name) = text.split_once(':').ok_or_else(bad)?;
+        let token = |n: &str| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        match kind {
+            "header" if token(name) => Ok(Self::Header(name.to_ascii_lowercase())),
+            "path" => name.parse().map(Self::Path).map_err(|_| bad()),
+            "query" if !name.is_empty() => Ok(Self::Query(name.to_owned())),
+            "cookie" if token(name) => Ok(Self::Cookie(name.to_owned())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Header(n) => write!(f, "header:{n}"),
+            Self::Path(n) => write!(f, "path:{n}"),
+            Self::Query(n) => write!(f, "query:{n}"),
+            Self::Cookie(n) => write!(f, "cookie:{n}"),
+        }
+    }
+}
+
+impl Serialize for RequestKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// A validated `http` table.
@@ -29,6 +83,9 @@ pub struct HttpConfig {
     /// `host:port` of each replica; the index is the replica's label.
     pub replicas: Vec<String>,
     pub balance: Balance,
+    /// `key-hash`: where the request's key is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<RequestKey>,
     pub health_path: String,
     pub health_status: u16,
     pub health_tcp_only: bool,
@@ -90,6 +147,7 @@ pub(super) struct FileHttp {
     #[serde(default)]
     replicas: Vec<String>,
     balance: Option<Balance>,
+    key: Option<String>,
     health_path: Option<String>,
     health_status: Option<u16>,
     health_tcp_only: Option<bool>,
@@ -243,11 +301,37 @@ impl FileHttp {
                 ));
             }
         }
+        let balance = self.balance.unwrap_or_default();
+        let key = match (&self.key, balance) {
+            (Some(k), Balance::KeyHash) => match RequestKey::parse(k) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    p.push((format!("{path}.key"), e));
+                    None
+                }
+            },
+            (None, Balance::KeyHash) => {
+                p.push((
+                    format!("{path}.key"),
+                    "balance = \"key-hash\" needs a key: \"header:NAME\", \"path:N\", \"query:NAME\" or \"cookie:NAME\"".into(),
+                ));
+                None
+            }
+            (Some(_), _) => {
+                p.push((
+                    format!("{path}.key"),
+                    "is used only with balance = \"key-hash\"".into(),
+                ));
+                None
+            }
+            (None, _) => None,
+        };
         HttpConfig {
             listen,
             host: self.host.map(|h| h.to_ascii_lowercase()),
             replicas: self.replicas,
-            balance: self.balance.unwrap_or_default(),
+            balance,
+            key,
             health_path: self.health_path.unwrap_or_else(|| "/flows/state".into()),
             health_status: self.health_status.unwrap_or(200),
             health_tcp_only: self.health_tcp_only.unwrap_or(false),

@@ -11,7 +11,7 @@ mod http;
 mod tls;
 mod types;
 
-pub use http::{Balance, HttpConfig};
+pub use http::{Balance, HttpConfig, RequestKey};
 pub use tls::{ClientAuth, TlsConfig, UpstreamTls};
 
 use std::fmt;

@@ -80,6 +80,8 @@ pub struct Pool {
     requests: AtomicU64,
     retries_done: AtomicU64,
     pub retries: IntCounter,
+    /// `key-hash` requests without their key (gone by least-inflight).
+    pub keyless: IntCounter,
     pub metrics: Arc<Metrics>,
     standby: Mutex<Standby>,
     /// Shared with the instance's dispatcher when both sides are active-standby.
@@ -315,6 +317,7 @@ impl Pool {
             })
             .collect();
         let retries = metrics.http_retries.with_label_values(&[instance]);
+        let keyless = metrics.http_keyless.with_label_values(&[instance]);
         let denied = metrics.http_denied.with_label_values(&[instance]);
         let cfg_public_paths = cfg.public_paths.clone();
         Self {
@@ -326,6 +329,7 @@ impl Pool {
             requests: AtomicU64::new(0),
             retries_done: AtomicU64::new(0),
             retries,
+            keyless,
             metrics,
             standby: Mutex::new(Standby::default()),
             tie,
@@ -339,6 +343,28 @@ impl Pool {
         if self.cfg.balance == Balance::ActiveStandby {
             return self.pick_active(tried);
         }
+        let candidates = self.candidates(tried);
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let draw = {
+            let mut rng = lock(&self.rng);
+            let a = balancer::next_random(&mut rng) as usize;
+            (a, balancer::next_random(&mut rng) as usize)
+        };
+        let index = balancer::pick(self.cfg.balance, &candidates, turn, draw)?;
+        self.backends.get(index).cloned()
+    }
+
+    /// `key-hash`: the replica the key (its hash) belongs to among the usable
+    /// ones; a replica leaving moves only its own keys.
+    pub fn pick_keyed(&self, key: u64) -> Option<Arc<Backend>> {
+        let index = balancer::pick_keyed(key, &self.candidates(&[]))?;
+        self.backends.get(index).cloned()
+    }
+
+    /// The replicas a request may go to: healthy and not draining, not in
+    /// `tried`; when no replica is healthy, any not draining (the last one
+    /// is never ejected).
+    fn candidates(&self, tried: &[usize]) -> Vec<Candidate> {
         let usable = |healthy_only: bool| -> Vec<Candidate> {
             self.backends
                 .iter()
@@ -355,14 +381,7 @@ impl Pool {
         if candidates.is_empty() && !self.backends.iter().any(|b| b.is_up() && !b.is_draining()) {
             candidates = usable(false);
         }
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let draw = {
-            let mut rng = lock(&self.rng);
-            let a = balancer::next_random(&mut rng) as usize;
-            (a, balancer::next_random(&mut rng) as usize)
-        };
-        let index = balancer::pick(self.cfg.balance, &candidates, turn, draw)?;
-        self.backends.get(index).cloned()
+        candidates
     }
 
     /// Active-standby: the active replica while it is up, not draining and

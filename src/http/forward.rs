@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 
 use super::backend::{Backend, Body, Pool};
 use super::h1::HOP_BY_HOP;
+use crate::config::RequestKey;
 
 /// Name of the response header that says which replica answered.
 pub const REPLICA_HEADER: &str = "x-flowgate-replica";
@@ -143,6 +144,24 @@ pub(super) fn pinned<'a>(
         .and_then(|i| pool.sticky(i))
 }
 
+/// `key-hash`: the replica the request's key belongs to; `None` (least-
+/// inflight then) for a request without it, counted, or another balance.
+pub(super) fn keyed(
+    pool: &Pool,
+    target: &str,
+    header: Option<&[u8]>,
+    cookies: Option<&str>,
+) -> Option<Arc<Backend>> {
+    let key = pool.cfg.key.as_ref()?;
+    match super::balancer::request_key(key, target, header, cookies) {
+        Some(k) => pool.pick_keyed(crate::hash::key_hash(&k)),
+        None => {
+            pool.keyless.inc();
+            None
+        }
+    }
+}
+
 /// The `Set-Cookie` value that pins a client to replica `index`.
 pub(super) fn sticky_cookie(name: &str, index: usize) -> String {
     format!("{name}=r{index}; Path=/; HttpOnly; SameSite=Lax")
@@ -198,6 +217,25 @@ pub async fn handle(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
+    // key-hash: the key's replica first (before a sticky cookie's)
+    let keyed = match &cfg.key {
+        Some(key) => {
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let header = match key {
+                RequestKey::Header(name) => req.headers().get(name.as_str()).map(|v| v.as_bytes()),
+                _ => None,
+            };
+            let cookies = matches!(key, RequestKey::Cookie(_)).then(|| {
+                let all = req.headers().get_all(header::COOKIE).iter();
+                all.filter_map(|v| v.to_str().ok())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            });
+            keyed(&pool, target, header, cookies.as_deref())
+        }
+        None => None,
+    };
+    let pinned = keyed.or(pinned);
 
     // forwarded headers
     let host = req.headers().get(header::HOST).cloned();

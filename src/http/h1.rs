@@ -172,6 +172,17 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Option<Framing>, H1Error>
     })
 }
 
+/// The first value of header `name` (lowercase) in a whole request head.
+pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    req.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
 /// What the balancer adds to a request on its way to a replica.
 pub struct Forwarded<'a> {
     /// The client's address, appended to `X-Forwarded-For`.

@@ -24,11 +24,12 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::backend::{Backend, Pool};
 use super::forward::{
-    access, pinned, sticky_cookie, sticky_path, Access, InflightGuard, BLOCKED_TEXT, FAILED_TEXT,
-    NOT_PUBLISHED_TEXT, NO_REPLICA_TEXT, REPLICA_HEADER, TIMEOUT_TEXT, TOO_LARGE_TEXT,
+    access, keyed, pinned, sticky_cookie, sticky_path, Access, InflightGuard, BLOCKED_TEXT,
+    FAILED_TEXT, NOT_PUBLISHED_TEXT, NO_REPLICA_TEXT, REPLICA_HEADER, TIMEOUT_TEXT, TOO_LARGE_TEXT,
 };
 use super::h1::{self, Framing, H1Error, RequestHead};
 use super::{Limits, Site};
+use crate::config::RequestKey;
 
 /// Room kept free in a read buffer before each read.
 const READ_ROOM: usize = 4096;
@@ -354,6 +355,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         let sticky_path = sticky_path(pool, path);
         let pinned = pinned(pool, head.cookie.as_deref());
+        // key-hash: the key's replica first (before a sticky cookie's)
+        let keyed = match &cfg.key {
+            Some(key) => {
+                let header = match key {
+                    RequestKey::Header(name) => h1::header_value(&self.buf[..head.len], name),
+                    _ => None,
+                };
+                keyed(pool, &head.target, header, head.cookie.as_deref())
+            }
+            None => None,
+        };
+        let pinned = keyed.or(pinned);
 
         // the request as it goes out: its head (written when it was read),
         // then what of the body is here

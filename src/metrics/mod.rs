@@ -37,6 +37,7 @@ pub struct Metrics {
     pub http_inflight: IntGaugeVec,
     pub http_replica_up: IntGaugeVec,
     pub http_retries: IntCounterVec,
+    pub http_keyless: IntCounterVec,
     pub http_errors: IntCounterVec,
     pub http_denied: IntCounterVec,
     pub failover_seconds: HistogramVec,
@@ -276,6 +277,12 @@ impl Metrics {
                 HTTP_ERRORS,
                 "HTTP client connections ended by an error, by kind",
                 &[LABEL_KIND],
+            ),
+            http_keyless: counter_vec(
+                r,
+                HTTP_KEYLESS,
+                "balance = key-hash: requests without their key, sent by least-inflight",
+                &[LABEL_INSTANCE],
             ),
             http_denied: counter_vec(
                 r,

@@ -622,3 +622,199 @@ async fn without_readable_flows_only_public_paths_pass() {
     assert!(!body.contains("\"public\""), "{body}");
     app.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The replica each of `keys` goes to, `how` putting the key in a request
+/// (path, headers); every request must succeed.
+async fn replica_of_keys(
+    addr: SocketAddr,
+    keys: &[String],
+    how: impl Fn(&str) -> (String, Vec<(String, String)>),
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for k in keys {
+        let (path, headers) = how(k);
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let r = request(addr, "GET", &path, &headers, Bytes::new()).await;
+        match r {
+            Ok((200, replica, _, _)) => out.push(replica),
+            other => panic!("{k}: {other:?}"),
+        }
+    }
+    out
+}
+
+/// One HTTP/1.0 request on a raw connection (the hyper path): its
+/// `x-flowgate-replica`.
+async fn replica_over_http10(addr: SocketAddr, head: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connects");
+    s.write_all(head.as_bytes()).await.expect("writes");
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
+        .await
+        .expect("answered")
+        .expect("reads");
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(
+        text.starts_with("http/1.1 200") || text.starts_with("http/1.0 200"),
+        "{text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("x-flowgate-replica: "))
+        .unwrap_or_else(|| panic!("no replica header: {text}"))
+        .trim()
+        .to_owned()
+}
+
+/// Issue 16: `balance = "key-hash"`: every key on one replica, a fair share
+/// each; a replica killed moves only its own keys (no request fails); back,
+/// it takes back only its own. The same key through a header, a path level
+/// and a query parameter, over either HTTP path, lands on the same replica.
+#[tokio::test]
+async fn key_hash_keeps_each_key_on_one_replica_and_moves_only_a_leavers_keys() {
+    let reps = [
+        Replica::start("r0", 0).await,
+        Replica::start("r1", 0).await,
+        Replica::start("r2", 0).await,
+    ];
+    let refs: Vec<&Replica> = reps.iter().collect();
+    let (app, addr) = balancer(&refs, "balance = \"key-hash\"\nkey = \"header:x-device\"").await;
+    let keys: Vec<String> = (0..300).map(|k| format!("device-{k}")).collect();
+    let by_header = |k: &str| {
+        (
+            "/devices/state".to_string(),
+            vec![("x-device".to_string(), k.to_string())],
+        )
+    };
+    let first = replica_of_keys(addr, &keys, by_header).await;
+    assert_eq!(
+        replica_of_keys(addr, &keys, by_header).await,
+        first,
+        "a key moved"
+    );
+    for r in ["0", "1", "2"] {
+        let share = first.iter().filter(|x| *x == r).count();
+        assert!(
+            (60..=141).contains(&share),
+            "replica {r}: {share} of 300 keys"
+        );
+    }
+    // the hyper path (HTTP/1.0) agrees with the lean one
+    for k in keys.iter().take(20) {
+        let head =
+            format!("GET /devices/state HTTP/1.0\r\nHost: web.local\r\nX-Device: {k}\r\n\r\n");
+        let i = keys.iter().position(|x| x == k).expect("key");
+        assert_eq!(
+            replica_over_http10(addr, &head).await,
+            first[i],
+            "{k} over HTTP/1.0"
+        );
+    }
+    // a request without the key goes by least-inflight, counted
+    let r = request(addr, "GET", "/devices/state", &[], Bytes::new()).await;
+    assert!(matches!(r, Ok((200, _, _, _))), "{r:?}");
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    let keyless = [("instance", "web")];
+    assert_eq!(
+        metric_sum(&m, "flowgate_http_keyless_requests_total", &keyless),
+        1.0
+    );
+    // a key header near the head limit is a key like any other; over it, 431
+    let long = "k".repeat(60 << 10);
+    let r = request(
+        addr,
+        "GET",
+        "/devices/state",
+        &[("x-device", &long)],
+        Bytes::new(),
+    )
+    .await;
+    assert!(matches!(r, Ok((200, _, _, _))), "60 KiB key: {r:?}");
+    let longer = "k".repeat(70 << 10);
+    let r = request(
+        addr,
+        "GET",
+        "/devices/state",
+        &[("x-device", &longer)],
+        Bytes::new(),
+    )
+    .await;
+    assert!(matches!(r, Ok((431, _, _, _))), "70 KiB key: {r:?}");
+
+    // replica 0 dies: at once (before its probes fail) and after, no request
+    // fails; only its keys move, and they spread over both others
+    let killed_port = reps[0].addr.port();
+    reps[0].kill();
+    let during = replica_of_keys(addr, &keys, by_header).await;
+    assert!(!during.contains(&"0".to_string()));
+    eventually("replica 0 down", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(
+            &m,
+            "flowgate_http_replica_up",
+            &[("instance", "web"), ("replica", "0")],
+        ) == 0.0
+    })
+    .await;
+    let after = replica_of_keys(addr, &keys, by_header).await;
+    for (i, k) in keys.iter().enumerate() {
+        if first[i] != "0" {
+            assert_eq!(after[i], first[i], "{k} moved though its replica stayed");
+        }
+    }
+    for r in ["1", "2"] {
+        let took = (0..300)
+            .filter(|&i| first[i] == "0" && after[i] == r)
+            .count();
+        assert!(took > 0, "replica {r} took none of replica 0's keys");
+    }
+    assert_eq!(
+        replica_of_keys(addr, &keys, by_header).await,
+        after,
+        "a key moved twice"
+    );
+
+    // back on its port: it takes back its own keys, and only those
+    let _back = Replica::start("r0", killed_port).await;
+    eventually("replica 0 up again", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(
+            &m,
+            "flowgate_http_replica_up",
+            &[("instance", "web"), ("replica", "0")],
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(replica_of_keys(addr, &keys, by_header).await, first);
+    app.shutdown(Duration::from_secs(5)).await;
+
+    // the key in a path level or a query parameter: the same replica per key
+    for (key, how) in [
+        (
+            "path:1",
+            Box::new(|k: &str| (format!("/devices/{k}/state"), vec![])) as Box<dyn Fn(&str) -> _>,
+        ),
+        (
+            "query:id",
+            Box::new(|k: &str| (format!("/devices/state?x=1&id={k}"), vec![])),
+        ),
+    ] {
+        let (app, addr) = balancer(
+            &refs[1..],
+            &format!("balance = \"key-hash\"\nkey = \"{key}\""),
+        )
+        .await;
+        let (app0, addr0) = balancer(
+            &refs[1..],
+            "balance = \"key-hash\"\nkey = \"header:x-device\"",
+        )
+        .await;
+        let via_key = replica_of_keys(addr, &keys[..100], &how).await;
+        let via_header = replica_of_keys(addr0, &keys[..100], by_header).await;
+        assert_eq!(via_key, via_header, "{key}");
+        app.shutdown(Duration::from_secs(2)).await;
+        app0.shutdown(Duration::from_secs(2)).await;
+    }
+}

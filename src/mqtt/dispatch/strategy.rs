@@ -33,21 +33,6 @@ pub fn key_of(topic: &str, level: Option<usize>) -> &str {
     level.and_then(|l| topic.split('/').nth(l)).unwrap_or(topic)
 }
 
-fn mix(mut h: u64) -> u64 {
-    // splitmix64 finaliser: spreads similar inputs over the whole range
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// Chooses among `candidates` (never empty when called; `None` if it is).
 /// `turn` is the instance's rotating counter, advanced by the caller.
 pub fn pick(strategy: Strategy, candidates: &[Candidate], turn: usize, key: &str) -> Option<u16> {
@@ -68,11 +53,9 @@ pub fn pick(strategy: Strategy, candidates: &[Candidate], turn: usize, key: &str
         // the dispatcher keeps the active replica; among candidates, the lowest slot
         Strategy::ActiveStandby => candidates.iter().map(|c| c.slot).min()?,
         Strategy::KeyHash => {
-            let key_hash = fnv1a64(key.as_bytes());
-            candidates
-                .iter()
-                .max_by_key(|c| (mix(key_hash ^ mix(u64::from(c.slot) + 1)), c.slot))
-                .map(|c| c.slot)?
+            let ids = candidates.iter().map(|c| u64::from(c.slot));
+            let slot = crate::hash::rendezvous(crate::hash::key_hash(key.as_bytes()), ids)?;
+            u16::try_from(slot).ok()?
         }
     };
     Some(slot)
