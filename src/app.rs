@@ -86,6 +86,7 @@ impl App {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let mut store = None;
+        let mut embedded = None;
         let (upstream_v3, upstream_v5) = match config.mqtt.upstream.authority() {
             Some(a) => (a.clone(), a),
             None => {
@@ -95,6 +96,7 @@ impl App {
                 }
                 let retained = store.as_ref().map(|s| s.router.clone());
                 let b = broker::start(config.mqtt.max_packet_size.bytes(), retained).await?;
+                embedded = Some(b);
                 (b.v4.to_string(), b.v5.to_string())
             }
         };
@@ -307,8 +309,29 @@ impl App {
             instances,
             pools,
             ready: AtomicBool::new(true),
+            broker_up: AtomicBool::new(true),
             deploys: Default::default(),
         });
+        if let Some(b) = embedded {
+            // the bundled broker's threads can die while flowgate goes on:
+            // readiness and a gauge say so
+            let (state, gauge) = (admin.clone(), metrics.broker_up.clone());
+            gauge.set(1);
+            let up = move |up: bool| {
+                state.broker_up.store(up, Ordering::Relaxed);
+                gauge.set(i64::from(up));
+                if up {
+                    tracing::info!("the bundled broker answers again; /readyz 200");
+                } else {
+                    tracing::error!(
+                        falls = broker::WATCH_FALLS,
+                        "the bundled broker does not answer a CONNECT; /readyz 503 until it does"
+                    );
+                }
+            };
+            let every = Duration::from_secs(2);
+            tracker.spawn(broker::watch([b.v4, b.v5], every, up, shutdown.clone()));
+        }
         tracker.spawn(admin::serve(
             admin_listener,
             admin.clone(),

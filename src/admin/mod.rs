@@ -42,6 +42,9 @@ pub struct AdminState {
     /// The instances' HTTP replica pools.
     pub pools: Vec<Arc<Pool>>,
     pub ready: AtomicBool,
+    /// The bundled broker answers (its watchdog; always true with a broker
+    /// of the user's own).
+    pub broker_up: AtomicBool,
     /// The last rolling deploy of each instance.
     pub deploys:
         std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<DeployStatus>>>>,
@@ -364,14 +367,22 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
         }
         "/status" => text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => {
-            text(StatusCode::OK, "text/plain", "ready\n")
-        }
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "shutting down\n",
-        ),
+        "/readyz" => match (
+            state.ready.load(Ordering::Relaxed),
+            state.broker_up.load(Ordering::Relaxed),
+        ) {
+            (true, true) => text(StatusCode::OK, "text/plain", "ready\n"),
+            (false, _) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "shutting down\n",
+            ),
+            (true, false) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "the bundled broker does not answer\n",
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
@@ -444,6 +455,7 @@ mod tests {
             instances,
             pools: Vec::new(),
             ready: AtomicBool::new(true),
+            broker_up: AtomicBool::new(true),
             deploys: Default::default(),
         }
     }
@@ -453,6 +465,11 @@ mod tests {
         let s = state();
         assert_eq!(route(&s, &Method::GET, "/healthz").status(), StatusCode::OK);
         assert_eq!(route(&s, &Method::GET, "/readyz").status(), StatusCode::OK);
+        // the bundled broker's watchdog found it dead
+        s.broker_up.store(false, Ordering::Relaxed);
+        let not_ready = route(&s, &Method::GET, "/readyz").status();
+        assert_eq!(not_ready, StatusCode::SERVICE_UNAVAILABLE);
+        s.broker_up.store(true, Ordering::Relaxed);
         s.ready.store(false, Ordering::Relaxed);
         assert_eq!(
             route(&s, &Method::GET, "/readyz").status(),

@@ -53,7 +53,14 @@ fn settings(name: &str, addr: SocketAddr, max_packet: usize) -> String {
 /// out leaves a half-set-up connection of its id behind; the unpatched
 /// rumqttd 0.20 then took the listener down, vendor/rumqttd/FLOWGATE.md).
 fn probe_connect(v5: bool, attempt: u32) -> Vec<u8> {
-    let id = format!("flowgate-probe-{}-{attempt}", std::process::id());
+    connect_frame(
+        v5,
+        &format!("flowgate-probe-{}-{attempt}", std::process::id()),
+    )
+}
+
+/// A CONNECT, clean session, keep-alive 10 s, client id `id`.
+fn connect_frame(v5: bool, id: &str) -> Vec<u8> {
     let mut body = vec![
         0x00,
         0x04,
@@ -74,6 +81,49 @@ fn probe_connect(v5: bool, attempt: u32) -> Vec<u8> {
     let mut frame = vec![0x10, body.len() as u8];
     frame.extend(body);
     frame
+}
+
+/// Probes failed in a row before the broker counts as down.
+pub const WATCH_FALLS: u32 = 3;
+
+/// Watches the embedded broker until `shutdown`: every `every`, a whole MQTT
+/// handshake on each listener (`[v4, v5]`). After [`WATCH_FALLS`] failed
+/// rounds in a row `up(false)`, at the next good one `up(true)`; each
+/// change once. rumqttd's threads can die (a panic on its router thread
+/// ends all routing) while flowgate goes on: this makes it visible.
+pub async fn watch(
+    listeners: [SocketAddr; 2],
+    every: Duration,
+    mut up: impl FnMut(bool),
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (mut failed, mut is_up) = (0u32, true);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let round = async {
+            let mut ok = true;
+            for (addr, v5) in [(listeners[0], false), (listeners[1], true)] {
+                // one fixed client id per listener: a new id per probe would
+                // leave rumqttd an entry per probe for good
+                let id = ["flowgate-watchdog-4", "flowgate-watchdog-5"][usize::from(v5)];
+                ok &= answers(addr, &connect_frame(v5, id)).await;
+            }
+            ok
+        };
+        let ok = tokio::select! {
+            ok = round => ok,
+            () = shutdown.cancelled() => return,
+        };
+        failed = if ok { 0 } else { failed + 1 };
+        let now_up = ok || (is_up && failed < WATCH_FALLS);
+        if now_up != is_up {
+            is_up = now_up;
+            up(now_up);
+        }
+    }
 }
 
 /// A whole MQTT handshake (a bare TCP connect makes rumqttd log an error):

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub broker_store_pending: IntGauge,
     pub broker_store_commit_seconds: Histogram,
     pub broker_retained_restored: IntGauge,
+    pub broker_up: IntGauge,
     /// The last failovers, newest last, for the admin API.
     failovers: Mutex<VecDeque<Failover>>,
 }
@@ -398,6 +399,14 @@ impl Metrics {
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
                     ]),
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_up: registered(
+                r,
+                IntGauge::new(
+                    BROKER_UP,
+                    "1 while the bundled broker answers its watchdog's CONNECT (0 also with a broker of your own)",
                 )
                 .expect("metric names are static and valid"),
             ),

@@ -16,6 +16,7 @@ pub const BROKER_STORE_COMMITS: &str = "flowgate_broker_store_commits_total";
 pub const BROKER_STORE_ERRORS: &str = "flowgate_broker_store_errors_total";
 pub const BROKER_STORE_PENDING: &str = "flowgate_broker_store_pending";
 pub const BROKER_STORE_COMMIT_SECONDS: &str = "flowgate_broker_store_commit_seconds";
+pub const BROKER_UP: &str = "flowgate_broker_up";
 pub const BROKER_RETAINED_RESTORED: &str = "flowgate_broker_retained_restored";
 pub const HTTP_KEYLESS: &str = "flowgate_http_keyless_requests_total";
 pub const DISPATCH_REDELIVERIES: &str = "flowgate_dispatch_redeliveries_total";

@@ -332,3 +332,75 @@ async fn retained_messages_survive_a_restart_and_a_crash() {
         "the damaged file is left as it was"
     );
 }
+
+/// The watchdog behind `/readyz` and `flowgate_broker_up`: quiet while the
+/// broker answers; a listener that takes connections and answers nothing (as
+/// rumqttd's does once its router thread is gone) counts as down after
+/// `WATCH_FALLS` rounds; up again at the first good round.
+#[tokio::test]
+async fn the_watchdog_sees_a_broker_that_stops_answering() {
+    use flowgate::broker::{watch, WATCH_FALLS};
+    let broker = flowgate::broker::start(1 << 20, None)
+        .await
+        .expect("broker starts");
+    // a silent peer: accepts and reads, never answers; switched to forward
+    // to the real v4 listener when `answer` is set
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let silent_addr = silent.local_addr().expect("addr");
+    let answer = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = answer.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = silent.accept().await {
+            let relay = relay.clone();
+            tokio::spawn(async move {
+                if relay.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(mut up) = TcpStream::connect(broker.v4).await {
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                    }
+                } else {
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                }
+            });
+        }
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let every = Duration::from_millis(50);
+    let up = move |up| {
+        let _ = tx.send((up, Instant::now()));
+    };
+    let started = Instant::now();
+    tokio::spawn(watch([silent_addr, broker.v5], every, up, stop.clone()));
+    let (state, at) = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .expect("a change")
+        .expect("the watchdog runs");
+    assert!(!state, "down first");
+    // each round waits 1 s for the silent listener's CONNACK
+    let rounds = at.duration_since(started).as_secs_f64();
+    assert!(rounds >= f64::from(WATCH_FALLS), "down after {rounds:.1} s");
+    answer.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (state, _) = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .expect("a change")
+        .expect("the watchdog runs");
+    assert!(state, "up again once it answers");
+    stop.cancel();
+
+    // the real listeners: no change reported for a few rounds
+    let (tx, mut rx) = mpsc::unbounded_channel::<bool>();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let up = move |up| {
+        let _ = tx.send(up);
+    };
+    tokio::spawn(watch([broker.v4, broker.v5], every, up, stop.clone()));
+    let quiet = tokio::time::timeout(Duration::from_millis(600), rx.recv()).await;
+    assert!(
+        quiet.is_err(),
+        "a change while the broker answers: {quiet:?}"
+    );
+    stop.cancel();
+}
