@@ -103,77 +103,6 @@ MOSQ_PID=$!
 PIDS+=("$MOSQ_PID")
 wait_port "$MOSQ_PORT" "$MOSQ_PID" mosquitto
 
-# --- flowgate (share mode) -------------------------------------------------
-cat >"$WORK/flowgate.toml" <<EOF
-node_id = "bench"
-$([[ -n $FG_THREADS ]] && echo "worker_threads = $FG_THREADS")
-[admin]
-listen = "127.0.0.1:0"
-[mqtt]
-listen = "127.0.0.1:0"
-upstream = "mqtt://127.0.0.1:$MOSQ_PORT"
-mode = "share"
-[[instance]]
-name = "bench"
-match = { client_id = "bench-replica" }
-EOF
-"$FLOWGATE_BIN" run --config "$WORK/flowgate.toml" --ready-file "$WORK/ready.json" \
-    >"$WORK/flowgate.out" 2>"$WORK/flowgate.log" &
-FG_PID=$!
-PIDS+=("$FG_PID")
-for _ in $(seq 100); do
-    [[ -s $WORK/ready.json ]] && break
-    kill -0 "$FG_PID" 2>/dev/null || { log "flowgate exited; see $WORK/flowgate.log"; exit 1; }
-    sleep 0.1
-done
-FG_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready.json")
-FG_ADMIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$WORK/ready.json")
-
-# --- flowgate (dispatch mode), in front of a second, identical Mosquitto ----
-# (its persistent upstream session subscribes bench/# and would otherwise
-# receive, and make the broker queue, every other target's messages)
-MOSQ2_PORT=$(free_port)
-sed -e "s/^listener $MOSQ_PORT /listener $MOSQ2_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-2.conf"
-mosquitto -c "$WORK/mosquitto-2.conf" 2>"$WORK/mosquitto-2.log" &
-MOSQ2_PID=$!
-PIDS+=("$MOSQ2_PID")
-wait_port "$MOSQ2_PORT" "$MOSQ2_PID" mosquitto-2
-sed -e 's/mode = "share"/mode = "dispatch"/' -e 's/node_id = "bench"/node_id = "benchd"/' \
-    -e "s/127.0.0.1:$MOSQ_PORT/127.0.0.1:$MOSQ2_PORT/" \
-    "$WORK/flowgate.toml" >"$WORK/flowgate-dispatch.toml"
-"$FLOWGATE_BIN" run --config "$WORK/flowgate-dispatch.toml" --ready-file "$WORK/ready-dispatch.json" \
-    >"$WORK/flowgate-dispatch.out" 2>"$WORK/flowgate-dispatch.log" &
-FGD_PID=$!
-PIDS+=("$FGD_PID")
-for _ in $(seq 100); do
-    [[ -s $WORK/ready-dispatch.json ]] && break
-    kill -0 "$FGD_PID" 2>/dev/null || { log "flowgate (dispatch) exited; see $WORK/flowgate-dispatch.log"; exit 1; }
-    sleep 0.1
-done
-FGD_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-dispatch.json")
-
-# --- flowgate (dispatch mode, 3.1.1 upstream session), a third Mosquitto ------
-# (the upstream session as it was before MQTT 5 upstream, in the same run)
-MOSQ3_PORT=$(free_port)
-sed -e "s/^listener $MOSQ_PORT /listener $MOSQ3_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-3.conf"
-mosquitto -c "$WORK/mosquitto-3.conf" 2>"$WORK/mosquitto-3.log" &
-MOSQ3_PID=$!
-PIDS+=("$MOSQ3_PID")
-wait_port "$MOSQ3_PORT" "$MOSQ3_PID" mosquitto-3
-sed -e "s/127.0.0.1:$MOSQ2_PORT\"/127.0.0.1:$MOSQ3_PORT\"\nupstream_protocol = \"3.1.1\"/" \
-    -e 's/node_id = "benchd"/node_id = "benchd3"/' \
-    "$WORK/flowgate-dispatch.toml" >"$WORK/flowgate-dispatch3.toml"
-"$FLOWGATE_BIN" run --config "$WORK/flowgate-dispatch3.toml" --ready-file "$WORK/ready-dispatch3.json" \
-    >"$WORK/flowgate-dispatch3.out" 2>"$WORK/flowgate-dispatch3.log" &
-FGD3_PID=$!
-PIDS+=("$FGD3_PID")
-for _ in $(seq 100); do
-    [[ -s $WORK/ready-dispatch3.json ]] && break
-    kill -0 "$FGD3_PID" 2>/dev/null || { log "flowgate (dispatch, 3.1.1) exited; see $WORK/flowgate-dispatch3.log"; exit 1; }
-    sleep 0.1
-done
-FGD3_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-dispatch3.json")
-
 wanted() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 # start_flowgate NAME CONFIG: runs flowgate on CONFIG; sets FG_STARTED_PID and
@@ -190,6 +119,53 @@ start_flowgate() {
     done
     FG_STARTED_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$WORK/ready-$1.json")
 }
+
+# --- flowgate (share mode) -------------------------------------------------
+cat >"$WORK/flowgate.toml" <<EOF
+node_id = "bench"
+$([[ -n $FG_THREADS ]] && echo "worker_threads = $FG_THREADS")
+[admin]
+listen = "127.0.0.1:0"
+[mqtt]
+listen = "127.0.0.1:0"
+upstream = "mqtt://127.0.0.1:$MOSQ_PORT"
+mode = "share"
+[[instance]]
+name = "bench"
+match = { client_id = "bench-replica" }
+EOF
+start_flowgate share "$WORK/flowgate.toml"
+FG_PID=$FG_STARTED_PID FG_ADDR=$FG_STARTED_ADDR
+FG_ADMIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$WORK/ready-share.json")
+
+# --- flowgate (dispatch mode), in front of a second, identical Mosquitto ----
+# (its persistent upstream session subscribes bench/# and would otherwise
+# receive, and make the broker queue, every other target's messages)
+MOSQ2_PORT=$(free_port)
+sed -e "s/^listener $MOSQ_PORT /listener $MOSQ2_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-2.conf"
+mosquitto -c "$WORK/mosquitto-2.conf" 2>"$WORK/mosquitto-2.log" &
+MOSQ2_PID=$!
+PIDS+=("$MOSQ2_PID")
+wait_port "$MOSQ2_PORT" "$MOSQ2_PID" mosquitto-2
+sed -e 's/mode = "share"/mode = "dispatch"/' -e 's/node_id = "bench"/node_id = "benchd"/' \
+    -e "s/127.0.0.1:$MOSQ_PORT/127.0.0.1:$MOSQ2_PORT/" \
+    "$WORK/flowgate.toml" >"$WORK/flowgate-dispatch.toml"
+start_flowgate dispatch "$WORK/flowgate-dispatch.toml"
+FGD_PID=$FG_STARTED_PID FGD_ADDR=$FG_STARTED_ADDR
+
+# --- flowgate (dispatch mode, 3.1.1 upstream session), a third Mosquitto ------
+# (the upstream session as it was before MQTT 5 upstream, in the same run)
+MOSQ3_PORT=$(free_port)
+sed -e "s/^listener $MOSQ_PORT /listener $MOSQ3_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-3.conf"
+mosquitto -c "$WORK/mosquitto-3.conf" 2>"$WORK/mosquitto-3.log" &
+MOSQ3_PID=$!
+PIDS+=("$MOSQ3_PID")
+wait_port "$MOSQ3_PORT" "$MOSQ3_PID" mosquitto-3
+sed -e "s/127.0.0.1:$MOSQ2_PORT\"/127.0.0.1:$MOSQ3_PORT\"\nupstream_protocol = \"3.1.1\"/" \
+    -e 's/node_id = "benchd"/node_id = "benchd3"/' \
+    "$WORK/flowgate-dispatch.toml" >"$WORK/flowgate-dispatch3.toml"
+start_flowgate dispatch3 "$WORK/flowgate-dispatch3.toml"
+FGD3_PID=$FG_STARTED_PID FGD3_ADDR=$FG_STARTED_ADDR
 
 # --- flowgate on its bundled broker (dispatch), store off and on ----------------
 EMB_PID=$MOSQ_PID EMBD_PID=$MOSQ_PID MOSQP_PID=$MOSQ_PID

@@ -284,10 +284,11 @@ fn data_dir(
         // as every other path in the file: relative to the working directory
         Some(p) => PathBuf::from(p),
         None if !embedded => return Ok(None),
-        None => match (state_dir.and_then(|s| s.split(':').next()), base) {
-            (Some(s), _) if !s.is_empty() => PathBuf::from(s),
-            (_, Some(b)) => b.join("flowgate-data"),
-            _ => return Ok(None),
+        // config text of no file (the library, tests): nothing on disk
+        None => match (base, state_dir.and_then(|s| s.split(':').next())) {
+            (None, _) => return Ok(None),
+            (Some(_), Some(s)) if !s.is_empty() => PathBuf::from(s),
+            (Some(b), _) => b.join("flowgate-data"),
         },
     };
     if path.exists() && !path.is_dir() {
@@ -687,8 +688,10 @@ mod tests {
         let systemd = Some("/var/lib/flowgate:/var/lib/other");
         let state = Some(PathBuf::from("/var/lib/flowgate"));
         assert_eq!(data_dir(None, base, systemd, true), Ok(state));
-        // config text of no file (tests, the library): nothing on disk
+        // config text of no file (tests, the library): nothing on disk, even
+        // under systemd
         assert_eq!(data_dir(None, None, None, true), Ok(None));
+        assert_eq!(data_dir(None, None, systemd, true), Ok(None));
         // a broker of the user's own keeps its own state
         assert_eq!(data_dir(None, base, systemd, false), Ok(None));
         assert_eq!(data_dir(Some(""), base, systemd, true), Ok(None));

@@ -217,6 +217,17 @@ pub(crate) async fn request(
     Ok((status, replica, cookie, body))
 }
 
+/// Waits until `flowgate_http_replica_up` of replica `replica` of `web` is `up`.
+pub(crate) async fn replica_up(app: &App, replica: &str, up: bool) {
+    let what = format!("replica {replica} up = {up}");
+    eventually(&what, || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        let labels = [("instance", "web"), ("replica", replica)];
+        metric_sum(&m, "flowgate_http_replica_up", &labels) == f64::from(u8::from(up))
+    })
+    .await;
+}
+
 /// Closed-loop load on `/api` for `secs`: every response's (status, replica).
 pub(crate) async fn load(
     addr: SocketAddr,
@@ -317,15 +328,7 @@ async fn a_replica_killed_under_load_fails_no_request_and_comes_back_after_rise(
     );
     // back on the same port: traffic again after two good probes
     let _back = Replica::start("r0", killed_port).await;
-    eventually("replica 0 up again", || async {
-        let (_, m) = http_get(app.admin_addr, "/metrics").await;
-        metric_sum(
-            &m,
-            "flowgate_http_replica_up",
-            &[("instance", "web"), ("replica", "0")],
-        ) == 1.0
-    })
-    .await;
+    replica_up(&app, "0", true).await;
     let results = load(addr, 12, 1.0).await;
     assert!(
         results
@@ -738,15 +741,7 @@ async fn key_hash_keeps_each_key_on_one_replica_and_moves_only_a_leavers_keys() 
     reps[0].kill();
     let during = replica_of_keys(addr, &keys, by_header).await;
     assert!(!during.contains(&"0".to_string()));
-    eventually("replica 0 down", || async {
-        let (_, m) = http_get(app.admin_addr, "/metrics").await;
-        metric_sum(
-            &m,
-            "flowgate_http_replica_up",
-            &[("instance", "web"), ("replica", "0")],
-        ) == 0.0
-    })
-    .await;
+    replica_up(&app, "0", false).await;
     let after = replica_of_keys(addr, &keys, by_header).await;
     for (i, k) in keys.iter().enumerate() {
         if first[i] != "0" {
@@ -767,15 +762,7 @@ async fn key_hash_keeps_each_key_on_one_replica_and_moves_only_a_leavers_keys() 
 
     // back on its port: it takes back its own keys, and only those
     let _back = Replica::start("r0", killed_port).await;
-    eventually("replica 0 up again", || async {
-        let (_, m) = http_get(app.admin_addr, "/metrics").await;
-        metric_sum(
-            &m,
-            "flowgate_http_replica_up",
-            &[("instance", "web"), ("replica", "0")],
-        ) == 1.0
-    })
-    .await;
+    replica_up(&app, "0", true).await;
     assert_eq!(replica_of_keys(addr, &keys, by_header).await, first);
     app.shutdown(Duration::from_secs(5)).await;
 
