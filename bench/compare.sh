@@ -328,7 +328,7 @@ python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" +
             "$WORK/ready-embedded-durable.json" >"$WORK/embedded-durable-metrics.txt" || log "cannot read embedded-durable /metrics"
         echo "embedded-durable's store at the end (commits batch the changes; the histogram is how long a change waits to be on disk):"
         echo '```'
-        grep -E '^flowgate_broker_(store|retained)' "$WORK/embedded-durable-metrics.txt" | grep -v '_bucket' || true
+        grep -E '^flowgate_broker_(store|retained|session|queued)' "$WORK/embedded-durable-metrics.txt" | grep -v '_bucket' || true
         grep -E '^flowgate_broker_store_commit_seconds_bucket' "$WORK/embedded-durable-metrics.txt" || true
         echo '```'
     fi

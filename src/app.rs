@@ -94,8 +94,7 @@ impl App {
                 if let Some(dir) = &config.data_dir {
                     store = Some(Store::open(dir, &metrics)?);
                 }
-                let retained = store.as_ref().map(|s| s.router.clone());
-                let b = broker::start(config.mqtt.max_packet_size.bytes(), retained).await?;
+                let b = broker::start(config.mqtt.max_packet_size.bytes(), store.as_ref()).await?;
                 embedded = Some(b);
                 (b.v4.to_string(), b.v5.to_string())
             }

@@ -145,11 +145,11 @@ async fn answers(addr: SocketAddr, connect: &[u8]) -> bool {
 }
 
 /// Starts rumqttd on two free loopback ports and waits until it answers;
-/// with `retained`, it starts with the store's retained messages and reports
-/// their changes to it.
+/// with a `store`, it starts with the store's retained messages and
+/// persistent sessions and reports their changes to it.
 pub async fn start(
     max_packet: usize,
-    retained: Option<rumqttd::persist::RetainedStore>,
+    store: Option<&store::Store>,
 ) -> Result<EmbeddedBroker, BrokerError> {
     let v4: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let v5: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
@@ -161,7 +161,8 @@ pub async fn start(
     );
     let mut config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
-    config.router.retained_store = retained;
+    config.router.retained_store = store.map(|s| s.router.clone());
+    config.router.session_store = store.map(|s| s.sessions.clone());
     std::thread::Builder::new()
         .name("embedded-broker".into())
         .spawn(move || {

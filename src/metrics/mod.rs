@@ -55,6 +55,10 @@ pub struct Metrics {
     pub broker_store_pending: IntGauge,
     pub broker_store_commit_seconds: Histogram,
     pub broker_retained_restored: IntGauge,
+    pub broker_sessions_restored: IntGauge,
+    pub broker_queued_restored: IntGauge,
+    pub broker_session_snapshots: IntCounter,
+    pub broker_queued_stored: IntGauge,
     pub broker_up: IntGauge,
     /// The last failovers, newest last, for the admin API.
     failovers: Mutex<VecDeque<Failover>>,
@@ -415,6 +419,38 @@ impl Metrics {
                 IntGauge::new(
                     BROKER_RETAINED_RESTORED,
                     "Retained messages the bundled broker restored from its store at start",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_sessions_restored: registered(
+                r,
+                IntGauge::new(
+                    BROKER_SESSIONS_RESTORED,
+                    "Persistent sessions the bundled broker restored from its store at start",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_queued_restored: registered(
+                r,
+                IntGauge::new(
+                    BROKER_QUEUED_RESTORED,
+                    "Messages queued for persistent sessions the bundled broker restored at start",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_queued_stored: registered(
+                r,
+                IntGauge::new(
+                    BROKER_QUEUED_STORED,
+                    "Messages queued for the bundled broker's persistent sessions in the last snapshot on disk",
+                )
+                .expect("metric names are static and valid"),
+            ),
+            broker_session_snapshots: registered(
+                r,
+                IntCounter::new(
+                    BROKER_SESSION_SNAPSHOTS,
+                    "Snapshots of the bundled broker's persistent sessions written to its store",
                 )
                 .expect("metric names are static and valid"),
             ),

@@ -141,8 +141,22 @@ impl Flowgate {
 
 /// An MQTT 5 client of the bundled broker, through flowgate.
 async fn v5_client(addr: SocketAddr, id: &str) -> (C5, mpsc::UnboundedReceiver<P5>) {
+    v5_session(addr, id, false).await
+}
+
+/// The same with a persistent session when `persistent` (clean start off, no
+/// expiry).
+async fn v5_session(
+    addr: SocketAddr,
+    id: &str,
+    persistent: bool,
+) -> (C5, mpsc::UnboundedReceiver<P5>) {
     let mut opts = O5::new(id, addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
+    if persistent {
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(u32::MAX));
+    }
     let (client, mut el) = C5::new(opts, 100);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -303,34 +317,68 @@ async fn retained_messages_survive_a_restart_and_a_crash() {
 
     let fg = Flowgate::run(&config).await;
     let line3 = ("status/line3".to_string(), "down".to_string(), vec![]);
-    assert_eq!(retained_status(fg.mqtt).await, vec![line1, line3]);
+    assert_eq!(retained_status(fg.mqtt).await, vec![line1.clone(), line3]);
     assert_eq!(fg.stop("-TERM").await, Some(0));
 
-    // a damaged store: the start fails and says which file; the file stays
+    // a damaged store: a start that recovers restores all of it (redb keeps
+    // the last whole commit), one that cannot fails naming the file, and the
+    // file stays as it was
     let store = dir.join("flowgate-data/broker.redb");
     let len = std::fs::metadata(&store).expect("store").len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&store)
-        .expect("open");
-    file.set_len(len / 2).expect("truncate");
-    drop(file);
-    let out = tokio::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output();
-    let out = tokio::time::timeout(DEADLINE, out)
-        .await
-        .expect("flowgate exits")
-        .expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started on a damaged store: {err}");
-    assert!(err.contains("broker.redb"), "names the file: {err}");
-    assert_eq!(
-        std::fs::metadata(&store).expect("kept").len(),
-        len / 2,
-        "the damaged file is left as it was"
-    );
+    for cut in [len / 2, 8192] {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&store)
+            .expect("open");
+        file.set_len(cut).expect("truncate");
+        drop(file);
+        let ready = config.with_extension("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("runs");
+        let started = Instant::now();
+        let exited = loop {
+            assert!(started.elapsed() < DEADLINE, "neither started nor failed");
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if ready.is_file() {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        match exited {
+            None => {
+                // recovered: every retained message, or it is a silent loss
+                drop(child);
+                let fg = Flowgate::run(&config).await;
+                let line3 = ("status/line3".to_string(), "down".to_string(), vec![]);
+                assert_eq!(retained_status(fg.mqtt).await, vec![line1.clone(), line3]);
+                assert_eq!(fg.stop("-TERM").await, Some(0));
+                assert_ne!(cut, 8192, "8 KiB cannot hold the store");
+            }
+            Some(status) => {
+                let mut err = String::new();
+                let mut stderr = child.stderr.take().expect("piped");
+                let _ = stderr.read_to_string(&mut err).await;
+                assert!(!status.success(), "started on a damaged store: {err}");
+                assert!(err.contains("broker.redb"), "names the file: {err}");
+                assert_eq!(
+                    std::fs::metadata(&store).expect("kept").len(),
+                    cut,
+                    "the damaged file is left as it was"
+                );
+            }
+        }
+    }
 }
 
 /// The watchdog behind `/readyz` and `flowgate_broker_up`: quiet while the
@@ -403,4 +451,192 @@ async fn the_watchdog_sees_a_broker_that_stops_answering() {
         "a change while the broker answers: {quiet:?}"
     );
     stop.cancel();
+}
+
+/// An MQTT 5 client with a persistent session (clean start off, no expiry).
+async fn v5_persistent(addr: SocketAddr, id: &str) -> (C5, mpsc::UnboundedReceiver<P5>) {
+    v5_session(addr, id, true).await
+}
+
+/// The payloads of the PUBLISHes that arrive until none comes for `quiet`.
+async fn payloads(rx: &mut mpsc::UnboundedReceiver<P5>, quiet: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Ok(Some(p)) = tokio::time::timeout(quiet, rx.recv()).await {
+        if let P5::Publish(p) = p {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    got
+}
+
+/// A 3.1.1 client on a raw socket: CONNECT with clean session off, and
+/// the CONNACK's session-present flag.
+async fn raw_persistent(addr: SocketAddr, id: &str) -> (TcpStream, bool) {
+    let mut frame = connect_v4(id);
+    frame[9] = 0x00; // connect flags: clean session off
+    let mut s = TcpStream::connect(addr).await.expect("connects");
+    s.write_all(&frame).await.expect("CONNECT");
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut ack))
+        .await
+        .expect("a CONNACK")
+        .expect("reads");
+    assert_eq!((ack[0], ack[3]), (0x20, 0), "CONNACK accepted: {ack:?}");
+    (s, ack[2] & 1 == 1)
+}
+
+/// Reads one 4-byte ack (PUBREC, PUBCOMP, ...) and returns it.
+async fn raw_ack(s: &mut TcpStream) -> [u8; 4] {
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut ack))
+        .await
+        .expect("an ack")
+        .expect("reads");
+    ack
+}
+
+/// Issue 21: persistent sessions and what is queued for them survive a clean
+/// stop and a crash of the bundled broker: an offline subscriber's QoS 1
+/// alert, 50 jobs held for a dispatch instance whose replicas are all gone
+/// (flowgate's own upstream session), and a QoS 2 exchange half done, which
+/// completes exactly once.
+#[tokio::test]
+async fn persistent_sessions_and_their_queues_survive_a_restart_and_a_crash() {
+    let dir = temp_dir("bundled-sessions");
+    let config = dir.join("flowgate.toml");
+    std::fs::write(
+        &config,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         [[instance]]\nname = \"line1\"\nmatch = { client_id = \"line1-nodered\" }\n",
+    )
+    .expect("write config");
+    let fg = Flowgate::run(&config).await;
+
+    // an offline persistent subscriber
+    let (sub, mut sub_rx) = v5_persistent(fg.mqtt, "alerts-sub").await;
+    sub.subscribe("alerts/#", Q5::AtLeastOnce)
+        .await
+        .expect("queued");
+    next(&mut sub_rx, |p| matches!(p, P5::SubAck(_)).then_some(())).await;
+    let _ = sub.disconnect().await;
+    // a replica takes jobs, then every replica is gone
+    let (replica, mut replica_rx) = v5_client(fg.mqtt, "line1-nodered").await;
+    replica
+        .subscribe("jobs/#", Q5::AtLeastOnce)
+        .await
+        .expect("queued");
+    next(&mut replica_rx, |p| {
+        matches!(p, P5::SubAck(_)).then_some(())
+    })
+    .await;
+    let _ = replica.disconnect().await;
+    drop(replica_rx);
+    // a QoS 2 publisher half way: PUBLISH, PUBREC, no PUBREL yet
+    let (mut q2, present) = raw_persistent(fg.mqtt, "q2-pub").await;
+    assert!(!present);
+    let mut publish = vec![0x34, 0];
+    publish.extend_from_slice(&[0, 9]);
+    publish.extend_from_slice(b"alerts/q2");
+    publish.extend_from_slice(&[0, 7]); // packet id 7
+    publish.extend_from_slice(b"once");
+    publish[1] = (publish.len() - 2) as u8;
+    q2.write_all(&publish).await.expect("PUBLISH");
+    assert_eq!(raw_ack(&mut q2).await, [0x50, 2, 0, 7], "PUBREC");
+    drop(q2);
+
+    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    publish_acked(
+        &mut publisher,
+        "alerts/fire",
+        "alert 1",
+        false,
+        Default::default(),
+    )
+    .await;
+    for i in 0..50 {
+        let job = format!("job {i}");
+        publish_acked(
+            &mut publisher,
+            &format!("jobs/{i}"),
+            &job,
+            false,
+            Default::default(),
+        )
+        .await;
+    }
+    let _ = publisher.0.disconnect().await;
+    // SIGTERM at once: the clean stop takes a last snapshot
+    assert_eq!(fg.stop("-TERM").await, Some(0));
+
+    let fg = Flowgate::run(&config).await;
+    // alerts-sub, q2-pub and flowgate's upstream session for line1
+    assert!(fg.metric("flowgate_broker_sessions_restored").await >= 3.0);
+    let (sub, mut sub_rx) = v5_persistent(fg.mqtt, "alerts-sub").await;
+    let present = next(&mut sub_rx, |p| match p {
+        P5::ConnAck(a) => Some(a.session_present),
+        _ => None,
+    })
+    .await;
+    assert!(present, "the subscriber's session was kept");
+    let got = next(&mut sub_rx, |p| match p {
+        P5::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, "alert 1");
+    // the QoS 2 exchange completes: PUBREL, PUBCOMP, the message once
+    let (mut q2, present) = raw_persistent(fg.mqtt, "q2-pub").await;
+    assert!(present, "the publisher's session was kept");
+    q2.write_all(&[0x62, 2, 0, 7]).await.expect("PUBREL");
+    assert_eq!(raw_ack(&mut q2).await, [0x70, 2, 0, 7], "PUBCOMP");
+    // a PUBREL sent again is completed again, and delivers nothing more
+    q2.write_all(&[0x62, 2, 0, 7]).await.expect("PUBREL");
+    assert_eq!(raw_ack(&mut q2).await, [0x70, 2, 0, 7], "PUBCOMP again");
+    let got = payloads(&mut sub_rx, Duration::from_millis(500)).await;
+    assert_eq!(got, ["once"], "the QoS 2 message exactly once");
+    drop(q2);
+    // the 50 jobs reach a replica that comes back
+    let (replica, mut replica_rx) = v5_client(fg.mqtt, "line1-nodered").await;
+    replica
+        .subscribe("jobs/#", Q5::AtLeastOnce)
+        .await
+        .expect("queued");
+    let mut jobs = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while jobs.len() < 50 {
+        assert!(start.elapsed() < DEADLINE, "{} of 50 jobs", jobs.len());
+        if let Ok(Some(P5::Publish(p))) =
+            tokio::time::timeout(Duration::from_millis(200), replica_rx.recv()).await
+        {
+            jobs.insert(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    let _ = replica.disconnect().await;
+
+    // a crash: what was acknowledged and is in a snapshot on disk is kept
+    let _ = sub.disconnect().await;
+    drop(sub_rx);
+    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    publish_acked(
+        &mut publisher,
+        "alerts/fire",
+        "alert 2",
+        false,
+        Default::default(),
+    )
+    .await;
+    let _ = publisher.0.disconnect().await;
+    // the one message queued for a persistent session is in a snapshot
+    eventually("the queued alert is on disk", || async {
+        fg.metric("flowgate_broker_queued_stored").await == 1.0
+    })
+    .await;
+    assert_eq!(fg.stop("-KILL").await, None);
+
+    let fg = Flowgate::run(&config).await;
+    let (sub, mut sub_rx) = v5_persistent(fg.mqtt, "alerts-sub").await;
+    let got = payloads(&mut sub_rx, Duration::from_millis(1500)).await;
+    assert_eq!(got, ["alert 2"], "the alert acknowledged before the crash");
+    let _ = sub.disconnect().await;
+    assert_eq!(fg.stop("-TERM").await, Some(0));
 }

@@ -208,6 +208,10 @@ pub struct RouterConfig {
     /// changes are reported
     #[serde(skip)]
     pub retained_store: Option<persist::RetainedStore>,
+    /// flowgate patch: persistent sessions restored at start, and where
+    /// their snapshots go
+    #[serde(skip)]
+    pub session_store: Option<persist::SessionStore>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

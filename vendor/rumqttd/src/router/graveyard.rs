@@ -1,5 +1,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use crate::protocol::{Publish, PublishProperties};
+
 use super::{
     scheduler::{PauseReason, Tracker},
     ConnectionEvents,
@@ -29,6 +31,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        recorded: VecDeque<(Publish, Option<PublishProperties>)>,
     ) {
         tracker.pause(PauseReason::Busy);
         let id = tracker.id.clone();
@@ -37,6 +40,7 @@ impl Graveyard {
             tracker,
             subscriptions,
             unacked_pubrels,
+            recorded,
         };
 
         self.connections.insert(
@@ -46,6 +50,20 @@ impl Graveyard {
                 metrics,
             },
         );
+    }
+
+    /// flowgate patch: the saved persistent sessions
+    pub fn sessions(&self) -> impl Iterator<Item = (&String, &SessionState)> {
+        self.connections
+            .iter()
+            .filter_map(|(id, s)| Some((id, s.session_state.as_ref()?)))
+    }
+
+    /// flowgate patch: whether a persistent session of this id is saved
+    pub fn has_session(&self, id: &str) -> bool {
+        self.connections
+            .get(id)
+            .is_some_and(|s| s.session_state.is_some())
     }
 
     /// Save only metrics for connection
@@ -72,4 +90,8 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+    /// flowgate patch: incoming QoS 2 publishes waiting for their PUBREL
+    /// (lost with the connection before: the client's PUBREL after a
+    /// reconnect then found nothing and was disconnected)
+    pub recorded: VecDeque<(Publish, Option<PublishProperties>)>,
 }

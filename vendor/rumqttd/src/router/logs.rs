@@ -255,6 +255,64 @@ impl DataLog {
         data.waiters.register(id, request);
     }
 
+    /// flowgate patch: the requests of a connection parked in waiters, left
+    /// where they are
+    pub fn waiting(&self, id: ConnectionId) -> Vec<DataRequest> {
+        self.native
+            .iter()
+            .flat_map(|(_, data)| data.waiters.waiters().iter())
+            .filter(|(c, _)| *c == id)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// flowgate patch: the filter of a log
+    pub fn filter_of(&self, filter_idx: FilterIdx) -> Option<&str> {
+        self.native.get(filter_idx).map(|d| d.filter.as_str())
+    }
+
+    /// flowgate patch: every message of a log from `from` to its end (not
+    /// the expired ones), each with its offset
+    pub fn read_to_end(&self, filter_idx: FilterIdx, from: Offset) -> Vec<(PubWithProp, Offset)> {
+        let mut out = Vec::new();
+        let mut at = from;
+        loop {
+            let Ok((next, mut chunk)) = self.native_readv(filter_idx, at, 1000) else {
+                break;
+            };
+            out.append(&mut chunk);
+            match next {
+                Position::Next { end, .. } if end != at => at = end,
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// flowgate patch: where the next message of a log will be
+    pub fn next_offset(&self, filter_idx: FilterIdx) -> Option<Offset> {
+        self.native.get(filter_idx).map(|d| d.log.next_offset())
+    }
+
+    /// flowgate patch: appends restored messages to a filter's log (made
+    /// if need be); returns its index, each message's offset and the
+    /// offset after the last
+    pub fn restore_log(
+        &mut self,
+        filter: &str,
+        messages: Vec<PubWithProp>,
+    ) -> (FilterIdx, Vec<Offset>, Offset) {
+        let (idx, _) = self.next_native_offset(filter);
+        let data = self.native.get_mut(idx).unwrap();
+        let mut offsets = Vec::with_capacity(messages.len());
+        let mut nobody = VecDeque::new();
+        for m in messages {
+            offsets.push(data.log.next_offset());
+            data.append(m.into(), &mut nobody);
+        }
+        (idx, offsets, data.log.next_offset())
+    }
+
     /// Cleanup a connection from all the waiters
     pub fn clean(&mut self, id: ConnectionId) -> Vec<DataRequest> {
         let mut inflight = Vec::new();
@@ -395,7 +453,7 @@ pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
     // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    pub(crate) recorded: VecDeque<(Publish, Option<PublishProperties>)>,
 }
 
 impl AckLog {
@@ -433,10 +491,13 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
+    /// flowgate patch: the publish released is the one of this packet id
+    /// (was: the oldest recorded, whatever its id)
     pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        let at = self.recorded.iter().position(|(p, _)| p.pkid == ack.pkid);
         let ack = Ack::PubComp(ack);
         self.committed.push_back(ack);
-        self.recorded.pop_front()
+        self.recorded.remove(at?)
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {

@@ -65,6 +65,9 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// flowgate patch: hand a snapshot of the persistent sessions to the
+    /// session store now
+    SaveSessions,
 }
 
 /// Notification from router to connection

@@ -102,6 +102,15 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// flowgate patch: something happened since the last session snapshot
+    sessions_dirty: bool,
+    /// flowgate patch: when the next session snapshot is due
+    sessions_due: std::time::Instant,
+    /// flowgate patch: a snapshot was handed over (the next ones are
+    /// differences)
+    sessions_started: bool,
+    /// flowgate patch: per log, where the messages not yet handed over start
+    sessions_handed: HashMap<FilterIdx, Offset>,
 }
 
 impl Router {
@@ -121,7 +130,7 @@ impl Router {
         };
 
         let max_connections = config.max_connections;
-        Router {
+        let mut router = Router {
             id: router_id,
             config: config.clone(),
             graveyard: Graveyard::new(),
@@ -143,7 +152,13 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
-        }
+            sessions_dirty: false,
+            sessions_due: std::time::Instant::now(),
+            sessions_started: false,
+            sessions_handed: HashMap::new(),
+        };
+        router.start_session_store();
+        router
     }
 
     /// Gets handle to the router. This is not a public method to ensure that link
@@ -196,8 +211,23 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            // flowgate patch: with a session store, wake up for a snapshot
+            // that is due
+            if self.sessions_dirty && self.config.session_store.is_some() {
+                let wait = self
+                    .sessions_due
+                    .saturating_duration_since(std::time::Instant::now());
+                match self.router_rx.recv_timeout(wait) {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(flume::RecvTimeoutError::Timeout) => {}
+                    Err(flume::RecvTimeoutError::Disconnected) => {
+                        return Err(RouterError::Disconnected)
+                    }
+                }
+            } else {
+                let (id, data) = self.router_rx.recv()?;
+                self.events(id, data);
+            }
         }
 
         // Try reading more from connections in a non-blocking
@@ -227,6 +257,11 @@ impl Router {
             self.consume();
         }
 
+        // flowgate patch: a session snapshot when one is due
+        if self.sessions_dirty && std::time::Instant::now() >= self.sessions_due {
+            self.save_sessions();
+        }
+
         // self.send_all_alerts();
         Ok(())
     }
@@ -235,7 +270,22 @@ impl Router {
         let span = tracing::error_span!("[>] incoming", connection_id = id);
         let _guard = span.enter();
 
+        // flowgate patch: what a persistent session does changes what a
+        // snapshot holds (what others publish: see handle_device_payload)
+        self.sessions_dirty |= match &data {
+            // (a clean start ends a persistent session of the same id)
+            Event::Connect { connection, .. } => {
+                !connection.clean
+                    || self.connection_map.contains_key(&connection.client_id)
+                    || self.graveyard.has_session(&connection.client_id)
+            }
+            Event::DeviceData | Event::Disconnect | Event::Ready => {
+                self.connections.get(id).is_some_and(|c| !c.clean)
+            }
+            _ => false,
+        };
         match data {
+            Event::SaveSessions => self.save_sessions(),
             Event::Connect {
                 connection,
                 incoming,
@@ -306,6 +356,8 @@ impl Router {
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
+        // flowgate patch: incoming qos2 publishes waiting for their pubrel
+        let mut recorded = VecDeque::new();
 
         let tracker = if !clean_session {
             // if there was some saved state, restore the metrics
@@ -324,6 +376,7 @@ impl Router {
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
+                    recorded = session_state.recorded;
                     session_state.tracker
                 },
             )
@@ -333,7 +386,8 @@ impl Router {
             Tracker::new(client_id.clone())
         };
 
-        let ackslog = AckLog::new();
+        let mut ackslog = AckLog::new();
+        ackslog.recorded = recorded;
 
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
             Ok(v) => v.as_millis().to_string(),
@@ -399,6 +453,196 @@ impl Router {
         self.router_meters.total_connections += 1;
     }
 
+    /// flowgate patch: gives the session store the router's link and
+    /// restores the sessions it kept, before any connection is taken
+    fn start_session_store(&mut self) {
+        let Some(store) = self.config.session_store.clone() else {
+            return;
+        };
+        let _ = store.link.set(self.router_tx.clone());
+        let restore = store.restore.lock().ok().and_then(|mut r| r.take());
+        if let Some(snapshot) = restore {
+            self.restore_sessions(snapshot);
+        }
+        self.sessions_due = std::time::Instant::now() + store.every;
+    }
+
+    /// flowgate patch: every persistent session back in the graveyard, as
+    /// if its client had just gone, with the messages it has still to get
+    fn restore_sessions(&mut self, snapshot: crate::persist::SessionsSnapshot) {
+        // per filter: its index, (old position, new offset) of each
+        // message, the offset after the last
+        let mut logs = HashMap::new();
+        for log in snapshot.logs {
+            let (old, messages): (Vec<u64>, Vec<_>) = log
+                .messages
+                .into_iter()
+                .map(|(at, p, props)| (at, (p, props)))
+                .unzip();
+            let (idx, offsets, end) = self.datalog.restore_log(&log.filter, messages);
+            let moved: Vec<(u64, Offset)> = old.into_iter().zip(offsets).collect();
+            logs.insert(log.filter, (idx, moved, end));
+        }
+        let count = snapshot.sessions.len();
+        for session in snapshot.sessions {
+            let mut tracker = Tracker::new(session.client_id.clone());
+            for r in session.requests {
+                let (filter_idx, cursor) = match logs.get(&r.filter) {
+                    Some((idx, moved, end)) => {
+                        let at = moved.partition_point(|(old, _)| *old < r.from);
+                        (*idx, moved.get(at).map_or(*end, |(_, new)| *new))
+                    }
+                    None => self.datalog.next_native_offset(&r.filter),
+                };
+                tracker.register_data_request(DataRequest {
+                    filter: r.filter,
+                    filter_idx,
+                    qos: r.qos,
+                    cursor,
+                    read_count: 0,
+                    max_count: 100,
+                    forward_retained: r.forward_retained,
+                    group: None,
+                });
+            }
+            self.graveyard.save_state(
+                tracker,
+                session.subscriptions.into_iter().collect(),
+                ConnectionEvents::default(),
+                session.unacked_pubrels.into_iter().collect(),
+                session.recorded.into_iter().collect(),
+            );
+        }
+        info!(sessions = count, "persistent sessions restored");
+    }
+
+    /// flowgate patch: hands a snapshot of every persistent session to the
+    /// session store. A connected session counts from its first message
+    /// not yet acknowledged (what it would get again if it went now).
+    /// Shared subscriptions are not kept.
+    fn save_sessions(&mut self) {
+        let Some(store) = self.config.session_store.clone() else {
+            return;
+        };
+        self.sessions_dirty = false;
+        self.sessions_due = std::time::Instant::now() + store.every;
+        let mut sessions = Vec::new();
+        // per session, its requests: filter index, cursor, the request
+        let mut requests: Vec<Vec<(FilterIdx, Offset, DataRequest)>> = Vec::new();
+        for (client_id, state) in self.graveyard.sessions() {
+            let mut subscriptions: Vec<String> = unshared(&state.subscriptions);
+            subscriptions.sort();
+            sessions.push(crate::persist::SavedSession {
+                client_id: client_id.clone(),
+                subscriptions,
+                requests: Vec::new(),
+                unacked_pubrels: state.unacked_pubrels.iter().copied().collect(),
+                recorded: state.recorded.iter().cloned().collect(),
+            });
+            requests.push(
+                state
+                    .tracker
+                    .data_requests
+                    .iter()
+                    .map(|r| (r.filter_idx, r.cursor, r.clone()))
+                    .collect(),
+            );
+        }
+        for (id, connection) in self.connections.iter() {
+            if connection.clean {
+                continue;
+            }
+            let (Some(outgoing), Some(tracker), Some(acklog)) = (
+                self.obufs.get(id),
+                self.scheduler.trackers.get(id),
+                self.ackslog.get(id),
+            ) else {
+                continue;
+            };
+            let resend = outgoing.retransmission_map();
+            let mut own: Vec<DataRequest> = tracker.data_requests.iter().cloned().collect();
+            own.extend(self.datalog.waiting(id));
+            own.extend(
+                self.notifications
+                    .iter()
+                    .filter(|(c, _)| *c == id)
+                    .map(|(_, r)| r.clone()),
+            );
+            let mut subscriptions: Vec<String> = unshared(&connection.subscriptions);
+            subscriptions.sort();
+            sessions.push(crate::persist::SavedSession {
+                client_id: connection.client_id.clone(),
+                subscriptions,
+                requests: Vec::new(),
+                unacked_pubrels: outgoing.unacked_pubrels.iter().copied().collect(),
+                recorded: acklog.recorded.iter().cloned().collect(),
+            });
+            requests.push(
+                own.into_iter()
+                    .map(|r| {
+                        let cursor = resend.get(&r.filter_idx).copied().unwrap_or(r.cursor);
+                        (r.filter_idx, cursor, r)
+                    })
+                    .collect(),
+            );
+        }
+        // each log once, from the first message any session has still to
+        // get; only what was appended since the last snapshot is handed over
+        let mut from: HashMap<FilterIdx, Offset> = HashMap::new();
+        for (idx, cursor, r) in requests.iter().flatten() {
+            if r.group.is_none() {
+                let at = from.entry(*idx).or_insert(*cursor);
+                *at = (*at).min(*cursor);
+            }
+        }
+        let full = !self.sessions_started;
+        self.sessions_started = true;
+        let mut logs = Vec::new();
+        let mut handed = HashMap::new();
+        for (idx, start) in from {
+            let (Some(filter), Some(end)) = (
+                self.datalog.filter_of(idx).map(str::to_owned),
+                self.datalog.next_offset(idx),
+            ) else {
+                continue;
+            };
+            let resume = match self.sessions_handed.get(&idx) {
+                Some(next) if !full => start.max(*next),
+                _ => start,
+            };
+            let messages = self
+                .datalog
+                .read_to_end(idx, resume)
+                .into_iter()
+                .map(|((p, props), at)| (at.1, p, props))
+                .collect();
+            handed.insert(idx, end);
+            logs.push(crate::persist::SavedLog {
+                filter,
+                first: start.1,
+                messages,
+            });
+        }
+        self.sessions_handed = handed;
+        for (session, own) in sessions.iter_mut().zip(requests) {
+            for (_, cursor, r) in own {
+                if r.group.is_none() {
+                    session.requests.push(crate::persist::SavedRequest {
+                        filter: r.filter,
+                        qos: r.qos,
+                        forward_retained: r.forward_retained,
+                        from: cursor.1,
+                    });
+                }
+            }
+        }
+        store.sink.snapshot(crate::persist::SessionsSnapshot {
+            full,
+            sessions,
+            logs,
+        });
+    }
+
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
         let _meter_id = self.meters.insert(tx);
     }
@@ -456,7 +700,7 @@ impl Router {
         let outgoing = self.obufs.remove(id);
         let mut tracker = self.scheduler.remove(id);
         self.connection_map.remove(&client_id);
-        self.ackslog.remove(id);
+        let acklog = self.ackslog.remove(id);
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -520,6 +764,7 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                acklog.recorded,
             );
         } else {
             tracker.pause(PauseReason::Busy);
@@ -810,11 +1055,17 @@ impl Router {
                     // on reconnection ( with clean session false )
                     // we try to retrive publish assuming broker saved the previous state
                     // successfully in graveyard.
+                    // flowgate patch: a PUBREL of an id the broker no longer
+                    // has (already released, or its session was not kept)
+                    // is completed, not a reason to disconnect: the client
+                    // resends it after every reconnect until it gets its
+                    // PUBCOMP (MQTT 4.3.3)
                     let (publish, props) = match ackslog.pubcomp(pubcomp) {
                         Some(v) => v,
                         None => {
-                            disconnect = true;
-                            break;
+                            warn!("PUBREL of an unknown packet id: completed");
+                            force_ack = true;
+                            continue;
                         }
                     };
 
@@ -892,6 +1143,8 @@ impl Router {
         // subscription, data request is added to data waiter. With out this
         // if condition, connection will be woken up even during subscription
         if new_data {
+            // flowgate patch: a log a persistent session reads may have grown
+            self.sessions_dirty = true;
             // Prepare all the consumers which are waiting for new data
             while let Some((id, request)) = self.notifications.pop_front() {
                 self.scheduler.track(id, request);
@@ -1334,6 +1587,15 @@ fn append_will_message(
     }
 
     Ok(o)
+}
+
+/// flowgate patch: the subscriptions a snapshot keeps (not the shared ones)
+fn unshared(subscriptions: &HashSet<String>) -> Vec<String> {
+    subscriptions
+        .iter()
+        .filter(|f| !f.starts_with("$share/"))
+        .cloned()
+        .collect()
 }
 
 fn validate_and_set_topic_alias(
