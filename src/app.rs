@@ -458,6 +458,11 @@ fn start_dispatcher(
         max_inflight: inst.max_inflight,
         failback: inst.failback,
         tie,
+        key_hosts: inst
+            .http
+            .as_ref()
+            .map(crate::tie::key_hosts)
+            .unwrap_or_default(),
         acl: inst.acl.clone(),
         queue_limit: config.mqtt.queue_limit,
         upstream_share: config.mqtt.upstream_share,

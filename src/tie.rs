@@ -5,7 +5,9 @@
 //! tied when they are the same IP. The dispatcher publishes the host of its
 //! active replica and the HTTP pool follows it; the pool publishes which hosts
 //! fail their health checks and the dispatcher fails over away from them.
-//! Shared state only; no I/O, no decisions.
+//! With `key-hash` on both sides the same tie makes a key value reach the
+//! same copy over MQTT and HTTP ([`key_hosts`], [`key_id`]).
+//! Shared state and pure functions; no I/O.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -60,9 +62,80 @@ impl Tie {
     }
 }
 
+/// The host an HTTP replica's MQTT connection comes from: the configured
+/// `mqtt_hosts` entry, else the host of its address when that is an IP.
+pub fn replica_host(addr: &str, configured: Option<IpAddr>) -> Option<IpAddr> {
+    configured.or_else(|| {
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
+    })
+}
+
+/// The hosts of an instance's HTTP replicas in their order, when each has one
+/// and no two share it: MQTT `key-hash` then hashes a replica by the position
+/// of its host here, the identity HTTP `key-hash` uses, so one key meets one
+/// copy on both sides. Empty when the sides cannot be told apart by host.
+pub fn key_hosts(http: &crate::config::HttpConfig) -> Vec<IpAddr> {
+    let hosts: Option<Vec<IpAddr>> = http
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| replica_host(addr, http.mqtt_hosts.get(i).copied()))
+        .collect();
+    let hosts = hosts.unwrap_or_default();
+    let distinct: std::collections::HashSet<_> = hosts.iter().collect();
+    if distinct.len() == hosts.len() {
+        hosts
+    } else {
+        Vec::new()
+    }
+}
+
+/// The rendezvous identity of MQTT replica `slot` connected from `host`: the
+/// position of its host in `key_hosts` (the HTTP replica's index), unless an
+/// earlier slot of the same host has it (`taken`); else one no HTTP replica
+/// has.
+pub fn key_id(key_hosts: &[IpAddr], host: IpAddr, slot: u16, taken: bool) -> u64 {
+    match key_hosts.iter().position(|h| *h == host) {
+        Some(i) if !taken => i as u64,
+        _ => (1 << 32) + u64::from(slot),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_mqtt_replica_hashes_as_the_http_replica_on_its_host() {
+        let ip = |d: u8| IpAddr::from([127, 0, 0, d]);
+        let hosts = [ip(2), ip(3), ip(4)];
+        assert_eq!(
+            key_id(&hosts, ip(4), 0, false),
+            2,
+            "slot 0 on HTTP replica 2's host"
+        );
+        assert_eq!(
+            key_id(&hosts, ip(4), 1, true),
+            (1 << 32) + 1,
+            "a second copy on one host"
+        );
+        assert_eq!(
+            key_id(&hosts, ip(9), 5, false),
+            (1 << 32) + 5,
+            "a host with no HTTP side"
+        );
+        assert_eq!(key_id(&[], ip(2), 3, false), (1 << 32) + 3);
+        assert_eq!(
+            replica_host("[::1]:1880", None),
+            Some(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]))
+        );
+        assert_eq!(replica_host("nodered-0:1880", None), None);
+        assert_eq!(replica_host("nodered-0:1880", Some(ip(7))), Some(ip(7)));
+    }
 
     #[test]
     fn records_active_and_unhealthy_hosts() {

@@ -122,8 +122,9 @@ pub struct HttpConfig {
     /// Active-standby: a lower-numbered replica that is up again takes the
     /// active role back (default false).
     pub failback: bool,
-    /// Active-standby: the IP each replica's MQTT connection comes from, one
-    /// per replica (default: the replica's own host when it is an IP).
+    /// Active-standby and key-hash: the IP each replica's MQTT connection
+    /// comes from, one per replica (default: the replica's own host when it
+    /// is an IP).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mqtt_hosts: Vec<std::net::IpAddr>,
     /// How often each replica's flow `rev` is read (divergence watch); 0 = off.

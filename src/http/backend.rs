@@ -285,13 +285,7 @@ impl Pool {
                         .with_label_values(&[instance, &label, c])
                 });
                 let duration = metrics.http_duration.with_label_values(&[instance, &label]);
-                let mqtt_host = cfg.mqtt_hosts.get(index).copied().or_else(|| {
-                    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-                    host.trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse()
-                        .ok()
-                });
+                let mqtt_host = crate::tie::replica_host(addr, cfg.mqtt_hosts.get(index).copied());
                 Arc::new(Backend {
                     index,
                     label,

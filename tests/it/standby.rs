@@ -417,3 +417,75 @@ async fn mqtt_and_http_sides_keep_the_same_replica_active_and_fail_over_together
         r.kill();
     }
 }
+
+/// Issue 16: with `key-hash` on both sides and each copy's MQTT and HTTP
+/// sides tied by host, one key value reaches the same copy over MQTT (a topic
+/// level) and over HTTP (a path segment), whatever order the MQTT replicas
+/// connected in.
+#[tokio::test]
+async fn one_key_reaches_the_same_copy_over_mqtt_and_http() {
+    // copy i: its HTTP side is replica i, on 127.0.0.(i+2)
+    let hosts = [[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4]];
+    let mut webs = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        webs.push(WebReplica::start_at(&format!("w{i}"), *h, 0).await);
+    }
+    let list: Vec<String> = webs.iter().map(|w| format!("\"{}\"", w.addr)).collect();
+    let extra = format!(
+        "strategy = \"key-hash\"\nkey_level = 1\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
+         replicas = [{}]\nbalance = \"key-hash\"\nkey = \"path:1\"\nhealth_interval = \"100ms\"\n\
+         public_paths = [\"/\"]\n",
+        list.join(", ")
+    );
+    let app = start(&Upstream::Embedded, &extra).await;
+    let http = app.http_addrs[0].1;
+    // the MQTT sides connect in another order than the HTTP list: their
+    // slots are not their HTTP indexes
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut mqtt = Vec::new();
+    for copy in [2usize, 0, 1] {
+        let via = from_host(hosts[copy], app.mqtt_addr).await;
+        mqtt.push(Rep::start(via, copy, Duration::ZERO, &tx, &["jobs/+"]).await);
+        loop {
+            match tokio::time::timeout(DEADLINE, rx.recv()).await {
+                Ok(Some(Got::SubAck(m))) if m == copy => break,
+                Ok(Some(_)) => {}
+                _ => panic!("no SUBACK for copy {copy}"),
+            }
+        }
+    }
+    const N: usize = 100;
+    publish(&app, "jobs", N).await;
+    let per = collect(&mut rx, 3, |p| p.iter().map(Vec::len).sum::<usize>() >= N).await;
+    let mut mqtt_copy = vec![usize::MAX; N];
+    for (copy, got) in per.iter().enumerate() {
+        assert!(got.len() >= 10, "copy {copy} got {} of {N} keys", got.len());
+        for (key, _) in got {
+            mqtt_copy[*key as usize] = copy;
+        }
+    }
+    for (key, &copy) in mqtt_copy.iter().enumerate() {
+        let (status, replica, _, body) = request(
+            http,
+            "GET",
+            &format!("/device/{key}"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+        .expect("request");
+        assert_eq!(status, 200, "{body:?}");
+        assert_eq!(
+            replica,
+            copy.to_string(),
+            "key {key}: MQTT on copy {copy}, HTTP on replica {replica}"
+        );
+    }
+    app.shutdown(Duration::from_secs(2)).await;
+    for w in &webs {
+        w.kill();
+    }
+    for r in &mqtt {
+        r.kill();
+    }
+}

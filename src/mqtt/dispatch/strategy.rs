@@ -53,12 +53,23 @@ pub fn pick(strategy: Strategy, candidates: &[Candidate], turn: usize, key: &str
         // the dispatcher keeps the active replica; among candidates, the lowest slot
         Strategy::ActiveStandby => candidates.iter().map(|c| c.slot).min()?,
         Strategy::KeyHash => {
-            let ids = candidates.iter().map(|c| u64::from(c.slot));
-            let slot = crate::hash::rendezvous(crate::hash::key_hash(key.as_bytes()), ids)?;
-            u16::try_from(slot).ok()?
+            let members: Vec<(u16, u64)> = candidates
+                .iter()
+                .map(|c| (c.slot, u64::from(c.slot)))
+                .collect();
+            pick_keyed(key, &members)?
         }
     };
     Some(slot)
+}
+
+/// `key-hash` among replicas each known by its rendezvous id, `(slot, id)`:
+/// the slot that takes `key`. The id is the slot, or the index of the
+/// replica's HTTP twin (`tie::key_id`), so the HTTP side picks the same copy.
+pub fn pick_keyed(key: &str, members: &[(u16, u64)]) -> Option<u16> {
+    let ids = members.iter().map(|m| m.1);
+    let id = crate::hash::rendezvous(crate::hash::key_hash(key.as_bytes()), ids)?;
+    members.iter().find(|m| m.1 == id).map(|m| m.0)
 }
 
 #[cfg(test)]

@@ -145,18 +145,23 @@ impl Dispatcher {
                 .collect();
             let key = strategy::key_of(topic, self.cfg.key_level);
             let pick = if self.cfg.strategy == Strategy::KeyHash {
-                // a key belongs to one replica among all that subscribe, busy or not
-                let all: Vec<Candidate> = self
+                // a key belongs to one replica among all that subscribe, busy
+                // or not; each known by its HTTP twin's index where it has one
+                let mut hosts = Vec::new();
+                let all: Vec<(u16, u64)> = self
                     .replicas
                     .iter()
                     .filter(|(&s, r)| r.granted(topic).is_some() && !r.stalled && Some(s) != avoid)
-                    .map(|(&slot, r)| Candidate {
-                        slot,
-                        inflight: r.inflight.len(),
+                    .map(|(&slot, r)| {
+                        let taken = hosts.contains(&r.host);
+                        hosts.push(r.host);
+                        (
+                            slot,
+                            crate::tie::key_id(&self.cfg.key_hosts, r.host, slot, taken),
+                        )
                     })
                     .collect();
-                strategy::pick(Strategy::KeyHash, &all, 0, key)
-                    .filter(|s| candidates.iter().any(|c| c.slot == *s))
+                strategy::pick_keyed(key, &all).filter(|s| candidates.iter().any(|c| c.slot == *s))
             } else if let Some(a) = active.filter(|a| {
                 self.replicas
                     .get(a)

@@ -41,6 +41,10 @@ pub struct DispatchSettings {
     pub failback: bool,
     /// Active-standby: shared with the instance's HTTP pool.
     pub tie: Option<Arc<crate::tie::Tie>>,
+    /// `key-hash`: the hosts of the instance's HTTP replicas (see
+    /// `tie::key_hosts`); a replica from one of them hashes as that HTTP
+    /// replica does.
+    pub key_hosts: Vec<std::net::IpAddr>,
     /// What replicas may publish and subscribe to.
     pub acl: Option<crate::config::Acl>,
     pub queue_limit: usize,

@@ -13,6 +13,7 @@ fn settings() -> DispatchSettings {
         max_inflight: 16,
         failback: false,
         tie: None,
+        key_hosts: Vec::new(),
         acl: None,
         queue_limit: 1000,
         upstream_share: false,
