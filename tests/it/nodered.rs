@@ -19,6 +19,7 @@ use crate::loadtest::{loadtest, strings};
 use crate::support::*;
 
 mod complete;
+mod dashboard;
 mod public;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowgate");

@@ -1,0 +1,44 @@
+// Opens a Dashboard 2.0 page through flowgate in Debian's headless chromium
+// (driven by playwright-core, no downloaded browser) and reports what it
+// shows while the test kills replicas behind it.
+// usage: node dashboard_page.mjs URL SCREENSHOT.png
+// stdout: one JSON line {"t": ms since start, "text": "..."} each time the
+// page's text changes; when stdin closes: a screenshot, then
+// {"done": true, "errors": [...console errors, page errors...]}.
+import { chromium } from "playwright-core";
+
+const [url, screenshot] = process.argv.slice(2);
+const errors = [];
+const t0 = Date.now();
+let stop = false;
+process.stdin.on("end", () => { stop = true; });
+process.stdin.on("error", () => { stop = true; });
+process.stdin.resume();
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 900, height: 500 } });
+  page.on("console", (m) => { if (m.type() === "error") errors.push(`console: ${m.text()}`); });
+  page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
+  await page.goto(url, { waitUntil: "load" });
+  let last = null;
+  while (!stop) {
+    const text = await page.evaluate(() => document.body.innerText).catch(() => null);
+    if (text !== null && text !== last) {
+      last = text;
+      console.log(JSON.stringify({ t: Date.now() - t0, text }));
+    }
+    await page.waitForTimeout(50);
+  }
+  await page.screenshot({ path: screenshot });
+} catch (e) {
+  errors.push(`driver: ${e.message}`);
+} finally {
+  console.log(JSON.stringify({ done: true, errors }));
+  await browser.close();
+}
