@@ -1,14 +1,18 @@
 // Opens a Dashboard 2.0 page through flowgate in Debian's headless chromium
 // (driven by playwright-core, no downloaded browser) and reports what it
 // shows while the test kills replicas behind it.
-// usage: node dashboard_page.mjs URL SCREENSHOT.png
+// usage: node dashboard_page.mjs URL SCREENSHOT.png [COOKIE=VALUE]
+// (the cookie, e.g. flowgate's sticky one, is set before the page loads)
 // stdout: one JSON line {"t": ms since start, "text": "..."} each time the
-// page's text changes; when stdin closes: a screenshot, then
-// {"done": true, "errors": [...console errors, page errors...]}.
+// page's text changes, from when the page has loaded whole (no request for
+// 500 ms: socket.io is on its WebSocket); when stdin closes: a screenshot,
+// then {"done": true, "errors": [...console errors, page errors...],
+// "failed": [...requests that failed, with their URLs...]}.
 import { chromium } from "playwright-core";
 
-const [url, screenshot] = process.argv.slice(2);
+const [url, screenshot, cookie] = process.argv.slice(2);
 const errors = [];
+const failed = [];
 const t0 = Date.now();
 let stop = false;
 process.stdin.on("end", () => { stop = true; });
@@ -22,10 +26,16 @@ const browser = await chromium.launch({
   ],
 });
 try {
-  const page = await browser.newPage({ viewport: { width: 900, height: 500 } });
+  const context = await browser.newContext({ viewport: { width: 900, height: 500 } });
+  if (cookie) {
+    const [name, value] = cookie.split("=");
+    await context.addCookies([{ name, value, url }]);
+  }
+  const page = await context.newPage();
   page.on("console", (m) => { if (m.type() === "error") errors.push(`console: ${m.text()}`); });
   page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
-  await page.goto(url, { waitUntil: "load" });
+  page.on("requestfailed", (r) => failed.push(`${r.url()} ${r.failure()?.errorText}`));
+  await page.goto(url, { waitUntil: "networkidle" });
   let last = null;
   while (!stop) {
     const text = await page.evaluate(() => document.body.innerText).catch(() => null);
@@ -39,6 +49,6 @@ try {
 } catch (e) {
   errors.push(`driver: ${e.message}`);
 } finally {
-  console.log(JSON.stringify({ done: true, errors }));
+  console.log(JSON.stringify({ done: true, errors, failed }));
   await browser.close();
 }

@@ -11,8 +11,10 @@ use tokio::process::ChildStdout;
 use super::*;
 
 /// A dashboard page with one `ui-text` showing what the replica it is on
-/// got last on `ui/value`: "from {REPLICA} #{n}". `ui/#` is broadcast, so
-/// every replica's widget sees every value.
+/// got last on `ui/value`: "from {REPLICA} #{n}", and one counting the
+/// results of jobs: a job (`jobs/{id}`, dispatched: one replica does it)
+/// publishes `done/{id}`; `ui/#` and `done/#` are broadcast, so every
+/// replica's widgets see every value and every result.
 fn flows() -> String {
     r##"[
 {"id":"t1","type":"tab","label":"dashboard"},
@@ -23,7 +25,13 @@ fn flows() -> String {
 {"id":"uth","type":"ui-theme","name":"Default","colors":{"surface":"#ffffff","primary":"#0094CE","bgPage":"#eeeeee","groupBg":"#ffffff","groupOutline":"#cccccc"},"sizes":{"density":"default","pagePadding":"12px","groupGap":"12px","groupBorderRadius":"4px","widgetGap":"12px"}},
 {"id":"up1","type":"ui-page","name":"Line 1","ui":"ub1","path":"/line1","icon":"home","layout":"grid","theme":"uth","order":1,"className":"","visible":"true","disabled":"false"},
 {"id":"ug1","type":"ui-group","name":"Live","page":"up1","width":"6","height":"1","order":1,"showTitle":true,"className":"","visible":"true","disabled":"false","groupType":"default"},
-{"id":"ux1","type":"ui-text","z":"t1","group":"ug1","order":1,"width":0,"height":0,"name":"","label":"value","format":"{{msg.payload}}","layout":"row-spread","style":false,"font":"","fontSize":16,"color":"#717171","className":"","wires":[]}
+{"id":"ux1","type":"ui-text","z":"t1","group":"ug1","order":1,"width":0,"height":0,"name":"","label":"value","format":"{{msg.payload}}","layout":"row-spread","style":false,"font":"","fontSize":16,"color":"#717171","className":"","wires":[]},
+{"id":"mi2","type":"mqtt in","z":"t1","name":"jobs","topic":"jobs/#","qos":"1","datatype":"utf8","broker":"mb1","nl":false,"rap":true,"rh":0,"inputs":0,"wires":[["fn2"]]},
+{"id":"fn2","type":"function","z":"t1","func":"msg.topic = 'done/' + msg.topic.split('/')[1];\nmsg.payload = env.get('REPLICA');\nreturn msg;","outputs":1,"wires":[["mo2"]]},
+{"id":"mo2","type":"mqtt out","z":"t1","name":"done","topic":"","qos":"1","retain":"false","broker":"mb1","wires":[]},
+{"id":"mi3","type":"mqtt in","z":"t1","name":"results","topic":"done/#","qos":"1","datatype":"utf8","broker":"mb1","nl":false,"rap":true,"rh":0,"inputs":0,"wires":[["fn3"]]},
+{"id":"fn3","type":"function","z":"t1","func":"const seen = context.get('seen') || {};\nseen[msg.topic] = true;\ncontext.set('seen', seen);\nmsg.payload = 'results ' + Object.keys(seen).length;\nreturn msg;","outputs":1,"wires":[["ux2"]]},
+{"id":"ux2","type":"ui-text","z":"t1","group":"ug1","order":2,"width":0,"height":0,"name":"","label":"jobs","format":"{{msg.payload}}","layout":"row-spread","style":false,"font":"","fontSize":16,"color":"#717171","className":"","wires":[]}
 ]"##
     .to_string()
 }
@@ -84,7 +92,7 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
     let text =
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
                 mode = \"dispatch\"\n[[instance]]\nname = \"line1\"\n\
-                match = { client_id = \"line1-nodered\" }\nbroadcast = [\"ui/#\"]\n";
+                match = { client_id = \"line1-nodered\" }\nbroadcast = [\"ui/#\", \"done/#\"]\n";
     let bridge = App::start(Config::parse(text, "test").expect("valid config"))
         .await
         .expect("flowgate starts");
@@ -157,10 +165,55 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
                 .collect()
         })
         .unwrap_or_default();
-    eprintln!("console while the replica died: {errors:?}");
+    eprintln!(
+        "console while the replica died: {errors:?}; failed requests: {}",
+        done["failed"]
+    );
     assert!(errors.is_empty(), "{errors:?}");
     let png = std::fs::read(&shot).expect("screenshot written");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+
+    // results of jobs done on either replica reach every replica's page:
+    // the killed replica back, 20 jobs, each page pinned to one replica
+    reps[i].spawn().await;
+    replicas_connected(&bridge, 2).await;
+    publish_numbered(bridge.mqtt_addr, "jobs", 20).await;
+    for (r, rep) in reps.iter().enumerate() {
+        let mut page = Command::new("node")
+            .arg(node_dir.join("dashboard_page.mjs"))
+            .arg(&url)
+            .arg(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("dashboard-r{r}.png")))
+            .arg(format!("flowgate_line1=r{r}"))
+            .env("CHROMIUM", &chromium)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let mut lines = BufReader::new(page.stdout.take().expect("piped")).lines();
+        let expected = rep.name.clone();
+        let start = Instant::now();
+        loop {
+            let v = next_line(&mut lines).await;
+            assert!(v["done"].is_null(), "the driver stopped: {v}");
+            let text = v["text"].as_str().unwrap_or_default();
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the page on {expected} never showed 20 results: {text}"
+            );
+            if text.contains("results 20") && shown(text).is_some_and(|(on, _)| on == expected) {
+                break;
+            }
+        }
+        drop(page.stdin.take());
+        let done = loop {
+            let v = next_line(&mut lines).await;
+            if v["done"] == true {
+                break v;
+            }
+        };
+        assert_eq!(done["errors"], serde_json::json!([]), "page on {expected}");
+    }
 
     feeding.abort();
     web.shutdown(Duration::from_secs(2)).await;
