@@ -7,12 +7,14 @@
 // page's text changes, from when the page has loaded whole (no request for
 // 500 ms: socket.io is on its WebSocket); when stdin closes: a screenshot,
 // then {"done": true, "errors": [...console errors, page errors...],
-// "failed": [...requests that failed, with their URLs...]}.
+// "failed": [...requests that failed, with their URLs...],
+// "transports": the socket.io transports the page used ("polling", "websocket")}.
 import { chromium } from "playwright-core";
 
 const [url, screenshot, cookie] = process.argv.slice(2);
 const errors = [];
 const failed = [];
+const transports = new Set();
 const t0 = Date.now();
 let stop = false;
 process.stdin.on("end", () => { stop = true; });
@@ -35,6 +37,8 @@ try {
   page.on("console", (m) => { if (m.type() === "error") errors.push(`console: ${m.text()}`); });
   page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
   page.on("requestfailed", (r) => failed.push(`${r.url()} ${r.failure()?.errorText}`));
+  page.on("request", (r) => { if (/socket\.io\/.*transport=polling/.test(r.url())) transports.add("polling"); });
+  page.on("websocket", (ws) => { if (/socket\.io\//.test(ws.url())) transports.add("websocket"); });
   await page.goto(url, { waitUntil: "networkidle" });
   let last = null;
   while (!stop) {
@@ -49,6 +53,6 @@ try {
 } catch (e) {
   errors.push(`driver: ${e.message}`);
 } finally {
-  console.log(JSON.stringify({ done: true, errors, failed }));
+  console.log(JSON.stringify({ done: true, errors, failed, transports: [...transports].sort() }));
   await browser.close();
 }

@@ -170,6 +170,13 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
         done["failed"]
     );
     assert!(errors.is_empty(), "{errors:?}");
+    // socket.io's handshake over long polling, then its WebSocket, both
+    // through flowgate
+    assert_eq!(
+        done["transports"],
+        serde_json::json!(["polling", "websocket"]),
+        "{done}"
+    );
     let png = std::fs::read(&shot).expect("screenshot written");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
 
