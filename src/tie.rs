@@ -94,11 +94,15 @@ pub fn key_hosts(http: &crate::config::HttpConfig) -> Vec<IpAddr> {
     }
 }
 
-/// The rendezvous identity of MQTT replica `slot` connected from `host`: the
-/// position of its host in `key_hosts` (the HTTP replica's index), unless an
-/// earlier slot of the same host has it (`taken`); else one no HTTP replica
+/// The rendezvous identity of MQTT replica `slot` connected from `host`: its
+/// slot when the sides are not tied (`key_hosts` empty); else the position
+/// of its host in `key_hosts` (the HTTP replica's index), unless an earlier
+/// slot of the same host has it (`taken`), and otherwise one no HTTP replica
 /// has.
 pub fn key_id(key_hosts: &[IpAddr], host: IpAddr, slot: u16, taken: bool) -> u64 {
+    if key_hosts.is_empty() {
+        return u64::from(slot);
+    }
     match key_hosts.iter().position(|h| *h == host) {
         Some(i) if !taken => i as u64,
         _ => (1 << 32) + u64::from(slot),
@@ -128,7 +132,7 @@ mod tests {
             (1 << 32) + 5,
             "a host with no HTTP side"
         );
-        assert_eq!(key_id(&[], ip(2), 3, false), (1 << 32) + 3);
+        assert_eq!(key_id(&[], ip(2), 3, false), 3, "not tied: the slot");
         assert_eq!(
             replica_host("[::1]:1880", None),
             Some(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]))

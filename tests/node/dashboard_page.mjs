@@ -9,7 +9,7 @@
 // then {"done": true, "errors": [...console errors, page errors...],
 // "failed": [...requests that failed, with their URLs...],
 // "transports": the socket.io transports the page used ("polling", "websocket")}.
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 
 const [url, screenshot, cookie] = process.argv.slice(2);
 const errors = [];
@@ -20,13 +20,7 @@ let stop = false;
 process.stdin.on("end", () => { stop = true; });
 process.stdin.on("error", () => { stop = true; });
 process.stdin.resume();
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const context = await browser.newContext({ viewport: { width: 900, height: 500 } });
   if (cookie) {

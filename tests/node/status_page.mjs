@@ -3,18 +3,12 @@
 // replicas with rates, saves a screenshot, and prints one JSON line:
 // {"errors": [...console errors, page errors, failed requests...], "text": "..."}.
 // usage: node status_page.mjs URL SCREENSHOT.png EXPECTED_REPLICAS
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 
 const [url, screenshot, expectRaw] = process.argv.slice(2);
 const expected = Number(expectRaw || "1");
 const errors = [];
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
   page.on("console", (m) => { if (m.type() === "error") errors.push(`console: ${m.text()}`); });

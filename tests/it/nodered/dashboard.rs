@@ -66,6 +66,43 @@ async fn next_shown(lines: &mut Lines<BufReader<ChildStdout>>) -> (String, u64, 
     }
 }
 
+/// `tests/node/dashboard_page.mjs` on `url`, saving `shot`, with a cookie set
+/// first when given; its reports come line by line.
+struct Page {
+    driver: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Page {
+    fn open(url: &str, shot: &str, cookie: Option<&str>) -> Self {
+        let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let mut driver = Command::new("node")
+            .arg(root().join("tests/node/dashboard_page.mjs"))
+            .arg(url)
+            .arg(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(shot))
+            .args(cookie)
+            .env("CHROMIUM", &chromium)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let lines = BufReader::new(driver.stdout.take().expect("piped")).lines();
+        Self { driver, lines }
+    }
+
+    /// Closes the page: its last report (`errors`, `failed`, `transports`).
+    async fn close(mut self) -> serde_json::Value {
+        drop(self.driver.stdin.take());
+        loop {
+            let v = next_line(&mut self.lines).await;
+            if v["done"] == true {
+                return v;
+            }
+        }
+    }
+}
+
 /// Publishes `ui/value` 0, 1, 2, ... every 100 ms until aborted.
 async fn feed(addr: SocketAddr) {
     let opts = rumqttc::MqttOptions::new("dashboard-feed", addr.ip().to_string(), addr.port());
@@ -82,7 +119,6 @@ async fn feed(addr: SocketAddr) {
 #[tokio::test]
 async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let node_dir = root().join("tests/node");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         std::path::Path::new(&chromium).exists(),
@@ -106,23 +142,13 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
     let web = flowgate_for("mqtt://127.0.0.1:1", "share", &behind).await;
     let feeding = tokio::spawn(feed(bridge.mqtt_addr));
 
-    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let url = format!("http://{}/dashboard/line1", web.http_addrs[0].1);
-    let mut driver = Command::new("node")
-        .arg(node_dir.join("dashboard_page.mjs"))
-        .arg(&url)
-        .arg(&shot)
-        .env("CHROMIUM", &chromium)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs");
-    let mut lines = BufReader::new(driver.stdout.take().expect("piped")).lines();
+    let mut page = Page::open(&url, "dashboard.png", None);
+    let lines = &mut page.lines;
 
     // the page is live: two values from one replica
-    let (first, n1, _) = next_shown(&mut lines).await;
-    let (on, n2, _) = next_shown(&mut lines).await;
+    let (first, n1, _) = next_shown(lines).await;
+    let (on, n2, _) = next_shown(lines).await;
     assert_eq!(on, first, "the page moved before any replica died");
     assert!(n2 > n1, "{n1} then {n2}");
     // the replica the page is on dies
@@ -133,7 +159,7 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
     let killed = Instant::now();
     reps[i].kill().await;
     let (other, n3, _) = loop {
-        let (replica, n, t) = next_shown(&mut lines).await;
+        let (replica, n, t) = next_shown(lines).await;
         if replica != on {
             break (replica, n, t);
         }
@@ -146,17 +172,11 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
         "the page went on after {gap:?}"
     );
     // and goes on
-    let (still, n4, _) = next_shown(&mut lines).await;
+    let (still, n4, _) = next_shown(lines).await;
     assert_eq!(still, other);
     assert!(n4 > n3);
 
-    drop(driver.stdin.take());
-    let done = loop {
-        let v = next_line(&mut lines).await;
-        if v["done"] == true {
-            break v;
-        }
-    };
+    let done = page.close().await;
     let errors: Vec<String> = done["errors"]
         .as_array()
         .map(|a| {
@@ -177,6 +197,7 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
         serde_json::json!(["polling", "websocket"]),
         "{done}"
     );
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let png = std::fs::read(&shot).expect("screenshot written");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
 
@@ -186,22 +207,12 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
     replicas_connected(&bridge, 2).await;
     publish_numbered(bridge.mqtt_addr, "jobs", 20).await;
     for (r, rep) in reps.iter().enumerate() {
-        let mut page = Command::new("node")
-            .arg(node_dir.join("dashboard_page.mjs"))
-            .arg(&url)
-            .arg(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("dashboard-r{r}.png")))
-            .arg(format!("flowgate_line1=r{r}"))
-            .env("CHROMIUM", &chromium)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs");
-        let mut lines = BufReader::new(page.stdout.take().expect("piped")).lines();
+        let cookie = format!("flowgate_line1=r{r}");
+        let mut page = Page::open(&url, &format!("dashboard-r{r}.png"), Some(&cookie));
         let expected = rep.name.clone();
         let start = Instant::now();
         loop {
-            let v = next_line(&mut lines).await;
+            let v = next_line(&mut page.lines).await;
             assert!(v["done"].is_null(), "the driver stopped: {v}");
             let text = v["text"].as_str().unwrap_or_default();
             assert!(
@@ -212,13 +223,7 @@ async fn a_dashboard_page_goes_on_updating_when_its_replica_dies() {
                 break;
             }
         }
-        drop(page.stdin.take());
-        let done = loop {
-            let v = next_line(&mut lines).await;
-            if v["done"] == true {
-                break v;
-            }
-        };
+        let done = page.close().await;
         assert_eq!(done["errors"], serde_json::json!([]), "page on {expected}");
     }
 

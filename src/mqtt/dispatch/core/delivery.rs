@@ -147,14 +147,18 @@ impl Dispatcher {
             let pick = if self.cfg.strategy == Strategy::KeyHash {
                 // a key belongs to one replica among all that subscribe, busy
                 // or not; each known by its HTTP twin's index where it has one
+                let tied = !self.cfg.key_hosts.is_empty();
                 let mut hosts = Vec::new();
                 let all: Vec<(u16, u64)> = self
                     .replicas
                     .iter()
                     .filter(|(&s, r)| r.granted(topic).is_some() && !r.stalled && Some(s) != avoid)
                     .map(|(&slot, r)| {
-                        let taken = hosts.contains(&r.host);
-                        hosts.push(r.host);
+                        // (only tied sides need to know who came first)
+                        let taken = tied && hosts.contains(&r.host);
+                        if tied {
+                            hosts.push(r.host);
+                        }
                         (
                             slot,
                             crate::tie::key_id(&self.cfg.key_hosts, r.host, slot, taken),

@@ -272,18 +272,19 @@ impl Router {
 
         // flowgate patch: what a persistent session does changes what a
         // snapshot holds (what others publish: see handle_device_payload)
-        self.sessions_dirty |= match &data {
-            // (a clean start ends a persistent session of the same id)
-            Event::Connect { connection, .. } => {
-                !connection.clean
-                    || self.connection_map.contains_key(&connection.client_id)
-                    || self.graveyard.has_session(&connection.client_id)
-            }
-            Event::DeviceData | Event::Disconnect | Event::Ready => {
-                self.connections.get(id).is_some_and(|c| !c.clean)
-            }
-            _ => false,
-        };
+        self.sessions_dirty |= self.config.session_store.is_some()
+            && match &data {
+                // (a clean start ends a persistent session of the same id)
+                Event::Connect { connection, .. } => {
+                    !connection.clean
+                        || self.connection_map.contains_key(&connection.client_id)
+                        || self.graveyard.has_session(&connection.client_id)
+                }
+                Event::DeviceData | Event::Disconnect | Event::Ready => {
+                    self.connections.get(id).is_some_and(|c| !c.clean)
+                }
+                _ => false,
+            };
         match data {
             Event::SaveSessions => self.save_sessions(),
             Event::Connect {
@@ -530,15 +531,12 @@ impl Router {
         // per session, its requests: filter index, cursor, the request
         let mut requests: Vec<Vec<(FilterIdx, Offset, DataRequest)>> = Vec::new();
         for (client_id, state) in self.graveyard.sessions() {
-            let mut subscriptions: Vec<String> = unshared(&state.subscriptions);
-            subscriptions.sort();
-            sessions.push(crate::persist::SavedSession {
-                client_id: client_id.clone(),
-                subscriptions,
-                requests: Vec::new(),
-                unacked_pubrels: state.unacked_pubrels.iter().copied().collect(),
-                recorded: state.recorded.iter().cloned().collect(),
-            });
+            sessions.push(saved_session(
+                client_id,
+                &state.subscriptions,
+                &state.unacked_pubrels,
+                &state.recorded,
+            ));
             requests.push(
                 state
                     .tracker
@@ -568,15 +566,12 @@ impl Router {
                     .filter(|(c, _)| *c == id)
                     .map(|(_, r)| r.clone()),
             );
-            let mut subscriptions: Vec<String> = unshared(&connection.subscriptions);
-            subscriptions.sort();
-            sessions.push(crate::persist::SavedSession {
-                client_id: connection.client_id.clone(),
-                subscriptions,
-                requests: Vec::new(),
-                unacked_pubrels: outgoing.unacked_pubrels.iter().copied().collect(),
-                recorded: acklog.recorded.iter().cloned().collect(),
-            });
+            sessions.push(saved_session(
+                &connection.client_id,
+                &connection.subscriptions,
+                &outgoing.unacked_pubrels,
+                &acklog.recorded,
+            ));
             requests.push(
                 own.into_iter()
                     .map(|r| {
@@ -1589,13 +1584,27 @@ fn append_will_message(
     Ok(o)
 }
 
-/// flowgate patch: the subscriptions a snapshot keeps (not the shared ones)
-fn unshared(subscriptions: &HashSet<String>) -> Vec<String> {
-    subscriptions
+/// flowgate patch: a session as a snapshot keeps it (its requests added
+/// after); shared subscriptions are not kept
+fn saved_session(
+    client_id: &str,
+    subscriptions: &HashSet<String>,
+    unacked_pubrels: &VecDeque<u16>,
+    recorded: &VecDeque<(Publish, Option<PublishProperties>)>,
+) -> crate::persist::SavedSession {
+    let mut subscriptions: Vec<String> = subscriptions
         .iter()
         .filter(|f| !f.starts_with("$share/"))
         .cloned()
-        .collect()
+        .collect();
+    subscriptions.sort();
+    crate::persist::SavedSession {
+        client_id: client_id.to_owned(),
+        subscriptions,
+        requests: Vec::new(),
+        unacked_pubrels: unacked_pubrels.iter().copied().collect(),
+        recorded: recorded.iter().cloned().collect(),
+    }
 }
 
 fn validate_and_set_topic_alias(
