@@ -85,8 +85,9 @@ pub fn request_key<'a>(
 }
 
 /// `%XX` decoded (a `%` not followed by two hex digits stays as it is);
-/// with `plus`, `+` is a space (form encoding in a query).
-fn percent_decoded(s: &str, plus: bool) -> Cow<'_, [u8]> {
+/// with `plus`, `+` is a space (form encoding in a query). The one decoder of
+/// request paths (`routes` uses it too).
+pub(crate) fn percent_decoded(s: &str, plus: bool) -> Cow<'_, [u8]> {
     let b = s.as_bytes();
     let escaped = b.contains(&b'%') || (plus && b.contains(&b'+'));
     if !escaped {

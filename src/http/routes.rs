@@ -398,20 +398,7 @@ fn has_dot_segment(path: &str) -> bool {
     if !bytes.iter().any(|b| matches!(b, b'.' | b'%' | 0)) {
         return false;
     }
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                decoded.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        decoded.push(bytes[i]);
-        i += 1;
-    }
+    let decoded = super::balancer::percent_decoded(path, false);
     decoded.contains(&0)
         || decoded
             .split(|b| *b == b'/' || *b == b'\\')
