@@ -57,6 +57,8 @@ pub struct App {
     pub mqtts_addr: Option<SocketAddr>,
     /// `[mqtt.websocket]`'s bound address.
     pub ws_addr: Option<SocketAddr>,
+    /// Each editor listener's bound address, by instance.
+    pub editor_addrs: Vec<(String, SocketAddr)>,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -302,6 +304,17 @@ impl App {
             tracker.spawn(pool.clone().probe_loop(shutdown.clone()));
             tracker.spawn(pool.clone().rev_loop(shutdown.clone()));
         }
+        let deploys = Arc::new(crate::deploy::Registry::default());
+        let editor_addrs = start_editors(
+            &config,
+            &pools,
+            &metrics,
+            &deploys,
+            (&mut acceptors, &mut passwords),
+            &shutdown,
+            &tracker,
+        )
+        .await?;
         let admin = Arc::new(AdminState {
             config: config.clone(),
             metrics: metrics.clone(),
@@ -309,7 +322,7 @@ impl App {
             pools,
             ready: AtomicBool::new(true),
             broker_up: AtomicBool::new(true),
-            deploys: Default::default(),
+            deploys,
         });
         if let Some(b) = embedded {
             // the bundled broker's threads can die while flowgate goes on:
@@ -345,6 +358,7 @@ impl App {
             http_addrs,
             mqtts_addr,
             ws_addr,
+            editor_addrs,
             metrics,
             shutdown,
             tracker,
@@ -407,6 +421,73 @@ impl App {
 
 /// Tells at start whether the broker answers, so a typo in `upstream` shows at
 /// once instead of at the first client.
+/// Starts the editor listeners (`[instance.editor]`); their bound
+/// addresses, by instance. Their TLS acceptors and password files join
+/// what SIGHUP reloads.
+async fn start_editors(
+    config: &Config,
+    pools: &[Arc<Pool>],
+    metrics: &Arc<Metrics>,
+    deploys: &Arc<crate::deploy::Registry>,
+    (acceptors, passwords): (&mut Vec<Arc<Acceptor>>, &mut Vec<Arc<PasswordFile>>),
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Vec<(String, SocketAddr)>, StartError> {
+    let mut addrs = Vec::new();
+    for inst in &config.instances {
+        let Some(cfg) = &inst.editor else { continue };
+        // validation makes an editor table come with an http one
+        let Some(pool) = pools.iter().find(|p| p.instance == inst.name) else {
+            continue;
+        };
+        let users = match &cfg.password_file {
+            Some(p) => {
+                let file = Arc::new(PasswordFile::load(p).map_err(StartError::Tls)?);
+                passwords.push(file.clone());
+                Some(file)
+            }
+            None => None,
+        };
+        if !cfg.login && !cfg.listen.ip().is_loopback() {
+            tracing::warn!(instance = %inst.name, listen = %cfg.listen, "the editor has no login (login = false) and listens beyond this machine: anyone who reaches it can change the flows");
+        }
+        let tls = match &cfg.tls {
+            Some(t) => {
+                let a = Acceptor::new(
+                    &format!("instance.editor.tls ({})", inst.name),
+                    t,
+                    &[b"http/1.1"],
+                )
+                .map_err(StartError::Tls)?;
+                acceptors.push(a.clone());
+                Some(a)
+            }
+            None => None,
+        };
+        let (listener, bound) = bind("instance.editor.listen", cfg.listen).await?;
+        let editor = Arc::new(crate::editor::Editor::new(
+            &inst.name,
+            cfg.clone(),
+            pool.clone(),
+            metrics.clone(),
+            deploys.clone(),
+            users,
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(instance = %inst.name, editor = %bound, login = cfg.login, "editor listener");
+        tracker.spawn(crate::editor::serve(
+            listener,
+            editor,
+            tls,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        addrs.push((inst.name.clone(), bound));
+    }
+    Ok(addrs)
+}
+
 async fn probe_upstream(upstream: String, timeout: Duration) {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&upstream)).await {
         Ok(Ok(_)) => tracing::info!(%upstream, "upstream broker reachable"),

@@ -45,6 +45,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod editor;
 pub mod hash;
 pub mod http;
 pub mod listener;

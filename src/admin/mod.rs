@@ -45,9 +45,9 @@ pub struct AdminState {
     /// The bundled broker answers (its watchdog; always true with a broker
     /// of the user's own).
     pub broker_up: AtomicBool,
-    /// The last rolling deploy of each instance.
-    pub deploys:
-        std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<DeployStatus>>>>,
+    /// The last rolling deploy of each instance (shared with the editor
+    /// listeners: one deploy at a time per instance).
+    pub deploys: Arc<crate::deploy::Registry>,
 }
 
 /// Does the request carry the admin token (when one is configured)? Health
@@ -90,15 +90,14 @@ fn deploy_status(state: &AdminState, path: &str) -> Option<Response<Full<Bytes>>
     let name = path
         .strip_prefix("/api/instances/")?
         .strip_suffix("/deploy")?;
-    let deploys = state.deploys.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(status) = deploys.get(name) else {
+    let Some(status) = state.deploys.get(name) else {
         return Some(text(
             StatusCode::NOT_FOUND,
             "text/plain",
             "no deploy for this instance\n",
         ));
     };
-    let body = serde_json::to_vec_pretty(&*status.lock().unwrap_or_else(|p| p.into_inner()));
+    let body = serde_json::to_vec_pretty(&status);
     Some(match body {
         Ok(json) => text(StatusCode::OK, "application/json", json),
         Err(e) => text(
@@ -168,22 +167,17 @@ async fn start_deploy(state: &Arc<AdminState>, req: Request<Incoming>) -> Respon
         }
     };
     let deploy = Deploy::new(pool, state.metrics.clone(), flows, step_timeout);
-    {
-        let mut deploys = state.deploys.lock().unwrap_or_else(|p| p.into_inner());
-        let running = deploys
-            .get(&name)
-            .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state == "running");
-        if running {
-            return text(
-                StatusCode::CONFLICT,
-                "text/plain",
-                "a deploy of this instance is running\n",
-            );
-        }
-        deploys.insert(name.clone(), deploy.status.clone());
+    if !state.deploys.begin(&name, deploy.status.clone()) {
+        return text(
+            StatusCode::CONFLICT,
+            "text/plain",
+            "a deploy of this instance is running\n",
+        );
     }
     tracing::info!(instance = %name, "rolling deploy started through the admin API");
-    tokio::spawn(deploy.run());
+    tokio::spawn(async move {
+        let _ = deploy.run().await;
+    });
     text(
         StatusCode::ACCEPTED,
         "application/json",
@@ -211,6 +205,10 @@ struct InstanceBody {
     public: Option<PublicView>,
     /// Active-standby failovers (the last ones kept), oldest first.
     failovers: Vec<crate::metrics::Failover>,
+    /// The last rolling deploy (from the admin API or the editor), with each
+    /// replica's step while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deploy: Option<DeployStatus>,
 }
 
 #[derive(Serialize)]
@@ -348,6 +346,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
                     .map(|mqtt| {
                         let pool = state.pools.iter().find(|p| p.instance == mqtt.name);
                         InstanceBody {
+                            deploy: state.deploys.get(&mqtt.name),
                             failovers: state.metrics.failovers(&mqtt.name),
                             http: pool.map(|p| http_views(p)).unwrap_or_default(),
                             public: pool.and_then(|p| public_view(p)),

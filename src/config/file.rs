@@ -84,6 +84,7 @@ struct FileInstance {
     failback: Option<bool>,
     acl: Option<FileAcl>,
     http: Option<super::http::FileHttp>,
+    editor: Option<super::editor::FileEditor>,
     password_file: Option<String>,
     upstream_username: Option<String>,
     upstream_password: Option<String>,
@@ -552,6 +553,11 @@ impl FileConfig {
                     h.validate(&format!("{path}.http"), &inst.name, f)
                 })
             });
+            let editor = inst.editor.map(|e| {
+                collect(&mut p, |f| {
+                    e.validate(&format!("{path}.editor"), http.is_some(), f)
+                })
+            });
             let upstream_password = match (inst.upstream_password, inst.upstream_password_file) {
                 (Some(_), Some(_)) => {
                     p.add(
@@ -604,6 +610,7 @@ impl FileConfig {
             instances.push(InstanceConfig {
                 complete,
                 http,
+                editor,
                 password_file: password_file(
                     &mut p,
                     &format!("{path}.password_file"),

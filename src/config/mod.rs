@@ -6,11 +6,13 @@
 //! of the key it concerns (`instance[1].match`), so `flowgate check` can list
 //! them all; the binary exits 64 on a bad config.
 
+mod editor;
 mod file;
 mod http;
 mod tls;
 mod types;
 
+pub use editor::EditorConfig;
 pub use http::{Balance, HttpConfig, RequestKey};
 pub use tls::{ClientAuth, TlsConfig, UpstreamTls};
 
@@ -321,6 +323,9 @@ pub struct InstanceConfig {
     /// The replicas' web traffic, balanced by flowgate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,
+    /// The instance's Node-RED editor, served by flowgate as one Node-RED.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub editor: Option<EditorConfig>,
     /// The replicas log in to flowgate with these credentials.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,

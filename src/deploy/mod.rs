@@ -11,6 +11,11 @@
 //! which disconnects cleanly, and in dispatch mode flowgate hands what that
 //! replica had not acknowledged to the others; it reconnects and subscribes
 //! again when its flows start.
+//!
+//! Two kinds of change take this road: a flows file (`flowgate deploy`, the
+//! admin API; a failure stops at the replica that failed) and the editor's own
+//! `POST /flows` (the editor listener; a failure gives every replica already
+//! changed its old flows back, and the editor waits for the outcome).
 
 pub mod nodered;
 
@@ -19,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -58,12 +64,137 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What a deploy brings to every replica.
+pub enum Change {
+    /// A flows file: a full deploy of these flows (API v2, over each
+    /// replica's own `rev`).
+    Flows(Value),
+    /// The editor's `POST /flows`, sent to each replica as the editor sent it.
+    Editor(EditorPost),
+}
+
+/// The editor's `POST /flows`: its body and the headers that give it meaning.
+pub struct EditorPost {
+    pub body: Bytes,
+    /// `Node-RED-API-Version` (`v1` when absent, as Node-RED reads it).
+    pub api_v2: bool,
+    /// `Node-RED-Deployment-Type`: `full` (the default), `nodes`, `flows`,
+    /// `reload`.
+    pub kind: String,
+    /// The `rev` the editor's flows are based on (API v2).
+    pub rev: Option<String>,
+    /// The node types the new flows use.
+    pub types: Vec<String>,
+}
+
+impl EditorPost {
+    /// Reads the editor's request; `Err` is the answer to give it (400).
+    pub fn parse(body: Bytes, version: Option<&str>, kind: Option<&str>) -> Result<Self, String> {
+        let api_v2 = version.is_some_and(|v| v.eq_ignore_ascii_case("v2"));
+        let kind = kind.unwrap_or("full").to_ascii_lowercase();
+        if !matches!(kind.as_str(), "full" | "nodes" | "flows" | "reload") {
+            return Err(format!("unknown Node-RED-Deployment-Type {kind:?}"));
+        }
+        if kind == "reload" {
+            // the body is not read: the replicas restart the flows they have
+            return Ok(Self {
+                body,
+                api_v2,
+                kind,
+                rev: None,
+                types: Vec::new(),
+            });
+        }
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("the flows are not JSON: {e}"))?;
+        let (flows, rev) = match &v {
+            Value::Array(_) if !api_v2 => (&v, None),
+            Value::Object(o) if api_v2 => (
+                o.get("flows").ok_or("no \"flows\" in the body (API v2)")?,
+                o.get("rev").and_then(Value::as_str).map(str::to_string),
+            ),
+            _ if api_v2 => return Err("expected {\"flows\": [...], \"rev\": ...} (API v2)".into()),
+            _ => return Err("expected a flows array (API v1)".into()),
+        };
+        let Value::Array(nodes) = flows else {
+            return Err("\"flows\" is not an array".into());
+        };
+        let mut types: Vec<String> = nodes
+            .iter()
+            .filter_map(|n| n.get("type").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        types.sort();
+        types.dedup();
+        Ok(Self {
+            body,
+            api_v2,
+            kind,
+            rev,
+            types,
+        })
+    }
+
+    /// Does this deploy restart every node (so each MQTT connection too)?
+    fn restarts_all(&self) -> bool {
+        matches!(self.kind.as_str(), "full" | "reload")
+    }
+}
+
+/// Node types no module registers: the editor's own structure.
+pub fn builtin_type(t: &str) -> bool {
+    matches!(t, "tab" | "subflow" | "group" | "junction") || t.starts_with("subflow:")
+}
+
+/// Why a deploy did not happen or did not finish.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeployError {
+    /// The replicas run other flows than those the change is based on.
+    #[error("{0}")]
+    Conflict(String),
+    /// Nothing changed: a replica could not be read or the flows cannot run.
+    #[error("{0}")]
+    Preflight(String),
+    /// It went wrong part way; what each replica runs is in the message.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The deploy of each instance, the last one kept: one at a time per
+/// instance, whoever starts it (the admin API or the editor).
+#[derive(Default)]
+pub struct Registry {
+    by_instance: Mutex<std::collections::HashMap<String, Arc<Mutex<DeployStatus>>>>,
+}
+
+impl Registry {
+    /// Records `status` as the instance's deploy; `false` (nothing recorded)
+    /// while another one runs.
+    pub fn begin(&self, instance: &str, status: Arc<Mutex<DeployStatus>>) -> bool {
+        let mut all = self.by_instance.lock().unwrap_or_else(|p| p.into_inner());
+        let running = all
+            .get(instance)
+            .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state == "running");
+        if !running {
+            all.insert(instance.to_string(), status);
+        }
+        !running
+    }
+
+    /// The instance's last deploy, as it stands.
+    pub fn get(&self, instance: &str) -> Option<DeployStatus> {
+        let all = self.by_instance.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(instance)
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
 /// A deploy in progress, shared with the admin API that reports it.
 pub struct Deploy {
     pub status: Arc<Mutex<DeployStatus>>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
-    flows: Value,
+    change: Change,
     /// How long each wait (drain, start) may take.
     step_timeout: Duration,
 }
@@ -86,6 +217,15 @@ impl Deploy {
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
         flows: Value,
+        step_timeout: Duration,
+    ) -> Self {
+        Self::of(pool, metrics, Change::Flows(flows), step_timeout)
+    }
+
+    pub fn of(
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        change: Change,
         step_timeout: Duration,
     ) -> Self {
         let status = DeployStatus {
@@ -112,8 +252,15 @@ impl Deploy {
             status: Arc::new(Mutex::new(status)),
             pool,
             metrics,
-            flows,
+            change,
             step_timeout,
+        }
+    }
+
+    fn editor(&self) -> Option<&EditorPost> {
+        match &self.change {
+            Change::Editor(e) => Some(e),
+            Change::Flows(_) => None,
         }
     }
 
@@ -130,8 +277,9 @@ impl Deploy {
         self.with(|s| s.replicas[i].state = state);
     }
 
-    /// Runs the deploy to the end; the outcome is in `status`.
-    pub async fn run(self) {
+    /// Runs the deploy to the end: the rev every replica runs, or why not.
+    /// The outcome is in `status` too.
+    pub async fn run(self) -> Result<String, DeployError> {
         let result = self.rolling().await;
         // done or not, replicas' flows changed: the public routes follow
         self.pool.public.flows_changed();
@@ -141,11 +289,23 @@ impl Deploy {
             .deploys
             .with_label_values(&[instance.as_str(), outcome])
             .inc();
-        match result {
-            Ok(()) => self.log("deploy done: every replica runs the new flows".into()),
+        if self.editor().is_some() {
+            let label = match &result {
+                Ok(_) => "done",
+                Err(DeployError::Conflict(_)) => "conflict",
+                Err(DeployError::Preflight(_)) => "refused",
+                Err(DeployError::Failed(_)) => "failed",
+            };
+            self.metrics
+                .editor_deploys
+                .with_label_values(&[instance.as_str(), label])
+                .inc();
+        }
+        match &result {
+            Ok(_) => self.log("deploy done: every replica runs the new flows".into()),
             Err(e) => {
                 tracing::warn!(%instance, error = %e, "deploy failed");
-                self.with(|s| s.error = Some(e.clone()));
+                self.with(|s| s.error = Some(e.to_string()));
                 self.log(format!("deploy stopped: {e}"));
             }
         }
@@ -153,6 +313,7 @@ impl Deploy {
             s.state = outcome;
             s.finished_unix_ms = Some(unix_ms());
         });
+        result
     }
 
     fn mqtt_sessions(&self) -> u64 {
@@ -169,39 +330,49 @@ impl Deploy {
             .get()
     }
 
-    async fn rolling(&self) -> Result<(), String> {
-        // preflight
+    async fn rolling(&self) -> Result<String, DeployError> {
+        // preflight: nothing changes on any replica if it fails
+        let editor = self.editor();
+        // the editor deploys to one replica as Node-RED would; a flows file
+        // is a rolling deploy or nothing
+        let needed = if editor.is_some() { 1 } else { 2 };
         let healthy = self
             .pool
             .backends
             .iter()
             .filter(|b| b.is_up() && !b.is_draining())
             .count();
-        if healthy < 2 {
-            return Err(format!(
-                "preflight: {healthy} healthy replica(s); a rolling deploy needs at least 2"
-            ));
+        if healthy < needed {
+            return Err(DeployError::Preflight(format!(
+                "preflight: {healthy} healthy replica(s); a rolling deploy needs at least {needed}"
+            )));
         }
         let mut current = Vec::new();
         for b in &self.pool.backends {
-            let f = NodeRed::new(&b.addr)
-                .flows()
-                .await
-                .map_err(|e| format!("preflight: replica {} ({}): {e}", b.label, b.addr))?;
+            let f = NodeRed::new(&b.addr).flows().await.map_err(|e| {
+                DeployError::Preflight(format!(
+                    "preflight: replica {} ({}): {e}; no replica changed",
+                    b.label, b.addr
+                ))
+            })?;
             current.push(f);
         }
         let revs: Vec<&str> = current.iter().map(|f| f.rev.as_str()).collect();
         if revs.iter().any(|r| *r != revs[0]) {
-            return Err(format!(
+            return Err(DeployError::Preflight(format!(
                 "preflight: replicas run different flows (revs {revs:?}): deploy to one set first"
-            ));
+            )));
+        }
+        if let Some(post) = editor {
+            self.editor_preflight(post, revs[0]).await?;
         }
         let dir = std::env::temp_dir().join(format!(
             "flowgate-deploy-{}-{}",
             self.pool.instance,
             unix_ms()
         ));
-        save_backups(&dir, &current).map_err(|e| format!("preflight: {e}"))?;
+        save_backups(&dir, &current)
+            .map_err(|e| DeployError::Preflight(format!("preflight: {e}")))?;
         self.with(|s| {
             s.backup_dir = Some(dir.display().to_string());
             for (step, f) in s.replicas.iter_mut().zip(&current) {
@@ -215,21 +386,102 @@ impl Deploy {
             dir.display()
         ));
         let mqtt_before = self.mqtt_connected();
+        let mut rev = revs[0].to_string();
         for (i, b) in self.pool.backends.iter().enumerate() {
-            self.one(i, b, &current[i].rev, &current[i].flows, mqtt_before)
-                .await?;
+            match self.one(i, b, &current[i], mqtt_before).await {
+                Ok(r) => rev = r,
+                Err(e) if editor.is_some() => {
+                    let undone = self.undo(i, &current).await;
+                    return Err(DeployError::Failed(format!("{e}; {undone}")));
+                }
+                Err(e) => return Err(DeployError::Failed(format!("{e}; it stays drained"))),
+            }
+        }
+        Ok(rev)
+    }
+
+    /// The editor's flows are based on what the replicas run (else 409, as
+    /// Node-RED answers a stale `rev`) and use only node types the replicas
+    /// have (Node-RED would take them and then wait for the missing types).
+    async fn editor_preflight(&self, post: &EditorPost, rev: &str) -> Result<(), DeployError> {
+        if post.rev.as_deref().is_some_and(|r| r != rev) {
+            return Err(DeployError::Conflict(format!(
+                "the flows were changed since the editor read them (rev {} now, the editor had {})",
+                rev,
+                post.rev.as_deref().unwrap_or("")
+            )));
+        }
+        for b in &self.pool.backends {
+            let known = NodeRed::new(&b.addr).types().await.map_err(|e| {
+                DeployError::Preflight(format!("preflight: replica {} ({}): {e}", b.label, b.addr))
+            })?;
+            let missing: Vec<&str> = post
+                .types
+                .iter()
+                .filter(|t| !builtin_type(t) && !known.contains(t))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                return Err(DeployError::Preflight(format!(
+                    "replica {} does not have the node type(s) {}: install them on every replica first; no replica changed",
+                    b.label,
+                    missing.join(", ")
+                )));
+            }
         }
         Ok(())
     }
 
+    /// After replica `failed` failed: every replica before it gets its old
+    /// flows back, and every replica takes traffic again. What each runs.
+    async fn undo(&self, failed: usize, current: &[nodered::Flows]) -> String {
+        let mut said = Vec::new();
+        for (i, b) in self.pool.backends.iter().enumerate().take(failed) {
+            let replica = NodeRed::new(&b.addr);
+            let old = &current[i].rev;
+            let back = match replica.restore(&current[i].raw).await {
+                Ok(rev) => {
+                    let running =
+                        || async { matches!(replica.state().await.as_deref(), Ok("start")) };
+                    let _ = wait(self.step_timeout, running).await;
+                    rev
+                }
+                Err(e) => {
+                    said.push(format!(
+                        "replica {} could not get its old flows back: {e}",
+                        b.label
+                    ));
+                    continue;
+                }
+            };
+            self.step(i, "restored");
+            said.push(if back == *old {
+                format!("replica {} is back on rev {old}", b.label)
+            } else {
+                format!(
+                    "replica {} runs its old flows under rev {back} (was {old})",
+                    b.label
+                )
+            });
+        }
+        for b in &self.pool.backends {
+            b.set_draining(false);
+        }
+        if said.is_empty() {
+            "no other replica had changed".into()
+        } else {
+            said.join("; ")
+        }
+    }
+
+    /// One replica: drain, deploy, wait until it runs; the rev it runs.
     async fn one(
         &self,
         i: usize,
         b: &Arc<Backend>,
-        old_rev: &str,
-        old_flows: &Value,
+        old: &nodered::Flows,
         mqtt_before: i64,
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         let replica = NodeRed::new(&b.addr);
         self.step(i, "draining");
         b.set_draining(true);
@@ -246,33 +498,47 @@ impl Deploy {
         self.log(format!("replica {} drained", b.label));
         self.step(i, "deploying");
         let sessions_before = self.mqtt_sessions();
-        let new_rev = match replica.deploy(&self.flows, old_rev).await {
+        let posted = match &self.change {
+            Change::Flows(flows) => replica.deploy(flows, &old.rev).await,
+            Change::Editor(post) => match replica.post_editor(post).await {
+                Ok(Some(rev)) => Ok(rev),
+                Ok(None) => replica.flows().await.map(|f| f.rev),
+                Err(e) => Err(e),
+            },
+        };
+        let posted_at = Instant::now();
+        let new_rev = match posted {
             Ok(rev) => rev,
             Err(e) => {
                 self.step(i, "failed");
                 // nothing changed on it: flows are as before; it stays drained
                 return Err(format!(
-                    "replica {} refused the flows: {e}; it keeps its flows (rev {old_rev}) and stays drained",
-                    b.label
+                    "replica {} refused the flows: {e}; it keeps its flows (rev {})",
+                    b.label, old.rev
                 ));
             }
         };
         self.with(|s| s.replicas[i].to_rev = Some(new_rev.clone()));
         self.step(i, "starting");
+        let restarts_all = self.editor().is_none_or(EditorPost::restarts_all);
         let started = self
-            .started(&replica, &new_rev, mqtt_before, sessions_before)
+            .started(
+                &replica,
+                &new_rev,
+                mqtt_before,
+                sessions_before,
+                restarts_all,
+                posted_at,
+            )
             .await;
         if let Err(e) = started {
             self.step(i, "failed");
-            let restored = match replica.deploy(old_flows, &new_rev).await {
+            let restored = match replica.restore(&old.raw).await {
                 Ok(rev) => format!("its old flows are back (rev {rev})"),
                 Err(r) => format!("restoring its old flows failed too: {r}"),
             };
             self.step(i, "restored");
-            return Err(format!(
-                "replica {}: {e}; {restored}; it stays drained",
-                b.label
-            ));
+            return Err(format!("replica {}: {e}; {restored}", b.label));
         }
         b.set_draining(false);
         self.step(i, "done");
@@ -280,21 +546,27 @@ impl Deploy {
             "replica {} runs rev {new_rev} and takes traffic again",
             b.label
         ));
-        Ok(())
+        Ok(new_rev)
     }
 
     /// The replica reports `rev`, its flows run, and (when the instance has
     /// MQTT replicas) it connected again, so the instance has them all back.
+    /// A deploy of changed nodes only may leave its MQTT connection alone: then
+    /// the replicas must still all be connected a moment after the answer.
     async fn started(
         &self,
         replica: &NodeRed,
         rev: &str,
         mqtt_before: i64,
         sessions_before: u64,
+        restarts_all: bool,
+        posted_at: Instant,
     ) -> Result<(), String> {
         let running = || async {
-            let mqtt_back = mqtt_before == 0
-                || (self.mqtt_sessions() > sessions_before && self.mqtt_connected() >= mqtt_before);
+            let all_back = self.mqtt_connected() >= mqtt_before;
+            let reconnected = self.mqtt_sessions() > sessions_before;
+            let untouched = !restarts_all && posted_at.elapsed() >= SETTLE;
+            let mqtt_back = mqtt_before == 0 || (all_back && (reconnected || untouched));
             mqtt_back
                 && matches!(replica.flows().await, Ok(f) if f.rev == rev)
                 && matches!(replica.state().await.as_deref(), Ok("start"))
@@ -308,6 +580,11 @@ impl Deploy {
         })
     }
 }
+
+/// How long after a partial deploy's answer the instance must still have all
+/// its MQTT replicas connected when the replica did not reconnect (Node-RED
+/// closes the connections it restarts before it answers).
+const SETTLE: Duration = Duration::from_millis(500);
 
 fn save_backups(dir: &PathBuf, flows: &[nodered::Flows]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

@@ -33,7 +33,7 @@ fn status(code: StatusCode, text: &'static str) -> Response<Body> {
     r
 }
 
-fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
@@ -41,7 +41,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // headers named by Connection are hop-by-hop too
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

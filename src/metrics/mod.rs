@@ -42,6 +42,8 @@ pub struct Metrics {
     pub http_denied: IntCounterVec,
     pub failover_seconds: HistogramVec,
     pub deploys: IntCounterVec,
+    pub editor_deploys: IntCounterVec,
+    pub editor_logins: IntCounterVec,
     pub acl_denied: IntCounterVec,
     pub flows_diverged: IntGaugeVec,
     pub replica_sessions: IntCounterVec,
@@ -358,6 +360,18 @@ impl Metrics {
                 r,
                 DEPLOYS,
                 "Rolling flow deploys, by result (done, failed)",
+                &[LABEL_INSTANCE, LABEL_RESULT],
+            ),
+            editor_deploys: counter_vec(
+                r,
+                EDITOR_DEPLOYS,
+                "Deploys clicked in the editor, by result (done, conflict, refused, failed, busy)",
+                &[LABEL_INSTANCE, LABEL_RESULT],
+            ),
+            editor_logins: counter_vec(
+                r,
+                EDITOR_LOGINS,
+                "Editor logins, by result (ok, unknown_user, bad_password, no_credentials)",
                 &[LABEL_INSTANCE, LABEL_RESULT],
             ),
             broker_store_changes: registered(

@@ -20,6 +20,7 @@ use crate::support::*;
 
 mod complete;
 mod dashboard;
+mod editor;
 mod public;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowgate");

@@ -1,0 +1,309 @@
+//! The editor of an HA instance through flowgate's editor listener, with
+//! three real Node-RED 4.1 replicas under load: the login, reads from one
+//! replica, Deploy rolled out to every replica with no failed call and no
+//! lost or duplicated job, a stale `rev` (409), a node type no replica has
+//! (refused, nothing changed), bad bodies, and the debug messages of every
+//! replica on the editor's one `/comms` socket.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::*;
+
+/// An inject node ticking every 300 ms into a debug node, on the example's tab.
+const TICKS: &str = r#"{"id":"a1f0c0de00000030","type":"inject","z":"a1f0c0de00000001","name":"tick","props":[{"p":"payload"}],"repeat":"0.3","crontab":"","once":true,"onceDelay":"0.1","topic":"","payload":"","payloadType":"date","x":120,"y":300,"wires":[["a1f0c0de00000031"]]},
+{"id":"a1f0c0de00000031","type":"debug","z":"a1f0c0de00000001","name":"ticks","active":true,"tosidebar":true,"console":false,"tostatus":false,"complete":"payload","targetType":"msg","statusVal":"","statusType":"auto","x":320,"y":300,"wires":[]}"#;
+
+/// One request to the editor listener: (status, body).
+async fn call(
+    editor: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (u16, String) {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut all = headers.to_vec();
+    if let Some(b) = &bearer {
+        all.push(("authorization", b.as_str()));
+    }
+    let (status, _, _, body) = crate::http::request(editor, method, path, &all, body.into())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Deploys `flows` over `rev` as the editor does (API v2, a full deploy).
+async fn deploy_v2(editor: SocketAddr, token: &str, flows: &Value, rev: &str) -> (u16, String) {
+    let body = json!({ "flows": flows, "rev": rev }).to_string();
+    call(
+        editor,
+        "POST",
+        "/flows",
+        Some(token),
+        &[
+            ("content-type", "application/json"),
+            ("Node-RED-API-Version", "v2"),
+            ("Node-RED-Deployment-Type", "full"),
+        ],
+        body,
+    )
+    .await
+}
+
+async fn login(editor: SocketAddr, user: &str, password: &str) -> (u16, String) {
+    call(
+        editor,
+        "POST",
+        "/auth/token",
+        None,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("client_id=node-red-editor&grant_type=password&scope=&username={user}&password={password}"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn deploy_in_the_editor_reaches_every_replica_one_at_a_time_and_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = temp_dir("editor");
+    let users = dir.join("editors");
+    flowgate::mqtt::auth::set_user(&users, "ann", b"s3cret!").expect("password file");
+    let ports = [free_port(), free_port(), free_port()];
+    let list: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let config = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"embedded\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
+         replicas = [{}]\nhealth_interval = \"200ms\"\nrev_interval = \"200ms\"\n\
+         [instance.editor]\nlisten = \"127.0.0.1:0\"\npassword_file = \"{}\"\nmax_body = \"5MiB\"\n",
+        list.join(", "),
+        users.display()
+    );
+    init_logs();
+    let app = App::start(Config::parse(&config, "test").expect("valid config"))
+        .await
+        .expect("flowgate starts");
+    let editor = app.editor_addrs[0].1;
+    let mut reps = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        reps.push(NodeRed::start_on(&format!("r{}", i + 1), app.mqtt_addr, *port).await);
+    }
+    replicas_connected(&app, 3).await;
+    eventually("every HTTP replica is up", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(&m, "flowgate_http_replica_up", &[("instance", "line1")]) == 3.0
+    })
+    .await;
+    public_routes_read(&app).await;
+
+    // the login, as the editor's login screen does it
+    let (status, prompts) = call(editor, "GET", "/auth/login", None, &[], "").await;
+    assert_eq!(status, 200);
+    assert!(prompts.contains("\"credentials\""), "{prompts}");
+    let (status, _) = call(editor, "GET", "/flows", None, &[], "").await;
+    assert_eq!(status, 401, "the flows without a login");
+    let (status, page) = call(editor, "GET", "/", None, &[], "").await;
+    assert_eq!(status, 200, "the editor's page loads before the login");
+    assert!(page.contains("Node-RED"), "{page}");
+    assert_eq!(login(editor, "ann", "wrong").await.0, 401);
+    assert_eq!(login(editor, "bob", "s3cret!").await.0, 401);
+    let (status, token) = login(editor, "ann", "s3cret%21").await;
+    assert_eq!(status, 200, "{token}");
+    let token: Value = serde_json::from_str(&token).expect("token JSON");
+    let token = token["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string();
+    let (status, settings) = call(editor, "GET", "/settings", Some(&token), &[], "").await;
+    assert_eq!(status, 200);
+    let settings: Value = serde_json::from_str(&settings).expect("settings JSON");
+    assert_eq!(
+        settings["user"]["username"], "ann",
+        "the editor shows who is logged in"
+    );
+
+    let (status, current) = call(
+        editor,
+        "GET",
+        "/flows",
+        Some(&token),
+        &[("Node-RED-API-Version", "v2")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{current}");
+    let current: Value = serde_json::from_str(&current).expect("flows JSON");
+    let old_rev = current["rev"].as_str().expect("rev").to_string();
+    let mut flows = current["flows"].as_array().expect("flows").clone();
+    flows.extend(serde_json::from_str::<Vec<Value>>(&format!("[{TICKS}]")).expect("tick nodes"));
+    let flows = Value::Array(flows);
+
+    // the editor's socket, logged in and subscribed to the debug messages
+    let tcp = tokio::net::TcpStream::connect(editor)
+        .await
+        .expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{editor}/comms"), tcp)
+        .await
+        .expect("comms socket");
+    ws.send(Message::text(json!({ "auth": token }).to_string()))
+        .await
+        .expect("auth sent");
+    let ack = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("an answer to the login")
+        .expect("socket open")
+        .expect("a message");
+    assert_eq!(ack.to_text().unwrap_or(""), r#"{"auth":"ok"}"#);
+    ws.send(Message::text(r#"{"subscribe":"debug"}"#))
+        .await
+        .expect("subscribed");
+
+    // Deploy under steady load
+    let mqtt = app.mqtt_addr;
+    let url = format!("http://{}/api", app.http_addrs[0].1);
+    let jobs = tokio::spawn(loadtest("nr-editor-mqtt", mqtt_args(mqtt, "8", "20s")));
+    let http_args = strings(&["http", "--url", &url, "--ramp", "8", "--step", "20s"]);
+    let calls = tokio::spawn(loadtest("nr-editor-http", http_args));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let clicked = Instant::now();
+    let (status, answer) = deploy_v2(editor, &token, &flows, &old_rev).await;
+    let took = clicked.elapsed();
+    assert_eq!(status, 200, "Deploy failed: {answer}");
+    let answer: Value = serde_json::from_str(&answer).expect("Node-RED's answer shape");
+    let new_rev = answer["rev"]
+        .as_str()
+        .expect("rev in the answer")
+        .to_string();
+    assert_ne!(new_rev, old_rev);
+    for r in &reps {
+        assert_eq!(rev_of(r).await, new_rev, "{} runs the new flows", r.name);
+    }
+    eprintln!("Deploy to 3 replicas answered in {took:?}");
+    let jobs = jobs.await.expect("mqtt loadtest");
+    let calls = calls.await.expect("http loadtest");
+    for (what, r) in [("jobs", &jobs), ("calls", &calls)] {
+        let t = &r.totals;
+        assert_eq!(
+            (t.ok, t.errors, t.duplicates),
+            (t.sent, 0, 0),
+            "{what} during the deploy: {t:?}\n{}",
+            r.table()
+        );
+    }
+
+    // the debug sidebar: every replica's ticks, each named after its replica
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 3 && Instant::now() < deadline {
+        let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await else {
+            continue;
+        };
+        let Ok(Value::Array(batch)) = serde_json::from_str::<Value>(m.to_text().unwrap_or(""))
+        else {
+            continue;
+        };
+        for item in batch.iter().filter(|i| i["topic"] == "debug") {
+            if let Some(name) = item["data"]["name"].as_str() {
+                seen.insert(name.to_string());
+            }
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [
+            "ticks · replica 0",
+            "ticks · replica 1",
+            "ticks · replica 2"
+        ],
+        "the debug messages of every replica on the editor's socket"
+    );
+
+    // the same Deploy again over the old rev: Node-RED's 409
+    let (status, answer) = deploy_v2(editor, &token, &flows, &old_rev).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains("version_mismatch"), "{answer}");
+
+    // a node type no replica has: refused before any replica changed
+    let mut broken = flows.as_array().expect("flows").clone();
+    broken.push(json!({"id": "b0rken000000001", "type": "no-such-node", "z": "a1f0c0de00000001", "wires": []}));
+    let (status, answer) = deploy_v2(editor, &token, &Value::Array(broken), &new_rev).await;
+    assert_eq!(status, 400, "{answer}");
+    let message = serde_json::from_str::<Value>(&answer).expect("error JSON")["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(message.contains("no-such-node"), "{message}");
+    for r in &reps {
+        assert_eq!(rev_of(r).await, new_rev, "{} kept its flows", r.name);
+    }
+
+    // bad bodies: a clear error each, nothing deployed
+    let (status, answer) = call(
+        editor,
+        "POST",
+        "/flows",
+        Some(&token),
+        &[
+            ("content-type", "application/json"),
+            ("Node-RED-API-Version", "v2"),
+        ],
+        "{not json",
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("not JSON"), "{answer}");
+    let huge = vec![b' '; 50 << 20];
+    let (status, answer) = call(
+        editor,
+        "POST",
+        "/flows",
+        Some(&token),
+        &[
+            ("content-type", "application/json"),
+            ("Node-RED-API-Version", "v2"),
+        ],
+        huge,
+    )
+    .await;
+    assert_eq!(status, 413, "{answer}");
+    let (status, _) = deploy_v2(editor, "not-a-token", &flows, &new_rev).await;
+    assert_eq!(status, 401);
+    for r in &reps {
+        assert_eq!(rev_of(r).await, new_rev, "{} kept its flows", r.name);
+    }
+
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    for (result, n) in [("done", 1.0), ("conflict", 1.0), ("refused", 1.0)] {
+        assert_eq!(
+            metric_sum(&m, "flowgate_editor_deploys_total", &[("result", result)]),
+            n,
+            "{result}"
+        );
+    }
+    assert_eq!(
+        metric_sum(&m, "flowgate_editor_logins_total", &[("result", "ok")]),
+        1.0
+    );
+    let (_, api) = http_get(app.admin_addr, "/api/instances").await;
+    let api: Value = serde_json::from_str(&api).expect("instances JSON");
+    // the last deploy shown: the refused one, and why
+    let last = &api["instances"][0]["deploy"];
+    assert_eq!(last["state"], "failed", "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no-such-node"),
+        "{last}"
+    );
+    for rep in &mut reps {
+        rep.kill().await;
+    }
+    app.shutdown(Duration::from_secs(2)).await;
+}
