@@ -195,6 +195,33 @@ pub fn bearer<'a>(authorization: Option<&'a str>, query: Option<&'a str>) -> Opt
         })
 }
 
+/// The cookie that carries the token for what the browser loads without
+/// the editor's script (`<script src>` of a node's admin route, images):
+/// taken for GET and HEAD only, so a request from another site cannot change
+/// anything with it (and SameSite=Strict keeps other sites from sending it).
+pub const COOKIE: &str = "flowgate-editor";
+
+/// The `Set-Cookie` value after a login (`token`) or a logout (`None`).
+pub fn set_cookie(token: Option<&str>, max_age: Duration, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    match token {
+        Some(t) => format!(
+            "{COOKIE}={t}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+            max_age.as_secs()
+        ),
+        None => format!("{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{secure}"),
+    }
+}
+
+/// The token in a `Cookie` header's value.
+pub fn cookie_token(cookies: &str) -> Option<&str> {
+    cookies
+        .split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v)
+}
+
 /// May a request reach the replicas without a login? Only what Node-RED
 /// itself serves before one: the editor's page and its static files, the
 /// locales, node icons and module resources, and the login endpoints.
@@ -277,6 +304,19 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc"), None), None);
         assert_eq!(bearer(None, Some("x=1&access_token=t")), Some("t"));
         assert_eq!(bearer(None, None), None);
+    }
+
+    #[test]
+    fn the_cookie_is_found_among_others_and_cleared_on_logout() {
+        assert_eq!(cookie_token("a=1; flowgate-editor=tok; b=2"), Some("tok"));
+        assert_eq!(cookie_token("flowgate-editorx=tok"), None);
+        let set = set_cookie(Some("tok"), Duration::from_secs(60), true);
+        assert!(
+            set.starts_with("flowgate-editor=tok; Path=/; Max-Age=60; HttpOnly; SameSite=Strict"),
+            "{set}"
+        );
+        assert!(set.ends_with("; Secure"));
+        assert!(set_cookie(None, Duration::ZERO, false).contains("Max-Age=0"));
     }
 
     #[test]

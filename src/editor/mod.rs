@@ -152,7 +152,17 @@ impl Editor {
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            let user = auth::bearer(header, req.uri().query()).and_then(|t| self.sessions.user(t));
+            let mut user =
+                auth::bearer(header, req.uri().query()).and_then(|t| self.sessions.user(t));
+            if user.is_none() && matches!(method, Method::GET | Method::HEAD) {
+                user = req
+                    .headers()
+                    .get_all(header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(auth::cookie_token)
+                    .and_then(|t| self.sessions.user(t));
+            }
             if user.is_none() && !auth::open_path(method.as_str(), &path) {
                 return empty(StatusCode::UNAUTHORIZED);
             }
@@ -189,7 +199,9 @@ impl Editor {
         match result {
             Ok((token, user)) => {
                 tracing::info!(instance = %self.instance, %user, "editor login");
-                json(StatusCode::OK, self.sessions.token_json(&token))
+                let mut r = json(StatusCode::OK, self.sessions.token_json(&token));
+                self.set_cookie(&mut r, Some(&token));
+                r
             }
             Err(e) => {
                 tracing::warn!(instance = %self.instance, error = %e, "editor login refused");
@@ -217,7 +229,16 @@ impl Editor {
         if let Some(t) = token {
             self.sessions.revoke(&t);
         }
-        empty(StatusCode::OK)
+        let mut r = empty(StatusCode::OK);
+        self.set_cookie(&mut r, None);
+        r
+    }
+
+    fn set_cookie(&self, r: &mut Response<Body>, token: Option<&str>) {
+        let value = auth::set_cookie(token, self.cfg.session_expiry, self.cfg.tls.is_some());
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
     }
 
     /// Deploy: the editor's flows to every replica in turn.

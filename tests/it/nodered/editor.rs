@@ -307,3 +307,168 @@ async fn deploy_in_the_editor_reaches_every_replica_one_at_a_time_and_loses_noth
     }
     app.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The page: the editor opened through flowgate in headless chromium, a node
+/// renamed and Deploy clicked while jobs and calls go through flowgate.
+#[tokio::test]
+async fn deploy_clicked_in_the_editor_page_is_successfully_deployed_on_every_replica() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = temp_dir("editor-page");
+    let users = dir.join("editors");
+    flowgate::mqtt::auth::set_user(&users, "ann", b"s3cret").expect("password file");
+    let ports = [free_port(), free_port(), free_port()];
+    let list: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let config = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"embedded\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\n[instance.http]\nlisten = \"127.0.0.1:0\"\n\
+         replicas = [{}]\nhealth_interval = \"200ms\"\n\
+         [instance.editor]\nlisten = \"127.0.0.1:0\"\npassword_file = \"{}\"\n",
+        list.join(", "),
+        users.display()
+    );
+    init_logs();
+    let app = App::start(Config::parse(&config, "test").expect("valid config"))
+        .await
+        .expect("flowgate starts");
+    let example = std::fs::read_to_string(root().join("deploy/examples/nodered-ha/flows.json"))
+        .expect("example flows");
+    let flows = format!("{},\n{TICKS}\n]", example.trim_end().trim_end_matches(']'));
+    let mut reps = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        reps.push(
+            NodeRed::start_with(&format!("r{}", i + 1), app.mqtt_addr, *port, &flows, false).await,
+        );
+    }
+    replicas_connected(&app, 3).await;
+    eventually("every HTTP replica is up", || async {
+        let (_, m) = http_get(app.admin_addr, "/metrics").await;
+        metric_sum(&m, "flowgate_http_replica_up", &[("instance", "line1")]) == 3.0
+    })
+    .await;
+    public_routes_read(&app).await;
+    let old_rev = rev_of(&reps[0]).await;
+
+    let shot = dir.join("editor.png");
+    let renamed = "answer (edited through flowgate)";
+    let mut driver = Command::new("node")
+        .arg(root().join("tests/node/editor_page.mjs"))
+        .arg(format!("http://{}/", app.editor_addrs[0].1))
+        .args(["ann", "s3cret", "a1f0c0de00000012", renamed])
+        .arg(&shot)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs the page driver");
+    let mut lines = BufReader::new(driver.stdout.take().expect("stdout")).lines();
+    let mut stdin = driver.stdin.take().expect("stdin");
+    let first = tokio::time::timeout(Duration::from_secs(150), lines.next_line())
+        .await
+        .expect("the page is ready in time")
+        .expect("driver output")
+        .unwrap_or_default();
+    let mut result: Value = serde_json::from_str(&first).unwrap_or_default();
+    let mut load = None;
+    if result["ready"] == true {
+        let url = format!("http://{}/api", app.http_addrs[0].1);
+        let jobs = tokio::spawn(loadtest(
+            "nr-page-mqtt",
+            mqtt_args(app.mqtt_addr, "8", "12s"),
+        ));
+        let http_args = strings(&["http", "--url", &url, "--ramp", "8", "--step", "12s"]);
+        let calls = tokio::spawn(loadtest("nr-page-http", http_args));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stdin.write_all(b"go\n").await.expect("go");
+        drop(stdin);
+        let last = tokio::time::timeout(Duration::from_secs(200), lines.next_line())
+            .await
+            .expect("the deploy ends in time")
+            .expect("driver output")
+            .unwrap_or_default();
+        result = serde_json::from_str(&last).unwrap_or_default();
+        load = Some((jobs, calls));
+    } else {
+        drop(stdin);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), driver.wait()).await;
+    eprintln!("editor page: {result}");
+    assert_eq!(result["step"], "done", "{result}");
+    assert!(
+        result["notification"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Successfully deployed"),
+        "{result}"
+    );
+    // what went wrong in the page: nothing but the editor's reads before the
+    // login (401, how Node-RED asks for one) and the palette's catalogue on
+    // the internet (no network here)
+    let list = |key: &str| -> Vec<String> {
+        result[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let errors: Vec<String> = list("errors")
+        .into_iter()
+        .filter(|e| !e.starts_with("console: Failed to load resource"))
+        .collect();
+    assert_eq!(errors, Vec::<String>::new(), "{result}");
+    assert!(
+        list("refused")
+            .iter()
+            .all(|r| r.starts_with("login: 401 GET")),
+        "{result}"
+    );
+    assert!(
+        list("failed")
+            .iter()
+            .all(|f| !f.starts_with("http://127.0.0.1")),
+        "{result}"
+    );
+    let names: Vec<String> = result["debugNames"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let replicas: std::collections::BTreeSet<&str> =
+        names.iter().filter_map(|n| n.split(" · ").nth(1)).collect();
+    assert!(
+        replicas.len() >= 2,
+        "the debug sidebar shows two replicas: {names:?}"
+    );
+    let new_rev = rev_of(&reps[0]).await;
+    assert_ne!(new_rev, old_rev, "the flows changed");
+    for r in &reps {
+        assert_eq!(rev_of(r).await, new_rev, "{} runs the new flows", r.name);
+        let (_, body) = http_get(r.addr(), "/flows").await;
+        assert!(body.contains(renamed), "{} has the renamed node", r.name);
+    }
+    let (jobs, calls) = load.expect("the load ran");
+    for (what, r) in [
+        ("jobs", jobs.await.expect("mqtt")),
+        ("calls", calls.await.expect("http")),
+    ] {
+        let t = &r.totals;
+        assert_eq!(
+            (t.ok, t.errors, t.duplicates),
+            (t.sent, 0, 0),
+            "{what} during the deploy: {t:?}\n{}",
+            r.table()
+        );
+    }
+    for rep in &mut reps {
+        rep.kill().await;
+    }
+    app.shutdown(Duration::from_secs(2)).await;
+}
