@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod comms;
+pub mod palette;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -173,6 +174,10 @@ impl Editor {
         match (&method, path.as_str()) {
             (&Method::POST, "/auth/revoke") => self.revoke(req).await,
             (&Method::POST, "/flows") => self.deploy(req).await,
+            (&Method::POST, "/nodes") => self.palette(req).await,
+            (&Method::PUT | &Method::DELETE, p) if palette::module_of(p).is_some() => {
+                self.palette(req).await
+            }
             _ => self.forward(req, user.as_deref(), peer, proto).await,
         }
     }
@@ -302,6 +307,114 @@ impl Editor {
                 "deploy_failed",
                 &format!("the deploy stopped: {e}"),
             ),
+        }
+    }
+
+    /// A palette change: on every replica in turn, undone on those already
+    /// changed when one refuses.
+    async fn palette(&self, req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let headers: Vec<(String, String)> = ["content-type", "accept", "node-red-api-version"]
+            .iter()
+            .filter_map(|name| {
+                let v = req.headers().get(*name)?.to_str().ok()?;
+                Some((name.to_string(), v.to_string()))
+            })
+            .collect();
+        let body = match read_body(req, self.cfg.max_body.bytes()).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let Some(change) = palette::classify(&method, &path, &body) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "not a palette change",
+            );
+        };
+        let count = |result: &str| {
+            self.metrics
+                .editor_palette
+                .with_label_values(&[self.instance.as_str(), result])
+                .inc();
+        };
+        if let Some(b) = self.pool.backends.iter().find(|b| !b.is_up()) {
+            count("refused");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replica_down",
+                &format!(
+                    "replica {} ({}) is down: a palette change goes to every replica; nothing changed",
+                    b.label, b.addr
+                ),
+            );
+        }
+        let request = palette::Request {
+            method,
+            path,
+            headers,
+            body,
+        };
+        let editor = self.replica().map(|b| b.index);
+        let mut done: Vec<(&Arc<Backend>, palette::Answer)> = Vec::new();
+        for b in &self.pool.backends {
+            let (status, why) = match palette::send(&b.addr, &request).await {
+                Ok(a) if palette::ok(a.status) => {
+                    tracing::info!(instance = %self.instance, replica = %b.label, change = ?change, "palette change done");
+                    done.push((b, a));
+                    continue;
+                }
+                Ok(a) => {
+                    let text = String::from_utf8_lossy(&a.body).into_owned();
+                    let message = serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|v| v["message"].as_str().map(str::to_string))
+                        .unwrap_or(text);
+                    (
+                        palette::refusal_status(a.status),
+                        format!("answered {}: {message}", a.status),
+                    )
+                }
+                Err(e) => (StatusCode::BAD_GATEWAY, e),
+            };
+            let mut said = Vec::new();
+            for (d, answer) in &done {
+                said.push(match palette::undo(&change, answer) {
+                    Some(u) => match palette::send(&d.addr, &u).await {
+                        Ok(a) if palette::ok(a.status) => format!("replica {} undone", d.label),
+                        Ok(a) => format!("replica {} could not undo it (answered {})", d.label, a.status),
+                        Err(e) => format!("replica {} could not undo it ({e})", d.label),
+                    },
+                    None => format!(
+                        "replica {} keeps the change (Node-RED cannot undo a removal or an upgrade)",
+                        d.label
+                    ),
+                });
+            }
+            if said.is_empty() {
+                said.push("no replica changed".into());
+            }
+            let message = format!(
+                "replica {} refused the palette change: {why}; {}",
+                b.label,
+                said.join("; ")
+            );
+            tracing::warn!(instance = %self.instance, "{message}");
+            count("failed");
+            return error(status, "palette_failed", &message);
+        }
+        count("done");
+        let answer = done
+            .iter()
+            .find(|(b, _)| Some(b.index) == editor)
+            .or(done.first())
+            .map(|(_, a)| (a.status, a.body.clone()));
+        match answer {
+            Some((status, body)) => {
+                json(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body)
+            }
+            None => empty(StatusCode::NO_CONTENT),
         }
     }
 

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub deploys: IntCounterVec,
     pub editor_deploys: IntCounterVec,
     pub editor_logins: IntCounterVec,
+    pub editor_palette: IntCounterVec,
     pub acl_denied: IntCounterVec,
     pub flows_diverged: IntGaugeVec,
     pub replica_sessions: IntCounterVec,
@@ -366,6 +367,12 @@ impl Metrics {
                 r,
                 EDITOR_DEPLOYS,
                 "Deploys clicked in the editor, by result (done, conflict, refused, failed, busy)",
+                &[LABEL_INSTANCE, LABEL_RESULT],
+            ),
+            editor_palette: counter_vec(
+                r,
+                EDITOR_PALETTE,
+                "Palette changes from the editor (install, enable, disable, upgrade, remove) on every replica, by result (done, failed, refused)",
                 &[LABEL_INSTANCE, LABEL_RESULT],
             ),
             editor_logins: counter_vec(

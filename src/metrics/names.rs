@@ -40,6 +40,7 @@ pub const FAILOVER_SECONDS: &str = "flowgate_failover_seconds";
 pub const DEPLOYS: &str = "flowgate_deploys_total";
 pub const EDITOR_DEPLOYS: &str = "flowgate_editor_deploys_total";
 pub const EDITOR_LOGINS: &str = "flowgate_editor_logins_total";
+pub const EDITOR_PALETTE: &str = "flowgate_editor_palette_total";
 pub const ACL_DENIED: &str = "flowgate_acl_denied_total";
 pub const FLOWS_DIVERGED: &str = "flowgate_http_flows_diverged_replicas";
 pub const REPLICA_SESSIONS: &str = "flowgate_replica_sessions_total";

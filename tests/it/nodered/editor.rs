@@ -68,6 +68,38 @@ async fn login(editor: SocketAddr, user: &str, password: &str) -> (u16, String) 
     .await
 }
 
+/// A node package with one node type, `fgtest`, packed as npm packs it.
+fn node_package(dir: &std::path::Path) -> std::path::PathBuf {
+    let pkg = dir.join("pkg/package");
+    std::fs::create_dir_all(&pkg).expect("package dir");
+    std::fs::write(
+        pkg.join("package.json"),
+        r#"{"name":"node-red-contrib-fgtest","version":"1.0.0","node-red":{"nodes":{"fgtest":"fgtest.js"}}}"#,
+    )
+    .expect("package.json");
+    std::fs::write(
+        pkg.join("fgtest.js"),
+        "module.exports = function (RED) {\n  function F(c) { RED.nodes.createNode(this, c); this.on('input', (m, send, done) => { send(m); done(); }); }\n  RED.nodes.registerType('fgtest', F);\n};\n",
+    )
+    .expect("fgtest.js");
+    std::fs::write(
+        pkg.join("fgtest.html"),
+        "<script type=\"text/javascript\">RED.nodes.registerType('fgtest',{category:'function',color:'#a6bbcf',defaults:{name:{value:''}},inputs:1,outputs:1,label:function(){return this.name||'fgtest';}});</script>\n<script type=\"text/html\" data-template-name=\"fgtest\"><div class=\"form-row\"><input type=\"text\" id=\"node-input-name\"></div></script>\n",
+    )
+    .expect("fgtest.html");
+    let tgz = dir.join("node-red-contrib-fgtest-1.0.0.tgz");
+    let ok = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(dir.join("pkg"))
+        .arg("package")
+        .status()
+        .expect("tar runs");
+    assert!(ok.success(), "tar made the package");
+    tgz
+}
+
 /// A Node-RED 4.1 or 5.0 replica running `flows`.
 async fn replica(v5: bool, name: &str, mqtt: SocketAddr, port: u16, flows: &str) -> NodeRed {
     if v5 {
@@ -302,7 +334,47 @@ async fn editor_api(v5: bool) {
         assert_eq!(rev_of(r).await, new_rev, "{} kept its flows", r.name);
     }
 
+    // the palette: a node package (a tarball made here) installed through
+    // the editor reaches every replica; one that cannot install changes none
+    let tgz = node_package(&dir);
+    let install = |url: String| {
+        let body = json!({ "module": "node-red-contrib-fgtest", "url": url }).to_string();
+        let token = token.clone();
+        async move {
+            let headers = [("content-type", "application/json")];
+            call(editor, "POST", "/nodes", Some(&token), &headers, body).await
+        }
+    };
+    let (status, answer) = install(dir.join("missing.tgz").display().to_string()).await;
+    assert!(status >= 400, "{status} {answer}");
+    assert!(answer.contains("no replica changed"), "{answer}");
+    let (status, answer) = install(tgz.display().to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    for r in &reps {
+        let (_, nodes) = call(
+            r.addr(),
+            "GET",
+            "/nodes",
+            None,
+            &[("accept", "application/json")],
+            "",
+        )
+        .await;
+        assert!(
+            nodes.contains("\"fgtest\""),
+            "{} has the new node type: {nodes}",
+            r.name
+        );
+    }
+
     let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    for (result, n) in [("done", 1.0), ("failed", 1.0)] {
+        assert_eq!(
+            metric_sum(&m, "flowgate_editor_palette_total", &[("result", result)]),
+            n,
+            "palette {result}"
+        );
+    }
     for (result, n) in [("done", 1.0), ("conflict", 1.0), ("refused", 1.0)] {
         assert_eq!(
             metric_sum(&m, "flowgate_editor_deploys_total", &[("result", result)]),
