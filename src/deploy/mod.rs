@@ -563,7 +563,9 @@ impl Deploy {
         posted_at: Instant,
     ) -> Result<(), String> {
         let running = || async {
-            let all_back = self.mqtt_connected() >= mqtt_before;
+            // a replica that died meanwhile does not come back by this deploy
+            let lost = self.pool.backends.iter().filter(|b| !b.is_up()).count();
+            let all_back = self.mqtt_connected() >= mqtt_before - lost as i64;
             let reconnected = self.mqtt_sessions() > sessions_before;
             let untouched = !restarts_all && posted_at.elapsed() >= SETTLE;
             let mqtt_back = mqtt_before == 0 || (all_back && (reconnected || untouched));

@@ -398,6 +398,50 @@ async fn editor_api(v5: bool) {
             .contains("no-such-node"),
         "{last}"
     );
+
+    // a replica dies part way through a Deploy: the editor is told, and the
+    // replica already changed gets its old flows back. Calls queued on the
+    // replicas (10/s each) keep replica 0 draining for a moment; replica 1
+    // is killed then.
+    let url = format!("http://{}/api", app.http_addrs[0].1);
+    let burst = tokio::spawn(loadtest(
+        "nr-editor-burst",
+        strings(&["http", "--url", &url, "--ramp", "40", "--step", "3s"]),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut more = flows.as_array().expect("flows").clone();
+    more.push(json!({"id": "a1f0c0de00000040", "type": "comment", "z": "a1f0c0de00000001", "name": "one more", "wires": []}));
+    let rolling = tokio::spawn({
+        let token = token.clone();
+        let rev = new_rev.clone();
+        async move { deploy_v2(editor, &token, &Value::Array(more), &rev).await }
+    });
+    eventually("replica 0 is draining for the deploy", || async {
+        let (_, api) = http_get(app.admin_addr, "/api/instances").await;
+        let api: Value = serde_json::from_str(&api).unwrap_or_default();
+        let step = &api["instances"][0]["deploy"]["replicas"][0]["state"];
+        step == "draining" || step == "deploying"
+    })
+    .await;
+    reps[1].kill().await;
+    let (status, answer) = rolling.await.expect("deploy task");
+    let _ = burst.await;
+    assert_eq!(status, 500, "{answer}");
+    let message = serde_json::from_str::<Value>(&answer).expect("error JSON")["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(message.contains("replica 1"), "{message}");
+    assert!(
+        message.contains(&format!("replica 0 is back on rev {new_rev}")),
+        "{message}"
+    );
+    assert_eq!(
+        rev_of(&reps[0]).await,
+        new_rev,
+        "replica 0 has its old flows back"
+    );
+    assert_eq!(rev_of(&reps[2]).await, new_rev, "replica 2 was not touched");
     for rep in &mut reps {
         rep.kill().await;
     }
