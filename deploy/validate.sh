@@ -66,10 +66,12 @@ print(f"{len(dash['panels'])} panels, {len(exprs)} queries, metrics all exported
 PY
 
 step "flowgate check"
-# token files live in secrets at run time: a stand-in one here
+# token and password files live in secrets at run time: stand-ins here
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/token"
+echo 'stand-in password' | cargo run --quiet -- passwd "$tmp/editors" admin 2>/dev/null
 for cfg in config/flowgate.toml deploy/container/flowgate.toml deploy/k8s/base/flowgate.toml deploy/k8s/overlays/*/flowgate.toml; do
-  sed "s|^token_file = .*|token_file = \"$tmp/token\"|" "$cfg" >"$tmp/check.toml"
+  sed -e "s|^token_file = .*|token_file = \"$tmp/token\"|" \
+      -e "s|^password_file = \"/etc/flowgate-editors/editors\"|password_file = \"$tmp/editors\"|" "$cfg" >"$tmp/check.toml"
   cargo run --quiet -- check --config "$tmp/check.toml" >/dev/null
   echo "$cfg: valid"
 done

@@ -5,8 +5,10 @@
 #   deploy/examples/nodered-ha/run.sh [N]        # default N=2; Ctrl-C stops all
 #
 # Then: http://127.0.0.1:1880/api (balanced), mqtt://127.0.0.1:1883 (publish
-# jobs on jobs/..., answers on replies), http://127.0.0.1:9090/status.
-# Ports and paths can be changed with MQTT_PORT, HTTP_PORT, ADMIN_PORT,
+# jobs on jobs/..., answers on replies), http://127.0.0.1:9090/status, and the
+# editor of all replicas at http://127.0.0.1:1881/ (user admin, the password in
+# $WORK/editor-password; Deploy goes to every replica, one at a time).
+# Ports and paths can be changed with MQTT_PORT, HTTP_PORT, ADMIN_PORT, EDITOR_PORT,
 # REPLICA_BASE (replica i listens on REPLICA_BASE+i), FLOWGATE, NODE_RED,
 # WORK (a directory for configs and logs) and READY_FILE (written when every
 # replica is connected and answering).
@@ -17,6 +19,7 @@ N=${1:-${N:-2}}
 MQTT_PORT=${MQTT_PORT:-1883}
 HTTP_PORT=${HTTP_PORT:-1880}
 ADMIN_PORT=${ADMIN_PORT:-9090}
+EDITOR_PORT=${EDITOR_PORT:-1881}
 REPLICA_BASE=${REPLICA_BASE:-18800}
 FLOWGATE=${FLOWGATE:-$root/target/release/flowgate}
 NODE_RED=${NODE_RED:-$root/tests/node/node_modules/node-red/red.js}
@@ -31,6 +34,12 @@ if [ ! -f "$NODE_RED" ]; then
   echo "installing Node-RED (npm ci --prefix tests/node)"
   npm ci --prefix "$root/tests/node" --no-audit --no-fund --loglevel=error
 fi
+
+# the editor's login: user admin, a random password kept in the work directory
+if [ ! -s "$WORK/editor-password" ]; then
+  (umask 077; head -c 12 /dev/urandom | base64 | tr -d '/+=' > "$WORK/editor-password")
+fi
+"$FLOWGATE" passwd "$WORK/editors" admin < "$WORK/editor-password" 2>/dev/null
 
 replicas=""
 for i in $(seq 1 "$N"); do
@@ -50,6 +59,9 @@ match = { client_id = "line1-nodered" }
 [instance.http]
 listen = "127.0.0.1:$HTTP_PORT"
 replicas = [${replicas%, }]
+[instance.editor]
+listen = "127.0.0.1:$EDITOR_PORT"
+password_file = "$WORK/editors"
 TOML
 
 pids=()
@@ -96,6 +108,7 @@ echo "ready: $N Node-RED replicas behind flowgate"
 echo "  http://127.0.0.1:$HTTP_PORT/api     the rate-limited API (10/s per replica)"
 echo "  mqtt://127.0.0.1:$MQTT_PORT         publish jobs on jobs/..., answers on replies"
 echo "  $admin/status      live per-replica view"
+echo "  http://127.0.0.1:$EDITOR_PORT/          the editor of all replicas: user admin, password $(cat "$WORK/editor-password")"
 echo "  logs and configs in $WORK"
 [ -n "${READY_FILE:-}" ] && echo ready >"$READY_FILE"
 wait "${pids[0]}"
