@@ -141,3 +141,68 @@ impl FileEditor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+
+    const BASE: &str = "node_id = \"n\"\n[mqtt]\nupstream = \"mqtt://127.0.0.1:1\"\n[[instance]]\nname = \"line1\"\nmatch = { client_id = \"x\" }\n";
+    const HTTP: &str =
+        "[instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [\"127.0.0.1:1880\"]\n";
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, "t") {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(ToString::to_string).collect()
+            }
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn an_editor_needs_replicas_a_listener_and_a_login_or_login_false() {
+        let no_http = problems(&format!(
+            "{BASE}[instance.editor]\nlisten = \"127.0.0.1:0\"\nlogin = false\n"
+        ));
+        assert!(
+            no_http
+                .iter()
+                .any(|p| p.starts_with("instance[0].editor: needs the instance's http table")),
+            "{no_http:?}"
+        );
+        let no_login = problems(&format!(
+            "{BASE}{HTTP}[instance.editor]\nlisten = \"127.0.0.1:0\"\n"
+        ));
+        assert!(
+            no_login
+                .iter()
+                .any(|p| p.starts_with("instance[0].editor.password_file: is required")),
+            "{no_login:?}"
+        );
+        let missing = problems(&format!("{BASE}{HTTP}[instance.editor]\nlisten = \"127.0.0.1:0\"\npassword_file = \"/nonexistent/editors\"\n"));
+        assert!(
+            missing
+                .iter()
+                .any(|p| p.starts_with("instance[0].editor.password_file:")),
+            "{missing:?}"
+        );
+        let both = problems(&format!("{BASE}{HTTP}[instance.editor]\nlisten = \"127.0.0.1:0\"\nlogin = false\npassword_file = \"/x\"\n"));
+        assert!(
+            both.iter()
+                .any(|p| p.contains("is not read with login = false")),
+            "{both:?}"
+        );
+        let bad = problems(&format!("{BASE}{HTTP}[instance.editor]\nlisten = \"nowhere\"\nlogin = false\nstep_timeout = \"0s\"\nmax_body = \"lots\"\n"));
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        let ok = Config::parse(
+            &format!("{BASE}{HTTP}[instance.editor]\nlisten = \"127.0.0.1:0\"\nlogin = false\n"),
+            "t",
+        )
+        .expect("valid");
+        let editor = ok.instances[0].editor.as_ref().expect("editor");
+        assert!(!editor.login);
+        assert_eq!(editor.step_timeout, std::time::Duration::from_secs(60));
+        assert_eq!(editor.max_body.bytes(), 5 << 20);
+    }
+}

@@ -618,6 +618,74 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_editors_deploy_is_read_as_node_red_reads_it() {
+        let v2 = EditorPost::parse(
+            Bytes::from_static(br#"{"flows":[{"id":"t","type":"tab"},{"id":"a","type":"inject"},{"id":"b","type":"inject"},{"id":"s","type":"subflow:x"}],"rev":"r1"}"#),
+            Some("v2"),
+            Some("nodes"),
+        )
+        .expect("v2 body");
+        assert!(v2.api_v2);
+        assert_eq!(v2.kind, "nodes");
+        assert_eq!(v2.rev.as_deref(), Some("r1"));
+        assert_eq!(v2.types, ["inject", "subflow:x", "tab"]);
+        assert!(!v2.restarts_all());
+        let v1 = EditorPost::parse(
+            Bytes::from_static(br#"[{"id":"a","type":"debug"}]"#),
+            None,
+            None,
+        )
+        .expect("v1 body");
+        assert!(!v1.api_v2 && v1.rev.is_none() && v1.restarts_all());
+        assert_eq!(v1.kind, "full");
+        // reload: the body is not read
+        assert!(EditorPost::parse(Bytes::new(), Some("v2"), Some("reload")).is_ok());
+        for (body, version, kind) in [
+            (&b"{not json"[..], Some("v2"), None),
+            (br#"[{"id":"a"}]"#, Some("v2"), None),
+            (br#"{"flows":[]}"#, None, None),
+            (br#"{"flows":{}}"#, Some("v2"), None),
+            (br#"[]"#, None, Some("everything")),
+        ] {
+            assert!(
+                EditorPost::parse(Bytes::copy_from_slice(body), version, kind).is_err(),
+                "{:?} {version:?} {kind:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(builtin_type("tab") && builtin_type("subflow:abc") && builtin_type("junction"));
+        assert!(!builtin_type("inject"));
+    }
+
+    #[test]
+    fn one_deploy_at_a_time_per_instance() {
+        let status = |state: &'static str| {
+            Arc::new(Mutex::new(DeployStatus {
+                instance: "a".into(),
+                state,
+                started_unix_ms: 0,
+                finished_unix_ms: None,
+                backup_dir: None,
+                replicas: Vec::new(),
+                log: Vec::new(),
+                error: None,
+            }))
+        };
+        let r = Registry::default();
+        let running = status("running");
+        assert!(r.begin("a", running.clone()));
+        assert!(
+            !r.begin("a", status("running")),
+            "a second one while it runs"
+        );
+        assert!(r.begin("b", status("running")), "another instance");
+        running.lock().expect("lock").state = "done";
+        assert!(r.begin("a", status("running")), "after it ended");
+        assert_eq!(r.get("a").map(|s| s.state), Some("running"));
+        assert!(r.get("c").is_none());
+    }
+
+    #[test]
     fn flows_come_as_an_array_or_under_flows() {
         assert!(flows_of(b"[{\"id\":\"a\"}]").is_ok());
         assert!(flows_of(b"{\"flows\":[],\"rev\":\"x\"}").is_ok());
