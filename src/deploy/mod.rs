@@ -285,10 +285,13 @@ impl Deploy {
         self.pool.public.flows_changed();
         let instance = self.pool.instance.clone();
         let outcome = if result.is_ok() { "done" } else { "failed" };
-        self.metrics
-            .deploys
-            .with_label_values(&[instance.as_str(), outcome])
-            .inc();
+        // a stale editor (409) is not a deploy that failed
+        if !matches!(result, Err(DeployError::Conflict(_))) {
+            self.metrics
+                .deploys
+                .with_label_values(&[instance.as_str(), outcome])
+                .inc();
+        }
         if self.editor().is_some() {
             let label = match &result {
                 Ok(_) => "done",

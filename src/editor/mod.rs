@@ -365,40 +365,13 @@ impl Editor {
                     done.push((b, a));
                     continue;
                 }
-                Ok(a) => {
-                    let text = String::from_utf8_lossy(&a.body).into_owned();
-                    let message = serde_json::from_str::<serde_json::Value>(&text)
-                        .ok()
-                        .and_then(|v| v["message"].as_str().map(str::to_string))
-                        .unwrap_or(text);
-                    (
-                        palette::refusal_status(a.status),
-                        format!("answered {}: {message}", a.status),
-                    )
-                }
+                Ok(a) => (palette::refusal_status(a.status), a.reason()),
                 Err(e) => (StatusCode::BAD_GATEWAY, e),
             };
-            let mut said = Vec::new();
-            for (d, answer) in &done {
-                said.push(match palette::undo(&change, answer) {
-                    Some(u) => match palette::send(&d.addr, &u).await {
-                        Ok(a) if palette::ok(a.status) => format!("replica {} undone", d.label),
-                        Ok(a) => format!("replica {} could not undo it (answered {})", d.label, a.status),
-                        Err(e) => format!("replica {} could not undo it ({e})", d.label),
-                    },
-                    None => format!(
-                        "replica {} keeps the change (Node-RED cannot undo a removal or an upgrade)",
-                        d.label
-                    ),
-                });
-            }
-            if said.is_empty() {
-                said.push("no replica changed".into());
-            }
+            let undone = palette::undo_all(&change, &done).await;
             let message = format!(
-                "replica {} refused the palette change: {why}; {}",
-                b.label,
-                said.join("; ")
+                "replica {} refused the palette change: {why}; {undone}",
+                b.label
             );
             tracing::warn!(instance = %self.instance, "{message}");
             count("failed");

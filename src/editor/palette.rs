@@ -5,11 +5,14 @@
 //! is removed, an enable or disable turned back); the answer names the
 //! replica and says what each one has.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::admin::client;
+use crate::http::backend::Backend;
 
 /// What a palette request is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +77,19 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+impl Answer {
+    /// A refusal in words: the status and Node-RED's error `message` (or
+    /// the body as it is).
+    pub fn reason(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body).into_owned();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        format!("answered {}: {message}", self.status)
+    }
+}
+
 pub async fn send(addr: &str, req: &Request) -> Result<Answer, String> {
     let headers: Vec<(&str, &str)> = req
         .headers
@@ -113,6 +129,33 @@ pub fn undo(change: &Change, done: &Answer) -> Option<Request> {
             body: Bytes::from(serde_json::json!({ "enabled": !enabled }).to_string()),
         }),
         Change::Upgrade { .. } | Change::Remove { .. } => None,
+    }
+}
+
+/// Undoes `change` on the replicas that made it (`done`: each with its
+/// answer); what each one has now.
+pub async fn undo_all(change: &Change, done: &[(&Arc<Backend>, Answer)]) -> String {
+    let mut said = Vec::new();
+    for (d, answer) in done {
+        said.push(match undo(change, answer) {
+            Some(u) => match send(&d.addr, &u).await {
+                Ok(a) if ok(a.status) => format!("replica {} undone", d.label),
+                Ok(a) => format!(
+                    "replica {} could not undo it (answered {})",
+                    d.label, a.status
+                ),
+                Err(e) => format!("replica {} could not undo it ({e})", d.label),
+            },
+            None => format!(
+                "replica {} keeps the change (Node-RED cannot undo a removal or an upgrade)",
+                d.label
+            ),
+        });
+    }
+    if said.is_empty() {
+        "no replica changed".into()
+    } else {
+        said.join("; ")
     }
 }
 

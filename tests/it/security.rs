@@ -323,7 +323,8 @@ async fn admin_and_http_listeners_serve_https_and_mqtt_over_wss() {
          [mqtt.websocket]\nlisten = \"127.0.0.1:0\"\ntls = {{ {tls} }}\n\
          [[instance]]\nname = \"line1\"\nmatch = {{ client_id = \"line1-nodered\" }}\n\
          [instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [\"{replica_addr}\"]\n\
-         health_tcp_only = true\npublic_paths = [\"/\"]\ntls = {{ {tls} }}\n"
+         health_tcp_only = true\npublic_paths = [\"/\"]\ntls = {{ {tls} }}\n\
+         [instance.editor]\nlisten = \"127.0.0.1:0\"\nlogin = false\ntls = {{ {tls} }}\n"
     ))
     .await;
     let trust = certs.client("ca", None);
@@ -332,6 +333,14 @@ async fn admin_and_http_listeners_serve_https_and_mqtt_over_wss() {
         .contains("200"));
     let http = app.http_addrs[0].1;
     assert!(https_get(http, "/api", trust.clone()).await.contains("200"));
+    // the editor listener over HTTPS: flowgate's own answer and the editor replica's
+    let editor = app.editor_addrs[0].1;
+    assert!(https_get(editor, "/auth/login", trust.clone())
+        .await
+        .contains("200"));
+    assert!(https_get(editor, "/red/main.js", trust.clone())
+        .await
+        .contains("200"));
     // plain HTTP to a TLS listener gets nothing served
     let mut s = TcpStream::connect(app.admin_addr).await.expect("connect");
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
