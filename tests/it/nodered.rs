@@ -58,10 +58,12 @@ fn runtime(v5: bool) -> (PathBuf, PathBuf) {
         );
         paths
     } else {
-        (
-            PathBuf::from("node"),
-            root().join("tests/node/node_modules/node-red/red.js"),
-        )
+        let red = root().join("tests/node/node_modules/node-red/red.js");
+        assert!(
+            red.exists(),
+            "Node-RED is not installed: run `npm ci --prefix tests/node` (bash .ci/run does)"
+        );
+        (PathBuf::from("node"), red)
     }
 }
 
@@ -88,12 +90,23 @@ impl NodeRed {
         flows: &str,
         dashboard: bool,
     ) -> Self {
-        let red = root().join("tests/node/node_modules/node-red/red.js");
-        assert!(
-            red.exists(),
-            "Node-RED is not installed: run `npm ci --prefix tests/node` (bash .ci/run does)"
-        );
-        let dir = temp_dir(&format!("nodered-{name}"));
+        Self::launch(name, mqtt, port, flows, false, dashboard).await
+    }
+
+    /// A Node-RED 5.0 replica running `flows`.
+    async fn start_v5(name: &str, mqtt: SocketAddr, port: u16, flows: &str) -> Self {
+        Self::launch(name, mqtt, port, flows, true, false).await
+    }
+
+    async fn launch(
+        name: &str,
+        mqtt: SocketAddr,
+        port: u16,
+        flows: &str,
+        v5: bool,
+        dashboard: bool,
+    ) -> Self {
+        let dir = temp_dir(&format!("nodered{}-{name}", if v5 { "5" } else { "" }));
         std::fs::write(dir.join("flows.json"), flows).expect("flows written");
         if dashboard {
             let pkg = root().join("tests/node/node_modules/@flowfuse/node-red-dashboard");
@@ -112,23 +125,7 @@ impl NodeRed {
             dir,
             mqtt,
             child: None,
-            v5: false,
-        };
-        r.spawn().await;
-        r
-    }
-
-    /// A Node-RED 5.0 replica running `flows`.
-    async fn start_v5(name: &str, mqtt: SocketAddr, port: u16, flows: &str) -> Self {
-        let dir = temp_dir(&format!("nodered5-{name}"));
-        std::fs::write(dir.join("flows.json"), flows).expect("flows written");
-        let mut r = Self {
-            name: name.to_string(),
-            port,
-            dir,
-            mqtt,
-            child: None,
-            v5: true,
+            v5,
         };
         r.spawn().await;
         r

@@ -26,8 +26,9 @@ try {
   page.on("response", (r) => {
     if (r.status() >= 400) out.refused.push(`${out.step}: ${r.status()} ${r.request().method()} ${new URL(r.url()).pathname}`);
   });
-  await page.goto(url);
+  // the editor's reads before the login (401) come while the page loads
   out.step = "login";
+  await page.goto(url);
   await page.waitForSelector("#node-dialog-login-username", { timeout: 60000 });
   await page.fill("#node-dialog-login-username", user);
   await page.fill("#node-dialog-login-password", password);

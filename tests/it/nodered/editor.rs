@@ -481,14 +481,11 @@ async fn editor_page(v5: bool) {
     let app = App::start(Config::parse(&config, "test").expect("valid config"))
         .await
         .expect("flowgate starts");
-    let example = std::fs::read_to_string(root().join("deploy/examples/nodered-ha/flows.json"))
-        .expect("example flows");
+    let example = example_flows();
     let flows = format!("{},\n{TICKS}\n]", example.trim_end().trim_end_matches(']'));
     let mut reps = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        reps.push(
-            NodeRed::start_with(&format!("r{}", i + 1), app.mqtt_addr, *port, &flows, false).await,
-        );
+        reps.push(replica(v5, &format!("r{}", i + 1), app.mqtt_addr, *port, &flows).await);
     }
     replicas_connected(&app, 3).await;
     eventually("every HTTP replica is up", || async {
