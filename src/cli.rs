@@ -24,6 +24,10 @@ pub enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// The file is for flowgate inside Mosquitto (`flowgate-mosquitto`):
+        /// keys only the proxy uses are refused.
+        #[arg(long)]
+        plugin: bool,
     },
     /// Exit 0 when a running flowgate is ready (GET /readyz answers 200), 1 if not:
     /// a container health check with no curl.

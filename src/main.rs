@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
-        Command::Check { config } => check(&config),
+        Command::Check { config, plugin } => check(&config, plugin),
         Command::Run(args) => run(args),
         Command::Status(args) => status(args),
         Command::Deploy(args) => deploy(args),
@@ -355,8 +355,13 @@ fn loadtest(kind: LoadtestKind) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn check(path: &Path) -> ExitCode {
-    match Config::load(path) {
+fn check(path: &Path, plugin: bool) -> ExitCode {
+    let loaded = if plugin {
+        Config::load_plugin(path)
+    } else {
+        Config::load(path)
+    };
+    match loaded {
         Ok(config) => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS

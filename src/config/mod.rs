@@ -9,11 +9,13 @@
 mod editor;
 mod file;
 mod http;
+mod plugin;
 mod tls;
 mod types;
 
 pub use editor::EditorConfig;
 pub use http::{Balance, HttpConfig, RequestKey};
+pub use plugin::proxy_only_keys;
 pub use tls::{ClientAuth, TlsConfig, UpstreamTls};
 
 use std::fmt;

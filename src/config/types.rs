@@ -74,6 +74,9 @@ pub enum Upstream {
     /// A broker over plain TCP, `mqtt://host:port` (host may be a name), or
     /// over TLS, `mqtts://host:port`.
     Mqtt { host: String, port: u16, tls: bool },
+    /// The broker flowgate runs inside (the Mosquitto plugin); never parsed
+    /// from a file.
+    Host,
 }
 
 impl Upstream {
@@ -114,7 +117,7 @@ impl Upstream {
     /// `host:port` to connect to.
     pub fn authority(&self) -> Option<String> {
         match self {
-            Self::Embedded => None,
+            Self::Embedded | Self::Host => None,
             Self::Mqtt { host, port, .. } if host.contains(':') => Some(format!("[{host}]:{port}")),
             Self::Mqtt { host, port, .. } => Some(format!("{host}:{port}")),
         }
@@ -134,6 +137,7 @@ impl Upstream {
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.authority() {
+            None if *self == Self::Host => f.write_str("mosquitto-plugin"),
             None => f.write_str("embedded"),
             Some(a) if self.tls_host().is_some() => write!(f, "mqtts://{a}"),
             Some(a) => write!(f, "mqtt://{a}"),

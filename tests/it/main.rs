@@ -14,6 +14,7 @@ mod http_wire;
 mod loadtest;
 mod mqtt5;
 mod nodered;
+mod plugin;
 mod security;
 mod share_mode;
 mod standby;

@@ -26,8 +26,8 @@ enum Got {
 
 /// A v5 client whose event loop runs in a task and reports publishes and
 /// PUBACKs; connected once it returns.
-struct V5 {
-    client: AsyncClient,
+pub(crate) struct V5 {
+    pub(crate) client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Got>,
     task: tokio::task::JoinHandle<()>,
     /// The CONNACK's session present flag.
@@ -35,7 +35,7 @@ struct V5 {
 }
 
 impl V5 {
-    async fn connect(
+    pub(crate) async fn connect(
         addr: std::net::SocketAddr,
         id: &str,
         tune: impl FnOnce(&mut MqttOptions),
@@ -81,7 +81,7 @@ impl V5 {
         }
     }
 
-    async fn next_publish(&mut self) -> Publish {
+    pub(crate) async fn next_publish(&mut self) -> Publish {
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await {
                 Ok(Some(Got::Publish(p))) => return *p,
@@ -103,7 +103,7 @@ impl V5 {
 
     /// Subscribes and waits for the SUBACK (publishes before it are lost
     /// to the caller).
-    async fn subscribed(&mut self, filter: Filter) {
+    pub(crate) async fn subscribed(&mut self, filter: Filter) {
         self.subscribe(filter, None).await;
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.rx.recv()).await {
@@ -115,7 +115,7 @@ impl V5 {
     }
 
     /// Nothing published to it for `quiet`.
-    async fn nothing_for(&mut self, quiet: Duration) -> Option<Publish> {
+    pub(crate) async fn nothing_for(&mut self, quiet: Duration) -> Option<Publish> {
         let deadline = tokio::time::Instant::now() + quiet;
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {

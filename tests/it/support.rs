@@ -65,13 +65,18 @@ impl Mosquitto {
     /// A broker with `extra` lines in its config (`allow_anonymous false`,
     /// `password_file ...`).
     pub async fn start_with(extra: &str) -> Self {
+        let bin = std::env::var("FLOWGATE_MOSQUITTO").unwrap_or_else(|_| "mosquitto".into());
+        Self::start_bin(&bin, extra).await
+    }
+
+    /// The broker `bin` (Mosquitto 2.1.2 for the plugin tests) with `extra`.
+    pub async fn start_bin(bin: &str, extra: &str) -> Self {
         let anonymous = if extra.contains("allow_anonymous") {
             ""
         } else {
             "allow_anonymous true\n"
         };
         let dir = temp_dir("mosquitto");
-        let bin = std::env::var("FLOWGATE_MOSQUITTO").unwrap_or_else(|_| "mosquitto".into());
         for attempt in 0..5 {
             let port = free_port();
             let log = dir.join(format!("mosquitto-{attempt}.log"));
@@ -85,7 +90,7 @@ impl Mosquitto {
                 ),
             )
             .expect("mosquitto config can be written");
-            let mut child = Command::new(&bin)
+            let mut child = Command::new(bin)
                 .arg("-c")
                 .arg(&conf)
                 .stdout(Stdio::null())
@@ -113,6 +118,11 @@ impl Mosquitto {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The broker's process id (to send it a signal).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the broker (SIGKILL) and waits for it.
