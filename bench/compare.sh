@@ -31,6 +31,9 @@ RETAIN=${RETAIN:-}
 # (the default), and the bundled broker with and without its store beside
 # Mosquitto with persistence on:
 #   TARGETS="embedded embedded-durable direct mosquitto-persist" RETAIN=1 bash bench/compare.sh
+# and flowgate inside Mosquitto 2.1.2 (the plugin) beside the bare 2.1.2 broker
+# and the share-mode proxy in front of that broker:
+#   TARGETS="mosquitto21 plugin flowgate21" bash bench/compare.sh
 TARGETS=(${TARGETS:-direct flowgate dispatch dispatch-3.1.1 haproxy})
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -194,6 +197,42 @@ if wanted mosquitto-persist; then
     wait_port "$MOSQP_PORT" "$MOSQP_PID" mosquitto-persist
 fi
 
+# --- Mosquitto 2.1.2: bare, with the flowgate plugin, and behind the proxy ----
+MOSQ21_PID=$MOSQ_PID PLUGIN_PID=$MOSQ_PID FG21_PID=$MOSQ_PID
+if wanted mosquitto21 || wanted plugin || wanted flowgate21; then
+    MOSQ21_BIN=$(bash tests/mosquitto21/build.sh)
+    log "building the plugin (release)"
+    cargo build --release --quiet -p flowgate-mosquitto
+    MOSQ21_PORT=$(free_port)
+    sed -e "s/^listener $MOSQ_PORT /listener $MOSQ21_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto21.conf"
+    "$MOSQ21_BIN" -c "$WORK/mosquitto21.conf" 2>"$WORK/mosquitto21.log" &
+    MOSQ21_PID=$!
+    PIDS+=("$MOSQ21_PID")
+    wait_port "$MOSQ21_PORT" "$MOSQ21_PID" mosquitto21
+    # the same broker, the same settings, the plugin loaded: the load tool's
+    # subscribers connect as replicas of one instance (as through flowgate)
+    PLUGIN_PORT=$(free_port)
+    cat >"$WORK/plugin.toml" <<EOF2
+node_id = "benchp"
+[admin]
+listen = "127.0.0.1:$(free_port)"
+[[instance]]
+name = "bench"
+match = { client_id = "bench-replica" }
+EOF2
+    { sed -e "s/^listener $MOSQ_PORT /listener $PLUGIN_PORT /" "$WORK/mosquitto.conf"
+      echo "plugin $TARGET_DIR/release/libflowgate_mosquitto.so"
+      echo "plugin_opt_config $WORK/plugin.toml"; } >"$WORK/mosquitto21-plugin.conf"
+    "$MOSQ21_BIN" -c "$WORK/mosquitto21-plugin.conf" 2>"$WORK/mosquitto21-plugin.log" &
+    PLUGIN_PID=$!
+    PIDS+=("$PLUGIN_PID")
+    wait_port "$PLUGIN_PORT" "$PLUGIN_PID" mosquitto21-plugin
+    sed -e "s/127.0.0.1:$MOSQ_PORT/127.0.0.1:$MOSQ21_PORT/" -e 's/node_id = "bench"/node_id = "bench21"/' \
+        "$WORK/flowgate.toml" >"$WORK/flowgate21.toml"
+    start_flowgate share21 "$WORK/flowgate21.toml"
+    FG21_PID=$FG_STARTED_PID FG21_ADDR=$FG_STARTED_ADDR
+fi
+
 # --- HAProxy (TCP mode) ----------------------------------------------------
 HA_PORT=$(free_port)
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -236,6 +275,9 @@ run_one() { # TARGET QOS SIZE RATE ROUND
         embedded) addr=$EMB_ADDR; proxy_cpu=(--cpu "proxy=$EMB_PID"); mosq_pid=$EMB_PID ;;
         embedded-durable) addr=$EMBD_ADDR; proxy_cpu=(--cpu "proxy=$EMBD_PID"); mosq_pid=$EMBD_PID ;;
         mosquitto-persist) addr=127.0.0.1:$MOSQP_PORT; extra=(--share --sub-id-unique); mosq_pid=$MOSQP_PID ;;
+        mosquitto21) addr=127.0.0.1:$MOSQ21_PORT; extra=(--share --sub-id-unique); mosq_pid=$MOSQ21_PID ;;
+        plugin) addr=127.0.0.1:$PLUGIN_PORT; mosq_pid=$PLUGIN_PID ;;
+        flowgate21) addr=$FG21_ADDR; proxy_cpu=(--cpu "proxy=$FG21_PID"); mosq_pid=$MOSQ21_PID ;;
     esac
     [[ -n $RETAIN ]] && extra+=(--retain)
     local line
@@ -248,7 +290,7 @@ run_one() { # TARGET QOS SIZE RATE ROUND
         line="{\"target_label\":\"$target\",\"qos\":$qos,\"size\":$size,\"rate_target\":$rate,\"failed\":true}"
     fi
     for pid in "$MOSQ_PID" "$MOSQ2_PID" "$MOSQ3_PID" "$FG_PID" "$FGD_PID" "$FGD3_PID" "$HA_PID" \
-        "$EMB_PID" "$EMBD_PID" "$MOSQP_PID"; do
+        "$EMB_PID" "$EMBD_PID" "$MOSQP_PID" "$MOSQ21_PID" "$PLUGIN_PID" "$FG21_PID"; do
         kill -0 "$pid" 2>/dev/null || { log "process $pid died (see $WORK)"; exit 1; }
     done
     line=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$line" "$round")
@@ -293,14 +335,18 @@ print(f"MQTT {runs[0].get('protocol', '3.1.1')} clients. Saturation (`--rate 0`)
       f"{duration} s per run (1 s warm-up), median of {rounds} alternating rounds; "
       f"latency at a fixed {int(rate):,} msg/s. Lost = sent - received after drain, summed over all runs of that row.\n")
 print("target flowgate = share mode; dispatch = flowgate in dispatch mode (MQTT 5 upstream session; a second process, its own broker); dispatch-3.1.1 = the same with `upstream_protocol = \"3.1.1\"` (a third).\n")
+if any(r["target_label"] in ("mosquitto21", "plugin", "flowgate21") for r in runs):
+    print("mosquitto21 = Mosquitto 2.1.2 built from ../shared/vendor (clients share with `$share/` themselves, as direct); plugin = the same broker with flowgate inside it (`flowgate-mosquitto`, release build), the load tool's subscribers connecting as replicas of one instance; flowgate21 = the share-mode proxy in front of mosquitto21; `vs off` here = against mosquitto21.\n")
 if any(r["target_label"].startswith(("embedded", "mosquitto-")) for r in runs):
     print("embedded = flowgate in dispatch mode on its bundled broker, `data_dir = \"\"` (keeps nothing); embedded-durable = the same with its store on (a process of its own); mosquitto-persist = Mosquitto with `persistence true` (default autosave); `vs off` = embedded-durable / embedded, mosquitto-persist / direct." + (" Every publish retained (`RETAIN=1`)." if any(r.get("retain") for r in runs) else "") + "\n")
 print("| QoS | size | target | msgs/s (sat) | vs direct | vs haproxy | vs off | p50 µs @rate | p99 µs @rate | lost (sat / rate) | CPU % tool / mosquitto / proxy (sat) |")
 print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-OFF = {"embedded-durable": "embedded", "mosquitto-persist": "direct"}
+OFF = {"embedded-durable": "embedded", "mosquitto-persist": "direct", "plugin": "mosquitto21",
+       "flowgate21": "mosquitto21"}
 for qos, size in cases:
     targets = [t for t in ("direct", "flowgate", "dispatch", "dispatch-3.1.1", "haproxy", "embedded",
-                           "embedded-durable", "mosquitto-persist") if pick(qos, size, 0, t)]
+                           "embedded-durable", "mosquitto-persist", "mosquitto21", "plugin", "flowgate21")
+               if pick(qos, size, 0, t)]
     sat = {t: med(pick(qos, size, 0, t), "msgs_per_s") for t in targets}
     for t in targets:
         s, fixed = pick(qos, size, 0, t), pick(qos, size, int(rate), t)
