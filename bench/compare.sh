@@ -211,6 +211,8 @@ if wanted mosquitto21 || wanted plugin || wanted flowgate21; then
     wait_port "$MOSQ21_PORT" "$MOSQ21_PID" mosquitto21
     # the same broker, the same settings, the plugin loaded: the load tool's
     # subscribers connect as replicas of one instance (as through flowgate)
+    # Mosquitto started as root runs as user mosquitto: it must read the TOML
+    chmod a+rx "$WORK"
     PLUGIN_PORT=$(free_port)
     cat >"$WORK/plugin.toml" <<EOF2
 node_id = "benchp"

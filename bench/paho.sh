@@ -6,6 +6,8 @@
 #
 #   bash bench/paho.sh                 # MODE=dispatch (default) or share
 #   MODE=share bash bench/paho.sh
+#   MODE=plugin bash bench/paho.sh     # flowgate inside Mosquitto 2.1.2 (the plugin)
+#   MOSQUITTO=path/to/mosquitto bash bench/paho.sh   # another broker (MODE=plugin: 2.1.2)
 #   ONLY=test_subscribe_options bash bench/paho.sh   # tests whose name matches
 #
 # Every test gets fresh processes: a broker for the direct run, and a broker
@@ -22,14 +24,21 @@ TIMEOUT=${TIMEOUT:-60}
 SUITE=${SUITE:-../shared/vendor/paho.mqtt.testing-9d7bb80.tar.gz}
 [ -f "$SUITE" ] || { echo "no suite at $SUITE"; exit 1; }
 cargo build --release --quiet
+if [ "$MODE" = plugin ]; then
+  MOSQUITTO=${MOSQUITTO:-$(bash tests/mosquitto21/build.sh)}
+  cargo build --release --quiet -p flowgate-mosquitto
+fi
+MOSQUITTO=${MOSQUITTO:-mosquitto}
 work=$(mktemp -d)
+# Mosquitto started as root runs as user mosquitto: it reads the plugin TOML here
+chmod a+rx "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 tar xzf "$SUITE" -C "$work"
 dir=$(find "$work" -type d -name interoperability | head -1)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-broker() { # port
+broker() { # port [extra config lines]
   cat > "$work/mosquitto-$1.conf" <<CONF
 listener $1 127.0.0.1
 allow_anonymous true
@@ -37,14 +46,22 @@ persistence false
 set_tcp_nodelay true
 max_queued_messages 100000
 ${MOSQUITTO_LOG:+log_type all}
+${2:-}
 CONF
-  mosquitto -c "$work/mosquitto-$1.conf" >/dev/null 2>"$work/mosquitto-$1.log" & pids+=($!)
+  "$MOSQUITTO" -c "$work/mosquitto-$1.conf" >/dev/null 2>"$work/mosquitto-$1.log" & pids+=($!)
   for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done
   echo "mosquitto on $1 did not start"; exit 1
 }
 stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
 start_target() { # direct|flowgate -> sets P, the port to test against
   local up; up=$(port)
+  if [ "$1" = flowgate ] && [ "$MODE" = plugin ]; then
+    printf 'node_id = "paho"\n[admin]\nlisten = "127.0.0.1:%s"\n[[instance]]\nname = "paho"\nmatch = { client_id = "%s" }\n' \
+      "$(port)" "$REPLICA" > "$work/plugin.toml"
+    broker "$up" "plugin $PWD/target/release/libflowgate_mosquitto.so
+plugin_opt_config $work/plugin.toml"
+    P=$up; return
+  fi
   broker "$up"
   if [ "$1" = direct ]; then P=$up; return; fi
   cat > "$work/flowgate.toml" <<CONF
@@ -69,7 +86,7 @@ CONF
 mkdir -p bench/results
 out="bench/results/paho-$MODE-$(date +%Y%m%d-%H%M).md"
 {
-  echo "Eclipse Paho interoperability suite (9d7bb80), Mosquitto $(mosquitto -h 2>/dev/null | head -1 | sed 's/.*version //;s/ .*//'),"
+  echo "Eclipse Paho interoperability suite (9d7bb80), Mosquitto $("$MOSQUITTO" -h 2>/dev/null | head -1 | sed 's/.*version //;s/ .*//'),"
   echo "flowgate $MODE mode with client id \`$REPLICA\` a replica; each test alone against fresh processes, ${TIMEOUT} s at most."
   echo
   echo "| suite | test | direct | flowgate |"
