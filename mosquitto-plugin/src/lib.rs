@@ -331,17 +331,16 @@ unsafe extern "C" fn on_message(event: c_int, data: *mut c_void, userdata: *mut 
         if let (Some(p), Some(ev)) = (unsafe { state(userdata) }, unsafe {
             data.cast::<EvtMessage>().as_ref()
         }) {
-            let topic = if ev.topic.is_null() {
-                0
-            } else {
-                // SAFETY: NUL-terminated, owned by Mosquitto.
-                unsafe { CStr::from_ptr(ev.topic) }.to_bytes().len()
+            let bytes = || {
+                let topic = if ev.topic.is_null() {
+                    0
+                } else {
+                    // SAFETY: NUL-terminated, owned by Mosquitto.
+                    unsafe { CStr::from_ptr(ev.topic) }.to_bytes().len()
+                };
+                topic + ev.payloadlen as usize
             };
-            p.on_message(
-                ev.client as usize,
-                event == MOSQ_EVT_MESSAGE_IN,
-                topic + ev.payloadlen as usize,
-            );
+            p.on_message(ev.client as usize, event == MOSQ_EVT_MESSAGE_IN, bytes);
         }
         MOSQ_ERR_SUCCESS
     })

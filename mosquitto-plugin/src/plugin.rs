@@ -20,6 +20,7 @@
 //! replaces what an old one left.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -35,6 +36,36 @@ use tokio_util::sync::CancellationToken;
 
 /// A client's identity inside the broker: its `struct mosquitto` address.
 pub type ClientKey = usize;
+
+/// The table of replicas by client address, looked up for every message in
+/// and out: addresses need no SipHash (they are not chosen by a client), a
+/// multiply-shift spreads them.
+type Clients = HashMap<ClientKey, Replica, BuildHasherDefault<AddressHasher>>;
+
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(26);
+    }
+}
 
 /// What the basic-auth event does with a CONNECT.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,7 +93,7 @@ pub struct Plugin {
     config: Mutex<Arc<Config>>,
     instances: Arc<Instances>,
     metrics: Arc<Metrics>,
-    clients: Mutex<HashMap<ClientKey, Replica>>,
+    clients: Mutex<Clients>,
     admin: Option<AdminThread>,
 }
 
@@ -106,7 +137,7 @@ impl Plugin {
             config: Mutex::new(config),
             instances,
             metrics,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Clients::default()),
             admin,
         })
     }
@@ -232,13 +263,15 @@ impl Plugin {
         .flatten()
     }
 
-    /// A PUBLISH a replica sent (`from`) or the broker sends one (`!from`).
-    pub fn on_message(&self, client: ClientKey, from: bool, bytes: usize) {
+    /// A PUBLISH a replica sent (`from`) or the broker sends one (`!from`);
+    /// `bytes` (topic and payload) is asked for replicas only.
+    pub fn on_message(&self, client: ClientKey, from: bool, bytes: impl FnOnce() -> usize) {
         let clients = lock(&self.clients);
         let Some(r) = clients.get(&client) else {
             return;
         };
         let c = &r.guard.counters;
+        let bytes = bytes();
         if from {
             c.messages_from.inc();
             c.bytes_from.inc_by(bytes as u64);
@@ -456,10 +489,10 @@ mod tests {
         let (p, _dir) = plugin(CONFIG);
         replica(&p, 1);
         p.on_connect(1);
-        p.on_message(1, true, 10);
-        p.on_message(1, false, 5);
-        p.on_message(1, false, 5);
-        p.on_message(7, false, 5);
+        p.on_message(1, true, || 10);
+        p.on_message(1, false, || 5);
+        p.on_message(1, false, || 5);
+        p.on_message(7, false, || 5);
         let view = &p.instances().views()[0];
         assert_eq!(view.replicas_connected, 1);
         let r = &view.replicas[0];
