@@ -34,6 +34,10 @@ RETAIN=${RETAIN:-}
 # and flowgate inside Mosquitto 2.1.2 (the plugin) beside the bare 2.1.2 broker
 # and the share-mode proxy in front of that broker:
 #   TARGETS="mosquitto21 plugin flowgate21" bash bench/compare.sh
+# PIN=1 runs those two brokers on CPU 0 and the load tool on CPU 1 (on 2 cores
+# the scheduler's placement otherwise moves saturation figures by +-20%):
+#   PIN=1 TARGETS="mosquitto21 plugin" bash bench/compare.sh
+PIN=${PIN:-}
 TARGETS=(${TARGETS:-direct flowgate dispatch dispatch-3.1.1 haproxy})
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -205,7 +209,8 @@ if wanted mosquitto21 || wanted plugin || wanted flowgate21; then
     cargo build --release --quiet -p flowgate-mosquitto
     MOSQ21_PORT=$(free_port)
     sed -e "s/^listener $MOSQ_PORT /listener $MOSQ21_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto21.conf"
-    "$MOSQ21_BIN" -c "$WORK/mosquitto21.conf" 2>"$WORK/mosquitto21.log" &
+    pin_broker=(); [[ -n $PIN ]] && pin_broker=(taskset -c 0)
+    "${pin_broker[@]}" "$MOSQ21_BIN" -c "$WORK/mosquitto21.conf" 2>"$WORK/mosquitto21.log" &
     MOSQ21_PID=$!
     PIDS+=("$MOSQ21_PID")
     wait_port "$MOSQ21_PORT" "$MOSQ21_PID" mosquitto21
@@ -225,7 +230,7 @@ EOF2
     { sed -e "s/^listener $MOSQ_PORT /listener $PLUGIN_PORT /" "$WORK/mosquitto.conf"
       echo "plugin $TARGET_DIR/release/libflowgate_mosquitto.so"
       echo "plugin_opt_config $WORK/plugin.toml"; } >"$WORK/mosquitto21-plugin.conf"
-    "$MOSQ21_BIN" -c "$WORK/mosquitto21-plugin.conf" 2>"$WORK/mosquitto21-plugin.log" &
+    "${pin_broker[@]}" "$MOSQ21_BIN" -c "$WORK/mosquitto21-plugin.conf" 2>"$WORK/mosquitto21-plugin.log" &
     PLUGIN_PID=$!
     PIDS+=("$PLUGIN_PID")
     wait_port "$PLUGIN_PORT" "$PLUGIN_PID" mosquitto21-plugin
@@ -283,7 +288,8 @@ run_one() { # TARGET QOS SIZE RATE ROUND
     esac
     [[ -n $RETAIN ]] && extra+=(--retain)
     local line
-    if ! line=$("$BENCH_BIN" --target "$addr" --label "$target" --qos "$qos" --size "$size" \
+    local pin_tool=(); [[ -n $PIN ]] && pin_tool=(taskset -c 1)
+    if ! line=$("${pin_tool[@]}" "$BENCH_BIN" --target "$addr" --label "$target" --qos "$qos" --size "$size" \
         --rate "$rate" --duration "$DURATION" --subscribers "$SUBSCRIBERS" \
         --publishers "$PUBLISHERS" "${extra[@]}" --cpu "mosquitto=$mosq_pid" "${proxy_cpu[@]}" \
         $([[ $CLIENTS == 5 ]] && echo --v5) \
@@ -315,9 +321,9 @@ for qos in $QOSES; do
 done
 
 # --- report ------------------------------------------------------------------
-python3 - "$JSONL" "$ROUNDS" "$DURATION" "$RATE" "$SUBSCRIBERS" "$PUBLISHERS" >"$MD" <<'EOF'
+python3 - "$JSONL" "$ROUNDS" "$DURATION" "$RATE" "$SUBSCRIBERS" "$PUBLISHERS" "$PIN" >"$MD" <<'EOF'
 import json, statistics, sys
-path, rounds, duration, rate, subs, pubs = sys.argv[1:]
+path, rounds, duration, rate, subs, pubs, pinned = sys.argv[1:]
 runs = [json.loads(l) for l in open(path)]
 def pick(qos, size, rate_target, target):
     return [r for r in runs if r["qos"] == qos and r["size"] == size
@@ -338,7 +344,7 @@ print(f"MQTT {runs[0].get('protocol', '3.1.1')} clients. Saturation (`--rate 0`)
       f"latency at a fixed {int(rate):,} msg/s. Lost = sent - received after drain, summed over all runs of that row.\n")
 print("target flowgate = share mode; dispatch = flowgate in dispatch mode (MQTT 5 upstream session; a second process, its own broker); dispatch-3.1.1 = the same with `upstream_protocol = \"3.1.1\"` (a third).\n")
 if any(r["target_label"] in ("mosquitto21", "plugin", "flowgate21") for r in runs):
-    print("mosquitto21 = Mosquitto 2.1.2 built from ../shared/vendor (clients share with `$share/` themselves, as direct); plugin = the same broker with flowgate inside it (`flowgate-mosquitto`, release build), the load tool's subscribers connecting as replicas of one instance; flowgate21 = the share-mode proxy in front of mosquitto21; `vs off` here = against mosquitto21.\n")
+    print(("Brokers on CPU 0, the load tool on CPU 1 (`PIN=1`). " if pinned else "") + "mosquitto21 = Mosquitto 2.1.2 built from ../shared/vendor (clients share with `$share/` themselves, as direct); plugin = the same broker with flowgate inside it (`flowgate-mosquitto`, release build), the load tool's subscribers connecting as replicas of one instance; flowgate21 = the share-mode proxy in front of mosquitto21; `vs off` here = against mosquitto21.\n")
 if any(r["target_label"].startswith(("embedded", "mosquitto-")) for r in runs):
     print("embedded = flowgate in dispatch mode on its bundled broker, `data_dir = \"\"` (keeps nothing); embedded-durable = the same with its store on (a process of its own); mosquitto-persist = Mosquitto with `persistence true` (default autosave); `vs off` = embedded-durable / embedded, mosquitto-persist / direct." + (" Every publish retained (`RETAIN=1`)." if any(r.get("retain") for r in runs) else "") + "\n")
 print("| QoS | size | target | msgs/s (sat) | vs direct | vs haproxy | vs off | p50 µs @rate | p99 µs @rate | lost (sat / rate) | CPU % tool / mosquitto / proxy (sat) |")

@@ -47,6 +47,40 @@ fn check_lists_every_problem_and_exits_64() {
 }
 
 #[test]
+fn check_plugin_refuses_what_only_the_proxy_uses() {
+    let dir = temp_dir("check-plugin");
+    let path = dir.join("plugin.toml");
+    let run = |text: &str| {
+        std::fs::write(&path, text).expect("write config");
+        Command::new(BIN)
+            .args(["check", "--plugin", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run")
+    };
+    let instance = "[[instance]]\nname = \"line1\"\nmatch = { client_id = \"nr\" }\n";
+    let out = run(&format!(
+        "[mqtt]\nmode = \"share\"\n{instance}strategy = \"round-robin\"\n"
+    ));
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "mqtt: only the flowgate proxy",
+        "instance[0].strategy: only",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+    let out = run(&format!("node_id = \"b1\"\n{instance}"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("upstream = \"mosquitto-plugin\""));
+}
+
+#[test]
 fn check_prints_the_resolved_config() {
     let dir = temp_dir("check-ok");
     let path = dir.join("ok.toml");
