@@ -390,3 +390,39 @@ async fn a_plugin_broker_and_a_share_mode_proxy_serve_one_instance_together() {
         "{api}"
     );
 }
+
+#[tokio::test]
+async fn a_replicas_unsubscribe_leaves_the_share_group() {
+    let pb = plugin_broker("b1", INSTANCE).await;
+    let addr = pb.broker.addr;
+    let mut a = Client3::connect(addr, "nr", true);
+    let mut b = Sub::connect(addr, "nr", false).await;
+    a.subscribe("jobs/#", QoS::AtLeastOnce).await;
+    b.subscribe("jobs/#").await;
+    // replica a leaves the group (its UNSUBSCRIBE rewritten as its SUBSCRIBE
+    // was); b gets every job from then on
+    a.client
+        .unsubscribe("jobs/#")
+        .await
+        .expect("unsubscribe is queued");
+    eventually("the plugin broker logs the unsubscribe", || async {
+        pb.broker
+            .log_text()
+            .contains("Received UNSUBSCRIBE from nr-b1-0")
+    })
+    .await;
+    const N: usize = 200;
+    publish_numbered(addr, "jobs", N).await;
+    let mut subs = [b];
+    let got = deliveries(&mut subs, N).await;
+    exactly_once_and_fair(&got, N, 1.0);
+    let mut stray = Vec::new();
+    Sub::V3(a)
+        .collect(&mut stray, Duration::from_millis(300))
+        .await;
+    assert!(
+        stray.is_empty(),
+        "the replica that left got {} jobs",
+        stray.len()
+    );
+}
