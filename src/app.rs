@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::auth::PasswordFile;
 use crate::mqtt::dispatch::strategy::Strategy;
 use crate::mqtt::dispatch::upstream::{Login, UpstreamSession};
-use crate::mqtt::dispatch::{DispatchSettings, Dispatcher, Handle};
+use crate::mqtt::dispatch::{DispatchSettings, Dispatcher, Driver, Handle};
 use crate::mqtt::proxy::{self, ProxyContext, Transport};
 use crate::mqtt::replicas::Instances;
 use crate::tie::Tie;
@@ -555,7 +555,8 @@ fn start_dispatcher(
         retain_options: config.mqtt.upstream != Upstream::Embedded,
         complete: inst.complete.clone(),
     };
-    let dispatcher = Dispatcher::new(settings, up_cmd_tx, metrics.clone());
-    tracker.spawn(dispatcher.run(replica_rx, up_ev_rx, shutdown.clone()));
+    let dispatcher = Dispatcher::new(settings, metrics.clone(), std::time::Instant::now());
+    let driver = Driver::new(dispatcher, up_cmd_tx, metrics.clone());
+    tracker.spawn(driver.run(replica_rx, up_ev_rx, shutdown.clone()));
     Handle { tx: replica_tx }
 }

@@ -2,11 +2,12 @@
 //! each message from the instance's one upstream session to exactly one
 //! replica.
 //!
-//! One [`Dispatcher`] task per instance owns all the state (no locks): the
+//! One [`Dispatcher`] per instance owns all the state (no locks): the
 //! replicas with their filters and unacknowledged messages, the queue of
-//! messages waiting for a replica, and the upstream session's packet ids. The
-//! replica sessions ([`session`]) and the upstream session ([`upstream`]) only
-//! move packets and report to it over channels.
+//! messages waiting for a replica, and the upstream session's packet ids. It
+//! does no I/O: its [`Driver`] task feeds it events and does what it decides.
+//! The replica sessions ([`session`]) and the upstream session ([`upstream`])
+//! only move packets and report to the driver over channels.
 //!
 //! Guarantees: a QoS 1/2 message is acknowledged upstream only after a replica
 //! acknowledged it; a replica that disconnects, or leaves a message
@@ -21,9 +22,11 @@
 
 pub mod complete;
 mod core;
+mod driver;
 pub mod session;
 pub mod strategy;
 pub mod upstream;
 pub mod wire;
 
-pub use self::core::{DispatchSettings, Dispatcher, Handle, ReplicaEvent};
+pub use self::core::{DispatchSettings, Dispatcher};
+pub use self::driver::{Driver, Handle, ReplicaEvent};

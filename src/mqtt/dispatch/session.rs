@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use rumqttc::v5::mqttbytes::v5;
 
-use super::core::{Handle, ReplicaEvent, ReplicaLimits};
+use super::core::ReplicaLimits;
+use super::driver::{Handle, ReplicaEvent};
 use super::wire::{self, Incoming, Message, Outgoing, Will};
 use crate::mqtt::codec::{check_flags, check_header, Connect, Protocol};
 use crate::mqtt::error::ConnError;

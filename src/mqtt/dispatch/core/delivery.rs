@@ -16,11 +16,7 @@ impl Dispatcher {
             let Some(granted) = r.granted(&queued.msg.topic) else {
                 return Err(queued);
             };
-            // the dispatcher is the only sender: room now is room for the send
-            if r.tx.capacity() == 0 || r.tx.is_closed() {
-                return Err(queued);
-            }
-            let props = for_replica(r, &queued);
+            let props = for_replica(r, &queued, self.now);
             let too_large = match (&props, r.limits.max_packet) {
                 (Some(p), Some(max)) => publish_len(&queued.msg, p.as_deref()) > max as usize,
                 _ => false,
@@ -55,12 +51,15 @@ impl Dispatcher {
             msg.retain = retain;
             msg.properties = props;
             tracing::trace!(slot, topic = %msg.topic, "delivered");
-            let _ = r.tx.try_send(Outgoing::Publish {
-                msg,
-                pkid: 0,
-                dup: false,
-            });
             r.counters.messages_to.inc();
+            self.actions.push(Action::ToReplica(
+                slot,
+                Outgoing::Publish {
+                    msg,
+                    pkid: 0,
+                    dup: false,
+                },
+            ));
             self.ack_upstream(origin);
             return Ok(());
         }
@@ -73,16 +72,14 @@ impl Dispatcher {
             properties: props,
         };
         let pkid = r.alloc_pkid();
-        if r.tx
-            .try_send(Outgoing::Publish {
+        self.actions.push(Action::ToReplica(
+            slot,
+            Outgoing::Publish {
                 msg,
                 pkid,
                 dup: false,
-            })
-            .is_err()
-        {
-            return Err(queued);
-        }
+            },
+        ));
         r.counters.messages_to.inc();
         tracing::trace!(slot, pkid, topic = %queued.msg.topic, "delivered");
         // completion acknowledgement: a job from the broker is done when its
@@ -102,7 +99,7 @@ impl Dispatcher {
             pkid,
             Inflight {
                 queued,
-                sent: Instant::now(),
+                sent: self.now,
                 key,
                 acked: false,
             },
@@ -235,7 +232,7 @@ impl Dispatcher {
 
     pub(super) fn on_tick(&mut self) {
         let timeout = self.cfg.ack_timeout;
-        let now = Instant::now();
+        let now = self.now;
         if self.will_due.is_some_and(|due| now >= due) {
             self.will_due = None;
             self.publish_will();
@@ -328,6 +325,7 @@ impl Dispatcher {
 fn for_replica(
     r: &Replica,
     queued: &Queued,
+    now: Instant,
 ) -> Option<Option<Box<rumqttc::v5::mqttbytes::v5::PublishProperties>>> {
     let expiry = queued
         .msg
@@ -336,7 +334,7 @@ fn for_replica(
         .and_then(|p| p.message_expiry_interval);
     let left = match expiry {
         Some(expiry) => {
-            let waited = queued.arrived.elapsed().as_secs();
+            let waited = now.saturating_duration_since(queued.arrived).as_secs();
             if waited >= u64::from(expiry) {
                 return None;
             }

@@ -1,7 +1,14 @@
-//! The dispatcher task of one instance: all dispatch state and decisions.
-//! The state and the event loop are here; the handlers are split by side:
-//! `replica_side` (what replicas send), `upstream_side` (what the broker
-//! sends), `delivery` (handing queued messages to replicas, ack timeouts).
+//! The dispatcher of one instance: all dispatch state and decisions, and no
+//! I/O. [`Dispatcher::handle`] takes one [`Event`] (from a replica, the
+//! upstream session, a retained fetch, the clock) with the time it happened
+//! and returns the [`Action`]s it decided, in order; the driver
+//! (`super::driver`) owns the channels and tasks and does them. No tokio, no
+//! channel, no clock read in here: every promise is testable by feeding
+//! events (`tests.rs`).
+//!
+//! The state is here; the handlers are split by side: `replica_side` (what
+//! replicas send), `upstream_side` (what the broker sends), `delivery`
+//! (handing queued messages to replicas, ack timeouts).
 
 mod delivery;
 mod replica_side;
@@ -15,18 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::strategy::{self, Candidate, Strategy};
 use super::upstream::{RetainedFetch, UpCmd, UpEvent};
 use super::wire::{AckProps, Incoming, Message, Outgoing, SubRequest, Will};
 use crate::metrics::{Metrics, ReplicaCounters};
 use crate::mqtt::topic::TopicFilter;
-
-/// Upstream commands waiting beyond the channel at which replicas' events
-/// are no longer read (the broker's still are).
-const BACKLOG_PAUSE: usize = 4096;
 
 /// Per-instance dispatch settings, from the config.
 #[derive(Debug, Clone)]
@@ -68,28 +69,54 @@ pub struct DispatchSettings {
     pub complete: Option<crate::config::Complete>,
 }
 
-/// What replica sessions tell the dispatcher.
-pub enum ReplicaEvent {
+/// What the dispatcher is told.
+pub enum Event {
+    /// A replica's session started (its CONNECT was accepted).
     Joined {
         slot: u16,
         /// Where the replica's connection comes from.
         host: std::net::IpAddr,
-        tx: mpsc::Sender<Outgoing>,
         will: Option<Will>,
         counters: Arc<ReplicaCounters>,
         limits: ReplicaLimits,
-        /// Answered with "session present" before the replica's CONNACK.
-        present: Option<tokio::sync::oneshot::Sender<bool>>,
     },
+    /// A replica's session ended.
     Left {
         slot: u16,
         clean: bool,
         /// MQTT 5: the session expiry interval its DISCONNECT set.
         expiry: Option<u32>,
     },
-    Packet {
+    /// A packet from a replica.
+    Packet { slot: u16, packet: Incoming },
+    /// The upstream session: up, down, packets from the broker.
+    Upstream(UpEvent),
+    /// Retained messages a side session fetched for one join of a replica
+    /// (asked by [`Action::Fetch`]).
+    Fetched {
         slot: u16,
-        packet: Incoming,
+        generation: u64,
+        messages: Vec<Message>,
+    },
+    /// Time passed: ack deadlines, the will delay, jobs overdue.
+    Tick,
+}
+
+/// What the dispatcher decided; the driver does each, in order.
+pub enum Action {
+    /// A packet for a replica's session.
+    ToReplica(u16, Outgoing),
+    /// Whether the slot's earlier session is resumed (the replica's CONNACK
+    /// says "session present").
+    Present(u16, bool),
+    /// A command for the upstream session: never dropped, sent in order.
+    Up(UpCmd),
+    /// Fetch retained messages for one join of a replica on a side session;
+    /// the answer is [`Event::Fetched`] with the same slot and generation.
+    Fetch {
+        slot: u16,
+        generation: u64,
+        fetch: RetainedFetch,
     },
 }
 
@@ -107,12 +134,6 @@ pub struct ReplicaLimits {
     /// How long its session (subscriptions) outlives the connection: 3.x
     /// clean session off keeps it, MQTT 5 for its session expiry interval.
     pub keep: Option<Duration>,
-}
-
-/// The replica sessions' way to the dispatcher.
-#[derive(Clone)]
-pub struct Handle {
-    pub tx: mpsc::Sender<ReplicaEvent>,
 }
 
 /// Where a message delivered to a replica came from, so its ack can go on.
@@ -168,7 +189,6 @@ struct Inflight {
 }
 
 struct Replica {
-    tx: mpsc::Sender<Outgoing>,
     subs: Vec<Sub>,
     /// At most this many unacknowledged (max_inflight, or less when the
     /// replica's receive maximum is lower).
@@ -215,7 +235,7 @@ impl Replica {
 
     /// Room for one more unacknowledged message?
     fn has_room(&self) -> bool {
-        !self.stalled && self.inflight.len() < self.window && self.tx.capacity() > 0
+        !self.stalled && self.inflight.len() < self.window
     }
 
     fn alloc_pkid(&mut self) -> u16 {
@@ -248,13 +268,6 @@ struct PendingAck {
     ready: bool,
 }
 
-/// Retained messages a side session fetched for one join of a replica.
-struct Fetched {
-    slot: u16,
-    generation: u64,
-    messages: Vec<Message>,
-}
-
 /// A replica's SUBACK waiting for the broker's.
 struct SubAckLater {
     slot: u16,
@@ -273,7 +286,6 @@ pub struct Dispatcher {
     replicas: BTreeMap<u16, Replica>,
     queue: VecDeque<Queued>,
     turn: usize,
-    up: mpsc::Sender<UpCmd>,
     upstream_up: bool,
     /// Filters subscribed upstream, with the QoS asked.
     filters: BTreeMap<String, u8>,
@@ -319,15 +331,14 @@ pub struct Dispatcher {
     active: Option<u16>,
     lost: Option<standby::Lost>,
     joins: u64,
-    /// Commands for the upstream session waiting for room in its channel.
-    backlog: VecDeque<UpCmd>,
-    /// Where retained fetches report (the receiver is taken by `run`).
-    fetched: mpsc::UnboundedSender<Fetched>,
-    fetched_rx: Option<mpsc::UnboundedReceiver<Fetched>>,
+    /// When the event being handled happened.
+    now: Instant,
+    /// What the event being handled decided.
+    actions: Vec<Action>,
 }
 
 impl Dispatcher {
-    pub fn new(cfg: DispatchSettings, up: mpsc::Sender<UpCmd>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: DispatchSettings, metrics: Arc<Metrics>, now: Instant) -> Self {
         let queued_gauge = metrics
             .dispatch_queued
             .with_label_values(&[cfg.instance.as_str()]);
@@ -339,13 +350,11 @@ impl Dispatcher {
         let unmatched = metrics.dispatch_unmatched.with_label_values(&instance);
         let in_progress = metrics.dispatch_in_progress.with_label_values(&instance);
         let oldest_job = metrics.dispatch_oldest_job.with_label_values(&instance);
-        let (fetched, fetched_rx) = mpsc::unbounded_channel();
         Self {
             cfg,
             replicas: BTreeMap::new(),
             queue: VecDeque::new(),
             turn: 0,
-            up,
             upstream_up: false,
             filters: BTreeMap::new(),
             no_local: HashSet::new(),
@@ -373,92 +382,60 @@ impl Dispatcher {
             active: None,
             lost: None,
             joins: 0,
-            backlog: VecDeque::new(),
-            fetched,
-            fetched_rx: Some(fetched_rx),
+            now,
+            actions: Vec::new(),
         }
     }
 
-    /// Runs until `shutdown` or until every sender is gone.
-    pub async fn run(
-        mut self,
-        mut replica_rx: mpsc::Receiver<ReplicaEvent>,
-        mut up_rx: mpsc::Receiver<UpEvent>,
-        shutdown: CancellationToken,
-    ) {
-        // fine enough that a missed ack deadline is seen within 50 ms
-        let mut tick = tokio::time::interval(
-            (self.cfg.ack_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(50)),
-        );
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let Some(mut fetched_rx) = self.fetched_rx.take() else {
-            return;
-        };
-        let up = self.up.clone();
-        loop {
-            let room = self.queue.len() < self.cfg.queue_limit;
-            // the upstream session is behind: replicas wait (their sessions
-            // stop reading), the broker's events go on (its acks free room)
-            let replicas_wait = self.backlog.len() >= BACKLOG_PAUSE;
-            tokio::select! {
-                permit = up.reserve(), if !self.backlog.is_empty() => {
-                    if let (Ok(permit), Some(cmd)) = (permit, self.backlog.pop_front()) {
-                        permit.send(cmd);
-                        self.flush_backlog();
-                    }
-                }
-                ev = replica_rx.recv(), if !replicas_wait => match ev {
-                    Some(ev) => self.on_replica(ev),
-                    None => return,
-                },
-                ev = up_rx.recv(), if room => match ev {
-                    Some(ev) => self.on_upstream(ev),
-                    None => return,
-                },
-                Some(f) = fetched_rx.recv() => self.on_fetched(f),
-                _ = tick.tick() => self.on_tick(),
-                () = shutdown.cancelled() => return,
-            }
+    /// Handles one event that happened at `now`: what to do, in order.
+    pub fn handle(&mut self, ev: Event, now: Instant) -> std::vec::Drain<'_, Action> {
+        self.now = now;
+        match ev {
+            Event::Joined {
+                slot,
+                host,
+                will,
+                counters,
+                limits,
+            } => self.on_joined(slot, host, will, counters, limits),
+            Event::Left {
+                slot,
+                clean,
+                expiry,
+            } => self.on_left(slot, clean, expiry),
+            Event::Packet { slot, packet } => self.on_replica_packet(slot, packet),
+            Event::Upstream(ev) => self.on_upstream(ev),
+            Event::Fetched {
+                slot,
+                generation,
+                messages,
+            } => self.on_fetched(slot, generation, messages),
+            Event::Tick => self.on_tick(),
         }
+        self.actions.drain(..)
     }
 
-    /// Hands a command to the upstream session, in order: when its channel
-    /// is full the command waits in `backlog` (never dropped: a lost PUBACK
-    /// or publish would wait for a reconnect).
+    /// Takes messages from the broker: false once `queue_limit` are waiting
+    /// (back-pressure: the broker holds the rest).
+    pub fn takes_upstream(&self) -> bool {
+        self.queue.len() < self.cfg.queue_limit
+    }
+
+    /// How often [`Event::Tick`] should come: a missed ack deadline is seen
+    /// within 50 ms.
+    pub fn tick_period(&self) -> Duration {
+        (self.cfg.ack_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(50))
+    }
+
+    /// The instance this dispatcher serves.
+    pub fn instance(&self) -> &str {
+        &self.cfg.instance
+    }
+
+    /// A command for the upstream session (in order; the driver never
+    /// drops one).
     fn send_up(&mut self, cmd: UpCmd) {
-        if !self.backlog.is_empty() {
-            self.backlog.push_back(cmd);
-            return;
-        }
-        match self.up.try_send(cmd) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(cmd)) => {
-                // not an error: nothing is lost, replicas wait (no longer
-                // counted as `upstream_backlog`, which meant a drop)
-                tracing::warn!(instance = %self.cfg.instance, "the upstream session is behind: its commands wait in order");
-                self.backlog.push_back(cmd);
-            }
-            // the upstream task is gone: flowgate is stopping
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Moves waiting commands into the upstream channel while it has room.
-    fn flush_backlog(&mut self) {
-        while let Some(cmd) = self.backlog.pop_front() {
-            match self.up.try_send(cmd) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(cmd)) => {
-                    self.backlog.push_front(cmd);
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.backlog.clear();
-                    return;
-                }
-            }
-        }
-        tracing::info!(instance = %self.cfg.instance, "the upstream session caught up");
+        self.actions.push(Action::Up(cmd));
     }
 
     fn alloc_up_pkid(&mut self) -> u16 {
@@ -520,11 +497,13 @@ impl Dispatcher {
         self.cfg.broadcast.iter().any(|b| b.matches(topic))
     }
 
-    fn to_replica(&self, slot: u16, packet: Outgoing) -> bool {
-        match self.replicas.get(&slot) {
-            Some(r) => r.tx.try_send(packet).is_ok(),
-            None => false,
+    /// A packet for a connected replica; false when `slot` has none.
+    fn send_replica(&mut self, slot: u16, packet: Outgoing) -> bool {
+        if !self.replicas.contains_key(&slot) {
+            return false;
         }
+        self.actions.push(Action::ToReplica(slot, packet));
+        true
     }
 
     fn ack_upstream(&mut self, origin: Origin) {

@@ -7,77 +7,65 @@ use super::*;
 use crate::mqtt::dispatch::wire;
 
 impl Dispatcher {
-    pub(super) fn on_replica(&mut self, ev: ReplicaEvent) {
-        match ev {
-            ReplicaEvent::Joined {
-                slot,
-                host,
-                tx,
-                will,
-                counters,
+    /// A replica session started: it resumes the slot's saved session unless
+    /// it starts clean.
+    pub(super) fn on_joined(
+        &mut self,
+        slot: u16,
+        host: std::net::IpAddr,
+        will: Option<Will>,
+        counters: Arc<ReplicaCounters>,
+        limits: ReplicaLimits,
+    ) {
+        let inflight_gauge = self
+            .metrics
+            .replica_inflight
+            .with_label_values(&[self.cfg.instance.as_str(), &slot.to_string()]);
+        inflight_gauge.set(0);
+        self.joins += 1;
+        // a session the slot's last replica left behind: resumed
+        // unless this one starts clean
+        let saved = self
+            .sessions
+            .remove(&slot)
+            .filter(|s| !limits.clean_start && s.until.is_none_or(|t| self.now < t));
+        let resumed = saved.is_some();
+        let subs = saved.map(|s| s.subs).unwrap_or_default();
+        self.actions.push(Action::Present(slot, resumed));
+        self.replicas.insert(
+            slot,
+            Replica {
+                subs,
+                window: limits.receive_max.map_or(self.cfg.max_inflight, |m| {
+                    self.cfg.max_inflight.min(usize::from(m.max(1)))
+                }),
                 limits,
-                present,
-            } => {
-                let inflight_gauge = self
-                    .metrics
-                    .replica_inflight
-                    .with_label_values(&[self.cfg.instance.as_str(), &slot.to_string()]);
-                inflight_gauge.set(0);
-                self.joins += 1;
-                // a session the slot's last replica left behind: resumed
-                // unless this one starts clean
-                let saved = self
-                    .sessions
-                    .remove(&slot)
-                    .filter(|s| !limits.clean_start && s.until.is_none_or(|t| Instant::now() < t));
-                let resumed = saved.is_some();
-                let subs = saved.map(|s| s.subs).unwrap_or_default();
-                if let Some(p) = present {
-                    let _ = p.send(resumed);
-                }
-                self.replicas.insert(
-                    slot,
-                    Replica {
-                        tx,
-                        subs,
-                        window: limits.receive_max.map_or(self.cfg.max_inflight, |m| {
-                            self.cfg.max_inflight.min(usize::from(m.max(1)))
-                        }),
-                        limits,
-                        inflight: BTreeMap::new(),
-                        released: HashSet::new(),
-                        next_pkid: 0,
-                        stalled: false,
-                        generation: self.joins,
-                        host,
-                        counters,
-                        inflight_gauge,
-                        retained: VecDeque::new(),
-                    },
-                );
-                if self.will_due.take().is_some() {
-                    tracing::info!(instance = %self.cfg.instance, slot, "a replica is back within the will delay: no will");
-                }
-                if will.is_some() && will != self.will {
-                    self.will = will;
-                    self.send_up(UpCmd::SetWill(self.will.clone()));
-                }
-                if resumed {
-                    tracing::info!(instance = %self.cfg.instance, slot, "replica resumes its session");
-                    self.pump();
-                }
-            }
-            ReplicaEvent::Left {
-                slot,
-                clean,
-                expiry,
-            } => self.on_left(slot, clean, expiry),
-            ReplicaEvent::Packet { slot, packet } => self.on_replica_packet(slot, packet),
+                inflight: BTreeMap::new(),
+                released: HashSet::new(),
+                next_pkid: 0,
+                stalled: false,
+                generation: self.joins,
+                host,
+                counters,
+                inflight_gauge,
+                retained: VecDeque::new(),
+            },
+        );
+        if self.will_due.take().is_some() {
+            tracing::info!(instance = %self.cfg.instance, slot, "a replica is back within the will delay: no will");
+        }
+        if will.is_some() && will != self.will {
+            self.will = will;
+            self.send_up(UpCmd::SetWill(self.will.clone()));
+        }
+        if resumed {
+            tracing::info!(instance = %self.cfg.instance, slot, "replica resumes its session");
+            self.pump();
         }
     }
 
     pub(super) fn on_left(&mut self, slot: u16, clean: bool, expiry: Option<u32>) {
-        self.lose_active(slot, "disconnect", Instant::now());
+        self.lose_active(slot, "disconnect", self.now);
         let Some(mut replica) = self.replicas.remove(&slot) else {
             return;
         };
@@ -95,7 +83,7 @@ impl Dispatcher {
                 slot,
                 SavedSession {
                     subs: std::mem::take(&mut replica.subs),
-                    until: Instant::now().checked_add(keep),
+                    until: self.now.checked_add(keep),
                 },
             );
         }
@@ -113,7 +101,7 @@ impl Dispatcher {
                     self.publish_will();
                 } else {
                     tracing::info!(instance = %self.cfg.instance, ?wait, "last replica gone without DISCONNECT: the instance's will waits for its delay");
-                    self.will_due = Instant::now().checked_add(wait);
+                    self.will_due = self.now.checked_add(wait);
                 }
             }
         }
@@ -185,7 +173,7 @@ impl Dispatcher {
             Incoming::PubRel(pkid) => {
                 // QoS 2 from the replica: our PUBREC followed the broker's, so
                 // the message is already upstream
-                self.to_replica(slot, Outgoing::PubComp(pkid));
+                self.send_replica(slot, Outgoing::PubComp(pkid));
             }
             Incoming::Subscribe { pkid, filters, id } => self.on_subscribe(slot, pkid, filters, id),
             Incoming::Unsubscribe { pkid, filters } => self.on_unsubscribe(slot, pkid, filters),
@@ -206,7 +194,8 @@ impl Dispatcher {
         };
         if qos2 {
             r.released.insert(pkid);
-            let _ = r.tx.try_send(Outgoing::PubRel(pkid));
+            self.actions
+                .push(Action::ToReplica(slot, Outgoing::PubRel(pkid)));
         }
         if entry.key.is_some() {
             // received, not done: it waits for its result (and still
@@ -241,13 +230,13 @@ impl Dispatcher {
             match msg.qos {
                 0 => {}
                 1 => {
-                    self.to_replica(
+                    self.send_replica(
                         slot,
                         Outgoing::PubAck(replica_pkid, wire::NOT_AUTHORIZED.into()),
                     );
                 }
                 _ => {
-                    self.to_replica(
+                    self.send_replica(
                         slot,
                         Outgoing::PubRec(replica_pkid, wire::NOT_AUTHORIZED.into()),
                     );
@@ -435,7 +424,7 @@ impl Dispatcher {
             granted,
             props,
         };
-        if !self.to_replica(slot, suback) || fetch.is_empty() {
+        if !self.send_replica(slot, suback) || fetch.is_empty() {
             return;
         }
         let Some(r) = self.replicas.get(&slot) else {
@@ -454,37 +443,27 @@ impl Dispatcher {
             timeout: self.cfg.retained_timeout,
             login: self.cfg.upstream_login.clone(),
         };
-        let (generation, back) = (r.generation, self.fetched.clone());
-        let instance = self.cfg.instance.clone();
-        tokio::spawn(async move {
-            match fetcher.run().await {
-                Ok(messages) => {
-                    let _ = back.send(Fetched {
-                        slot,
-                        generation,
-                        messages,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(%instance, slot, error = %e, "cannot fetch retained messages")
-                }
-            }
+        let generation = r.generation;
+        self.actions.push(Action::Fetch {
+            slot,
+            generation,
+            fetch: fetcher,
         });
     }
 
     /// Retained messages fetched for a replica's subscription: they wait
     /// for room in its window, then go at their QoS (at most the
     /// subscription's), with its subscription identifiers.
-    pub(super) fn on_fetched(&mut self, f: Fetched) {
+    pub(super) fn on_fetched(&mut self, slot: u16, generation: u64, messages: Vec<Message>) {
+        let now = self.now;
         let Some(r) = self
             .replicas
-            .get_mut(&f.slot)
-            .filter(|r| r.generation == f.generation)
+            .get_mut(&slot)
+            .filter(|r| r.generation == generation)
         else {
             return; // that connection is gone
         };
-        let now = Instant::now();
-        r.retained.extend(f.messages.into_iter().map(|msg| Queued {
+        r.retained.extend(messages.into_iter().map(|msg| Queued {
             msg,
             origin: Origin::None,
             redelivery: false,
@@ -524,6 +503,6 @@ impl Dispatcher {
                 filters,
             });
         }
-        self.to_replica(slot, Outgoing::UnsubAck { pkid, count });
+        self.send_replica(slot, Outgoing::UnsubAck { pkid, count });
     }
 }

@@ -42,7 +42,7 @@ impl Dispatcher {
             .filter(|a| self.replicas.get(a).is_some_and(eligible));
         let next = match current {
             Some(a) if self.cfg.failback && lowest.is_some_and(|l| l < a) => {
-                self.lose_active(a, "failback", Instant::now());
+                self.lose_active(a, "failback", self.now);
                 lowest
             }
             Some(a) => Some(a),

@@ -81,14 +81,14 @@ impl Dispatcher {
                 // authorized...) goes on to the replica
                 if let Some(o) = self.out.remove(&pkid) {
                     let stored = code.code < 0x80;
-                    self.to_replica(o.slot, Outgoing::PubAck(o.replica_pkid, code));
+                    self.send_replica(o.slot, Outgoing::PubAck(o.replica_pkid, code));
                     self.result_stored(o.completes, stored);
                 }
             }
             Incoming::PubRec(pkid, code) if code.code >= 0x80 => {
                 // refused: the QoS 2 exchange ends here, no PUBREL
                 if let Some(o) = self.out.remove(&pkid) {
-                    self.to_replica(o.slot, Outgoing::PubRec(o.replica_pkid, code));
+                    self.send_replica(o.slot, Outgoing::PubRec(o.replica_pkid, code));
                     self.result_stored(o.completes, false);
                 }
             }
@@ -97,7 +97,7 @@ impl Dispatcher {
                     o.received = true;
                     let (slot, rp) = (o.slot, o.replica_pkid);
                     self.send_up(UpCmd::PubRel(pkid));
-                    self.to_replica(slot, Outgoing::PubRec(rp, code));
+                    self.send_replica(slot, Outgoing::PubRec(rp, code));
                 }
             }
             Incoming::PubComp(pkid) => {
@@ -204,7 +204,7 @@ impl Dispatcher {
             msg,
             origin,
             redelivery: false,
-            arrived: Instant::now(),
+            arrived: self.now,
             on_subscribe: false,
             not_to: None,
         });
@@ -218,7 +218,7 @@ impl Dispatcher {
                 msg: msg.clone(),
                 origin: Origin::None,
                 redelivery: false,
-                arrived: Instant::now(),
+                arrived: self.now,
                 on_subscribe: false,
                 not_to: None,
             };
