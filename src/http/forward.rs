@@ -11,11 +11,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use super::backend::{Backend, Body, Pool};
 use super::h1::HOP_BY_HOP;
+use super::policy::{self, TryFailure, Verdict};
 use crate::config::RequestKey;
 
 /// Name of the response header that says which replica answered.
@@ -88,9 +89,6 @@ fn sticky_in(cookies: &str, cookie: &str) -> Option<usize> {
 /// Texts of flowgate's own answers, the same on both paths.
 pub(super) const BLOCKED_TEXT: &str = "the Node-RED admin API and editor are not served here\n";
 pub(super) const TOO_LARGE_TEXT: &str = "request body too large\n";
-pub(super) const NO_REPLICA_TEXT: &str = "no replica could take the request\n";
-pub(super) const FAILED_TEXT: &str = "replica failed\n";
-pub(super) const TIMEOUT_TEXT: &str = "replica did not answer in time\n";
 
 pub(super) const NOT_PUBLISHED_TEXT: &str = "not found\n";
 
@@ -258,10 +256,7 @@ pub async fn handle(
     // a bodiless idempotent request can be rebuilt for a retry after sending
     let replayable = declared.unwrap_or(0) == 0
         && !req.headers().contains_key(header::TRANSFER_ENCODING)
-        && matches!(
-            *req.method(),
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT
-        )
+        && policy::idempotent(req.method().as_str())
         && !upgrade;
     let replay = replayable.then(|| {
         (
@@ -281,7 +276,7 @@ pub async fn handle(
     let mut first = pinned;
     loop {
         let Some(backend) = first.take().or_else(|| pool.pick(&tried)) else {
-            return status(StatusCode::BAD_GATEWAY, NO_REPLICA_TEXT);
+            return status(StatusCode::BAD_GATEWAY, policy::NO_REPLICA_TEXT);
         };
         tried.push(backend.index);
         let req = match outgoing.take() {
@@ -294,7 +289,7 @@ pub async fn handle(
                     *r.headers_mut() = h.clone();
                     r
                 }
-                None => return status(StatusCode::BAD_GATEWAY, FAILED_TEXT),
+                None => return status(StatusCode::BAD_GATEWAY, policy::FAILED_TEXT),
             },
         };
         let guard = InflightGuard::new(backend.clone());
@@ -337,23 +332,18 @@ pub async fn handle(
                 };
                 return Response::from_parts(parts, counted.boxed());
             }
-            Outcome::NotSent(req, cause) => {
-                // never reached the replica: another one gets it, body and all
-                tracing::debug!(instance = %pool.instance, replica = %backend.label, %cause, "request not sent, trying another replica");
-                outgoing = Some(req);
-                pool.retries.inc();
-            }
-            Outcome::Failed(cause) => {
-                tracing::warn!(instance = %pool.instance, replica = %backend.label, %cause, "replica failed the request");
-                if replay.is_none() || !pool.take_retry() {
-                    backend.count(502);
-                    return status(StatusCode::BAD_GATEWAY, FAILED_TEXT);
+            Outcome::Failed(failure, back) => {
+                // a request that never reached the replica comes back, body and all
+                outgoing = back;
+                if let Verdict::Answer {
+                    status: code, text, ..
+                } = policy::settle(&pool, &backend, &failure, replay.is_some())
+                {
+                    return status(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+                        text,
+                    );
                 }
-                pool.retries.inc();
-            }
-            Outcome::Timeout => {
-                backend.count(504);
-                return status(StatusCode::GATEWAY_TIMEOUT, TIMEOUT_TEXT);
             }
             Outcome::TooLarge => return status(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_TEXT),
         }
@@ -393,11 +383,8 @@ enum Outcome {
         Response<Incoming>,
         Option<hyper::client::conn::http1::SendRequest<Body>>,
     ),
-    /// The request never left: here it is back.
-    NotSent(Request<Body>, String),
-    /// It left and failed before a response.
-    Failed(String),
-    Timeout,
+    /// No response; a request that never left comes back with it.
+    Failed(TryFailure, Option<Request<Body>>),
     TooLarge,
 }
 
@@ -419,17 +406,22 @@ async fn send(pool: &Pool, backend: &Backend, mut req: Request<Body>, upgrade: b
                     if e.refused() {
                         pool.passive_down(backend);
                     }
-                    return Outcome::NotSent(req, e.to_string());
+                    return Outcome::Failed(TryFailure::NotSent(e.to_string()), Some(req));
                 }
             },
         };
         match tokio::time::timeout(cfg.timeout, sender.try_send_request(req)).await {
-            Err(_) => return Outcome::Timeout,
+            Err(_) => return Outcome::Failed(TryFailure::Timeout, None),
             Ok(Ok(resp)) => return Outcome::Response(resp, (!upgrade).then_some(sender)),
             Ok(Err(mut e)) => match e.take_message() {
                 // a stale pooled connection: a fresh one for the same replica
                 Some(back) if reused => req = back,
-                Some(back) => return Outcome::NotSent(back, e.into_error().to_string()),
+                Some(back) => {
+                    return Outcome::Failed(
+                        TryFailure::NotSent(e.into_error().to_string()),
+                        Some(back),
+                    )
+                }
                 None => {
                     let err = e.into_error();
                     let too_large = std::error::Error::source(&err).is_some_and(|s| {
@@ -439,7 +431,7 @@ async fn send(pool: &Pool, backend: &Backend, mut req: Request<Body>, upgrade: b
                     return if too_large {
                         Outcome::TooLarge
                     } else {
-                        Outcome::Failed(err.to_string())
+                        Outcome::Failed(TryFailure::Failed(err.to_string()), None)
                     };
                 }
             },

@@ -108,11 +108,7 @@ impl RequestHead {
 
     /// May it be sent again after it reached a replica (no body, idempotent)?
     pub fn replayable(&self) -> bool {
-        self.body == Framing::Empty
-            && matches!(
-                self.method.as_str(),
-                "GET" | "HEAD" | "OPTIONS" | "DELETE" | "PUT"
-            )
+        self.body == Framing::Empty && super::policy::idempotent(&self.method)
     }
 }
 

@@ -25,9 +25,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::backend::{Backend, Pool};
 use super::forward::{
     access, keyed, pinned, sticky_cookie, sticky_path, Access, InflightGuard, BLOCKED_TEXT,
-    FAILED_TEXT, NOT_PUBLISHED_TEXT, NO_REPLICA_TEXT, REPLICA_HEADER, TIMEOUT_TEXT, TOO_LARGE_TEXT,
+    NOT_PUBLISHED_TEXT, REPLICA_HEADER, TOO_LARGE_TEXT,
 };
 use super::h1::{self, Framing, H1Error, RequestHead};
+use super::policy::{self, TryFailure, Verdict};
 use super::{Limits, Site};
 use crate::config::RequestKey;
 
@@ -52,12 +53,8 @@ enum Next {
 enum Attempt {
     /// The response went to the client.
     Done(Next),
-    /// Nothing reached the replica: another may take the request.
-    NotSent(String),
-    /// The replica got the request and failed before answering.
-    Failed(String),
-    /// No response head within `timeout`.
-    Timeout,
+    /// No response: the policy says what follows.
+    Failed(TryFailure),
     /// The client went away or broke the exchange: close.
     ClientGone,
 }
@@ -405,9 +402,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let mut first = pinned;
         loop {
             let Some(backend) = first.take().or_else(|| pool.pick(&tried)) else {
-                return self
-                    .refuse(502, "Bad Gateway", NO_REPLICA_TEXT, head.close)
-                    .await;
+                let Verdict::Answer {
+                    status,
+                    reason,
+                    text,
+                } = policy::NO_REPLICA
+                else {
+                    return Next::Close;
+                };
+                return self.refuse(status, reason, text, head.close).await;
             };
             tried.push(backend.index);
             let _guard = InflightGuard::new(backend.clone());
@@ -425,26 +428,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 .await;
             match attempt {
                 Attempt::Done(next) => return next,
-                Attempt::NotSent(cause) => {
-                    // no byte of the body left the client's buffer: all of it can go elsewhere
-                    tracing::debug!(instance = %pool.instance, replica = %backend.label, %cause, "request not sent, trying another replica");
-                    pool.retries.inc();
-                }
-                Attempt::Failed(cause) => {
-                    tracing::warn!(instance = %pool.instance, replica = %backend.label, %cause, "replica failed the request");
-                    if !(whole && head.replayable() && pool.take_retry()) {
-                        backend.count(502);
-                        return self
-                            .refuse(502, "Bad Gateway", FAILED_TEXT, head.close)
-                            .await;
+                // (not sent: no byte of the body left the client's buffer)
+                Attempt::Failed(failure) => {
+                    let replayable = whole && head.replayable();
+                    if let Verdict::Answer {
+                        status,
+                        reason,
+                        text,
+                    } = policy::settle(pool, &backend, &failure, replayable)
+                    {
+                        return self.refuse(status, reason, text, head.close).await;
                     }
-                    pool.retries.inc();
-                }
-                Attempt::Timeout => {
-                    backend.count(504);
-                    return self
-                        .refuse(504, "Gateway Timeout", TIMEOUT_TEXT, head.close)
-                        .await;
                 }
                 Attempt::ClientGone => return Next::Close,
             }
@@ -484,7 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         if e.refused() {
                             pool.passive_down(backend);
                         }
-                        return Attempt::NotSent(e.to_string());
+                        return Attempt::Failed(TryFailure::NotSent(e.to_string()));
                     }
                 },
             };
@@ -493,9 +487,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     continue;
                 }
                 return if whole {
-                    Attempt::NotSent(format!("write: {e}"))
+                    Attempt::Failed(TryFailure::NotSent(format!("write: {e}")))
                 } else {
-                    Attempt::Failed(format!("write: {e}"))
+                    Attempt::Failed(TryFailure::Failed(format!("write: {e}")))
                 };
             }
             if self.body_left > 0 {
@@ -507,7 +501,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         pool.metrics.http_error("body_timeout");
                         return Attempt::ClientGone;
                     }
-                    Err(Side::Replica(e)) => return Attempt::Failed(format!("body: {e}")),
+                    Err(Side::Replica(e)) => {
+                        return Attempt::Failed(TryFailure::Failed(format!("body: {e}")))
+                    }
                 }
             }
             self.up_buf.clear();
@@ -516,11 +512,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 .await
             {
                 Ok(r) => break (up, r),
-                Err(ReadError::Timeout) => return Attempt::Timeout,
+                Err(ReadError::Timeout) => return Attempt::Failed(TryFailure::Timeout),
                 // a pooled connection the replica had closed: a fresh one
                 // (only for a request that may be sent twice)
                 Err(ReadError::Closed) if reused && head.replayable() => {}
-                Err(e) => return Attempt::Failed(e.to_string()),
+                Err(e) => return Attempt::Failed(TryFailure::Failed(e.to_string())),
             }
         };
 

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod h1;
 pub mod health;
 pub mod lean;
+mod policy;
 pub mod routes;
 pub mod shards;
 pub mod watch;
