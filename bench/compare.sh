@@ -115,7 +115,7 @@ wanted() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 # start_flowgate NAME CONFIG: runs flowgate on CONFIG; sets FG_STARTED_PID and
 # FG_STARTED_ADDR
 start_flowgate() {
-    "$FLOWGATE_BIN" run --config "$2" --ready-file "$WORK/ready-$1.json" \
+    "$FLOWGATE_BIN" run --config "$2" --ready-file "$WORK/ready-$1.json" --drain-delay 0s \
         >"$WORK/flowgate-$1.out" 2>"$WORK/flowgate-$1.log" &
     FG_STARTED_PID=$!
     PIDS+=("$FG_STARTED_PID")

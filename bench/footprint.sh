@@ -46,7 +46,7 @@ PY
 # idle, default config (embedded broker), own ports
 sed -e 's/^listen = "127.0.0.1:1883"/listen = "127.0.0.1:0"/' -e 's/^listen = "127.0.0.1:9090"/listen = "127.0.0.1:0"/' \
   config/flowgate.toml > "$work/default.toml"
-target/release/flowgate run --config "$work/default.toml" --ready-file "$work/r0.json" >/dev/null 2>&1 & p=$!; pids+=($p)
+target/release/flowgate run --config "$work/default.toml" --ready-file "$work/r0.json" --drain-delay 0s >/dev/null 2>&1 & p=$!; pids+=($p)
 ready "$work/r0.json"; sleep 1
 echo "idle, default config (embedded broker): $(rss $p) MB"
 kill $p; wait $p 2>/dev/null || true
@@ -68,7 +68,7 @@ name = "line1"
 match = { client_id_prefix = "replica-" }
 CONF
 hold() { # prefix label
-  target/release/flowgate run --config "$work/fg.toml" --ready-file "$work/r.json" >/dev/null 2>"$work/fg.log" & local p=$!
+  target/release/flowgate run --config "$work/fg.toml" --ready-file "$work/r.json" --drain-delay 0s >/dev/null 2>"$work/fg.log" & local p=$!
   pids+=($p); rm -f "$work/r.json" 2>/dev/null; ready "$work/r.json"; sleep 1
   local addr before after
   addr=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"])' "$work/r.json")

@@ -119,12 +119,12 @@ listen = "127.0.0.1:0"
 replicas = ["127.0.0.1:$R1", "127.0.0.1:$R2"]
 block_admin = false
 CONF
-RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" >/dev/null & pids+=($!)
+RUST_LOG=warn target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" --drain-delay 0s >/dev/null & pids+=($!)
 sed -e '/^block_admin = false$/d' "$work/flowgate.toml" > "$work/flowgate-routes.toml"
-RUST_LOG=info target/release/flowgate run --config "$work/flowgate-routes.toml" --ready-file "$work/ready-routes.json" >"$work/routes.log" 2>&1 & pids+=($!)
+RUST_LOG=info target/release/flowgate run --config "$work/flowgate-routes.toml" --ready-file "$work/ready-routes.json" --drain-delay 0s >"$work/routes.log" 2>&1 & pids+=($!)
 if [ -n "$KEYS" ]; then
   sed -e 's/^block_admin = false$/block_admin = false\nbalance = "key-hash"\nkey = "header:x-device"/' "$work/flowgate.toml" > "$work/flowgate-keyhash.toml"
-  RUST_LOG=warn target/release/flowgate run --config "$work/flowgate-keyhash.toml" --ready-file "$work/ready-keyhash.json" >/dev/null & pids+=($!)
+  RUST_LOG=warn target/release/flowgate run --config "$work/flowgate-keyhash.toml" --ready-file "$work/ready-keyhash.json" --drain-delay 0s >/dev/null & pids+=($!)
   for _ in $(seq 100); do [ -s "$work/ready-keyhash.json" ] && break; sleep 0.1; done
   FK=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"][0])' "$work/ready-keyhash.json")
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$NH/" >/dev/null && curl -sf "http://$FK/" >/dev/null && break; sleep 0.1; done

@@ -77,7 +77,7 @@ name = "paho"
 match = { client_id = "$REPLICA" }
 CONF
   rm -f "$work/ready.json"
-  RUST_LOG=${FLOWGATE_LOG:-warn} target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" \
+  RUST_LOG=${FLOWGATE_LOG:-warn} target/release/flowgate run --config "$work/flowgate.toml" --ready-file "$work/ready.json" --drain-delay 0s \
     >>"$work/flowgate.log" 2>&1 & pids+=($!)
   for _ in $(seq 100); do [ -s "$work/ready.json" ] && break; sleep 0.1; done
   P=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mqtt"].split(":")[1])' "$work/ready.json")

@@ -398,6 +398,11 @@ impl App {
         failed
     }
 
+    /// `/readyz` answers 503 from now on; everything else serves as before.
+    pub fn unready(&self) {
+        self.admin.ready.store(false, Ordering::Relaxed);
+    }
+
     /// Stops: readiness goes 503, listeners close, connections end; waits up
     /// to `grace` for tasks to finish. Returns whether all finished in time.
     pub async fn shutdown(self, grace: Duration) -> bool {

@@ -159,6 +159,11 @@ pub struct RunArgs {
     /// How long to wait for connections to finish on SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    /// On SIGTERM, how long /readyz answers 503 while everything else still
+    /// serves, before the listeners close (load balancers take flowgate out
+    /// first; 0s: at once). Ctrl-C and a second signal skip it.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
 }
 
 impl Default for RunArgs {
@@ -168,6 +173,7 @@ impl Default for RunArgs {
             config: None,
             ready_file: None,
             grace: Duration::from_secs(10),
+            drain_delay: Duration::from_secs(5),
         }
     }
 }

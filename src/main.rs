@@ -420,7 +420,15 @@ fn run(args: RunArgs) -> ExitCode {
                 eprintln!("error: cannot write ready file {}: {e}", path.display());
             }
         }
-        wait_for_signal(&app).await;
+        if wait_for_signal(&app).await == Stop::Term && !args.drain_delay.is_zero() {
+            // the Kubernetes preStop pattern: unready first, stop after
+            app.unready();
+            tracing::info!(drain_delay = ?args.drain_delay, "SIGTERM: /readyz answers 503, everything else still serves until the drain delay ends (a second signal stops at once)");
+            tokio::select! {
+                () = tokio::time::sleep(args.drain_delay) => {}
+                _ = wait_for_signal(&app) => {}
+            }
+        }
         tracing::info!(grace = ?args.grace, "shutting down");
         app.shutdown(args.grace).await;
         ExitCode::SUCCESS
@@ -458,7 +466,18 @@ fn passwd(file: &std::path::Path, user: &str) -> ExitCode {
 
 /// Waits for Ctrl-C or SIGTERM; each SIGHUP meanwhile reloads certificates
 /// and password files.
-async fn wait_for_signal(app: &App) {
+/// The signal that stops flowgate.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: an orchestrator stops it (the drain delay applies).
+    Term,
+    /// Ctrl-C (SIGINT): someone at a terminal.
+    Interrupt,
+}
+
+/// Waits for a stop signal; SIGHUP on the way reloads certificates and
+/// password files.
+async fn wait_for_signal(app: &App) -> Stop {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -468,15 +487,15 @@ async fn wait_for_signal(app: &App) {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops flowgate");
                 let _ = ctrl_c.await;
-                return;
+                return Stop::Interrupt;
             }
         };
         let mut hup = signal(SignalKind::hangup()).ok();
         tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
-                _ = &mut ctrl_c => return,
-                _ = term.recv() => return,
+                _ = &mut ctrl_c => return Stop::Interrupt,
+                _ = term.recv() => return Stop::Term,
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP: reloading certificates and password files");
                     app.reload();
@@ -485,5 +504,8 @@ async fn wait_for_signal(app: &App) {
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = ctrl_c.await;
+        Stop::Interrupt
+    }
 }

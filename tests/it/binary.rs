@@ -110,7 +110,7 @@ fn check_prints_the_resolved_config() {
 }
 
 #[tokio::test]
-async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
+async fn run_announces_listeners_serves_a_client_and_drains_then_stops_on_sigterm() {
     let broker = Mosquitto::start().await;
     let dir = temp_dir("run");
     let config = dir.join("flowgate.toml");
@@ -131,6 +131,7 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
             .arg(&config)
             .arg("--ready-file")
             .arg(&ready)
+            .args(["--drain-delay", "2s"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -177,6 +178,27 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
         .expect("kill runs");
     assert!(status.success());
     let start = Instant::now();
+    // the drain delay: unready at once, everything else still serves
+    let admin_addr: std::net::SocketAddr = announced["admin"]
+        .as_str()
+        .expect("admin addr")
+        .parse()
+        .expect("addr");
+    loop {
+        let (code, _) = http_get(admin_addr, "/readyz").await;
+        if code == 503 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "/readyz still {code}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(admin_addr, "/healthz").await.0, 200);
+    let mut late = Client3::connect(mqtt, "line1-nodered", true);
+    late.subscribe("jobs/#", QoS::AtLeastOnce).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the checks took the whole drain delay: nothing shown"
+    );
     let code = loop {
         if let Some(s) = child.0.try_wait().expect("wait") {
             break s.code();
@@ -188,6 +210,10 @@ async fn run_announces_listeners_serves_a_client_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "stopped before the drain delay ended"
+    );
 }
 
 #[tokio::test]
