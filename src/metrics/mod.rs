@@ -32,6 +32,8 @@ pub struct Metrics {
     pub dispatch_unmatched: IntCounterVec,
     pub dispatch_in_progress: IntGaugeVec,
     pub dispatch_oldest_job: GaugeVec,
+    pub dispatch_window: IntGaugeVec,
+    pub dispatch_window_full: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub http_inflight: IntGaugeVec,
@@ -241,6 +243,18 @@ impl Metrics {
                 r,
                 DISPATCH_OLDEST_JOB,
                 "Completion acknowledgement: age of the oldest job in progress (0 when none)",
+                &[LABEL_INSTANCE],
+            ),
+            dispatch_window: gauge_vec(
+                r,
+                DISPATCH_WINDOW,
+                "Dispatch: the broker's in-flight window for the instance's session (its MQTT 5 Receive Maximum; 0 when unknown or unlimited)",
+                &[LABEL_INSTANCE],
+            ),
+            dispatch_window_full: counter_vec(
+                r,
+                DISPATCH_WINDOW_FULL,
+                "Dispatch: times the broker's in-flight window held back messages replicas had room for",
                 &[LABEL_INSTANCE],
             ),
             http_requests: counter_vec(

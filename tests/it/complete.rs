@@ -286,3 +286,145 @@ async fn every_job_is_done_when_a_replica_dies_holding_jobs_in_progress() {
     let missing: Vec<u32> = (0..JOBS).filter(|id| !done.contains(id)).collect();
     assert!(missing.is_empty(), "mosquitto: never done: {missing:?}");
 }
+
+/// What one burst of jobs showed about the broker's in-flight window.
+struct WindowRun {
+    /// The window flowgate learned (`flowgate_dispatch_upstream_window`).
+    window: f64,
+    /// The most jobs in progress seen at once.
+    most_in_progress: f64,
+    /// `flowgate_dispatch_upstream_window_full_total` after the burst.
+    full: f64,
+    /// Time from the first job to the last result.
+    took: Duration,
+}
+
+/// 60 jobs at once to two replicas (each takes 1 s per job, all in
+/// parallel, and a window of 100), with `complete`, through `broker` with
+/// flowgate's upstream session speaking `protocol`: every job done; how many
+/// were in progress at most.
+async fn burst(broker: &Mosquitto, protocol: &str) -> WindowRun {
+    let form = Form::Topic;
+    let app = flowgate(
+        broker.addr,
+        "dispatch",
+        &format!("upstream_protocol = \"{protocol}\""),
+        &format!(
+            "[[instance]]\nname = \"line1\"\nmatch = {{ client_id = \"line1-nodered\" }}\n{}\n",
+            form.config()
+        ),
+    )
+    .await;
+    let addr = app.mqtt_addr;
+    let (sub_tx, mut sub_rx) = tokio::sync::mpsc::unbounded_channel();
+    let workers = [
+        worker(addr, form, sub_tx.clone()),
+        worker(addr, form, sub_tx.clone()),
+    ];
+    let mut opts = MqttOptions::new("observer", addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (observer, mut observer_el) = AsyncClient::new(opts, 1000);
+    observer
+        .subscribe_many([Filter::new("done/#", QoS::AtLeastOnce)])
+        .await
+        .expect("queued");
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let observing = tokio::spawn(async move {
+        loop {
+            match observer_el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = done_tx.send(String::from_utf8_lossy(&p.topic).into_owned());
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = sub_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
+            .await
+            .expect("the SUBACKs of the replicas and the observer")
+            .expect("alive");
+    }
+    let mut opts = MqttOptions::new("publisher", addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (publisher, mut publisher_el) = AsyncClient::new(opts, 1000);
+    let publishing = tokio::spawn(async move { while publisher_el.poll().await.is_ok() {} });
+    let started = tokio::time::Instant::now();
+    for id in 0..JOBS {
+        let (topic, payload, _) = form.job(id);
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queued");
+    }
+    let mut done = BTreeSet::new();
+    let mut most_in_progress = 0f64;
+    let deadline = started + Duration::from_secs(30);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    while done.len() < JOBS as usize {
+        tokio::select! {
+            got = done_rx.recv() => {
+                if let Some(id) = got.and_then(|t| form.id_of(&t, b"", None)) {
+                    done.insert(id);
+                }
+            }
+            _ = poll.tick() => {
+                let (_, m) = http_get(app.admin_addr, "/metrics").await;
+                let now = metric_sum(&m, "flowgate_dispatch_jobs_in_progress", &[("instance", "line1")]);
+                most_in_progress = most_in_progress.max(now);
+            }
+            () = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(done.len(), JOBS as usize, "{protocol}: every job done");
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    let line1 = [("instance", "line1")];
+    let run = WindowRun {
+        window: metric_sum(&m, "flowgate_dispatch_upstream_window", &line1),
+        most_in_progress,
+        full: metric_sum(&m, "flowgate_dispatch_upstream_window_full_total", &line1),
+        took,
+    };
+    eprintln!(
+        "upstream {protocol}: window {}, at most {} of {JOBS} jobs in progress, window full {} time(s), all done in {:?}",
+        run.window,
+        run.most_in_progress,
+        run.full,
+        run.took
+    );
+    for w in workers {
+        w.abort();
+    }
+    observing.abort();
+    publishing.abort();
+    app.shutdown(Duration::from_secs(2)).await;
+    run
+}
+
+#[tokio::test]
+async fn the_brokers_in_flight_limit_holds_jobs_back_unless_flowgate_states_its_receive_maximum() {
+    // Mosquitto's max_inflight_messages (here 10) for a client that states
+    // no Receive Maximum (3.1.1 cannot): a burst of 60 jobs of 1 s each
+    // starts with the first 10 alone and needs a second round
+    let broker = Mosquitto::start_with("max_inflight_messages 10").await;
+    let capped = burst(&broker, "3.1.1").await;
+    let wide = burst(&broker, "5").await;
+    assert_eq!(capped.window, 0.0, "unknown to a 3.1.1 session");
+    assert!(
+        capped.took >= 2 * WORK && capped.most_in_progress < f64::from(JOBS),
+        "3.1.1: {} at most in progress, all done in {:?}",
+        capped.most_in_progress,
+        capped.took
+    );
+    // MQTT 5: flowgate states Receive Maximum 65535, the window: all 60
+    // in progress at once, done in one round
+    assert_eq!(wide.window, 65535.0);
+    assert_eq!(wide.most_in_progress, f64::from(JOBS));
+    assert!(wide.took < 2 * WORK, "MQTT 5: all done in {:?}", wide.took);
+    assert_eq!(wide.full, 0.0);
+}

@@ -47,6 +47,11 @@ pub enum UpCmd {
     SetWill(Option<Will>),
 }
 
+/// The Receive Maximum of flowgate's MQTT 5 upstream sessions: QoS 1/2
+/// messages the broker may send unacknowledged (jobs in progress, with
+/// `complete`); the queue behind them is bounded by `queue_limit`.
+pub const RECEIVE_MAXIMUM: u16 = u16::MAX;
+
 /// What the upstream session reports.
 #[derive(Debug)]
 pub enum UpEvent {
@@ -54,6 +59,9 @@ pub enum UpEvent {
         session_present: bool,
         /// The version the broker took: `V5` or `V311`.
         protocol: Protocol,
+        /// The broker's in-flight window toward flowgate, when known (MQTT 5:
+        /// the Receive Maximum flowgate's CONNECT gave).
+        window: Option<usize>,
     },
     Down,
     /// The packets of one read, in order.
@@ -321,6 +329,10 @@ impl UpstreamSession {
             // a persistent session outlives the connection, as 3.1.1's
             // clean session off does
             props.session_expiry_interval = (!clean).then_some(u32::MAX);
+            // the broker's in-flight window toward flowgate: the spec's
+            // default, said out loud, because Mosquitto applies its
+            // max_inflight_messages (20) to a client that says none
+            props.receive_maximum = Some(RECEIVE_MAXIMUM);
             let c = v5::Connect {
                 keep_alive,
                 client_id: self.client_id.clone(),
@@ -402,6 +414,8 @@ impl UpstreamSession {
             let up = UpEvent::Up {
                 session_present: connected.session_present,
                 protocol,
+                // MQTT 5: flowgate's own Receive Maximum; 3.1.1 says none
+                window: connected.v5.then_some(usize::from(RECEIVE_MAXIMUM)),
             };
             if events.send(up).await.is_err() {
                 return;

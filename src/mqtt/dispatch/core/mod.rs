@@ -331,6 +331,13 @@ pub struct Dispatcher {
     active: Option<u16>,
     lost: Option<standby::Lost>,
     joins: u64,
+    /// The broker's in-flight window for the upstream session, when known.
+    upstream_window: Option<usize>,
+    /// It holds back messages replicas have room for (since when).
+    window_full: bool,
+    window_warned: Option<Instant>,
+    window_gauge: IntGauge,
+    window_full_total: IntCounter,
     /// When the event being handled happened.
     now: Instant,
     /// What the event being handled decided.
@@ -350,6 +357,8 @@ impl Dispatcher {
         let unmatched = metrics.dispatch_unmatched.with_label_values(&instance);
         let in_progress = metrics.dispatch_in_progress.with_label_values(&instance);
         let oldest_job = metrics.dispatch_oldest_job.with_label_values(&instance);
+        let window_gauge = metrics.dispatch_window.with_label_values(&instance);
+        let window_full_total = metrics.dispatch_window_full.with_label_values(&instance);
         Self {
             cfg,
             replicas: BTreeMap::new(),
@@ -382,6 +391,11 @@ impl Dispatcher {
             active: None,
             lost: None,
             joins: 0,
+            upstream_window: None,
+            window_full: false,
+            window_warned: None,
+            window_gauge,
+            window_full_total,
             now,
             actions: Vec::new(),
         }
@@ -412,7 +426,36 @@ impl Dispatcher {
             } => self.on_fetched(slot, generation, messages),
             Event::Tick => self.on_tick(),
         }
+        self.watch_window();
         self.actions.drain(..)
+    }
+
+    /// The broker sends the session no more unacknowledged QoS 1/2 messages
+    /// than its in-flight window: when all of it is held (jobs in progress,
+    /// with `complete`) while a replica has room and nothing waits, the
+    /// window is what limits the instance. Counted each time; logged at most
+    /// once a minute.
+    fn watch_window(&mut self) {
+        let Some(window) = self.upstream_window else {
+            return;
+        };
+        let full = self.ack_order.len() >= window
+            && self.queue.is_empty()
+            && self
+                .replicas
+                .values()
+                .any(|r| r.has_room() && !r.subs.is_empty());
+        if full && !self.window_full {
+            self.window_full_total.inc();
+            let quiet = self
+                .window_warned
+                .is_some_and(|t| self.now.saturating_duration_since(t) < Duration::from_secs(60));
+            if !quiet {
+                self.window_warned = Some(self.now);
+                tracing::warn!(instance = %self.cfg.instance, window, "the broker's in-flight window is full (messages not yet acknowledged upstream) while replicas have room: it limits the instance; raise the broker's window (Mosquitto: max_inflight_messages)");
+            }
+        }
+        self.window_full = full;
     }
 
     /// Takes messages from the broker: false once `queue_limit` are waiting

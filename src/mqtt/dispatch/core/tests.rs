@@ -72,6 +72,7 @@ impl Rig {
         rig.send(Event::Upstream(UpEvent::Up {
             session_present: true,
             protocol: crate::mqtt::codec::Protocol::V5,
+            window: None,
         }));
         rig
     }
@@ -631,6 +632,7 @@ fn publishes_the_broker_did_not_acknowledge_go_again_with_dup_when_it_is_back() 
     rig.send(Event::Upstream(UpEvent::Up {
         session_present: true,
         protocol: crate::mqtt::codec::Protocol::V5,
+        window: None,
     }));
     assert!(matches!(
         &rig.up[..],
@@ -819,6 +821,44 @@ fn a_slot_resumes_the_session_its_last_replica_kept() {
     rig.advance(Duration::from_secs(61));
     rig.joined(0, keep, None);
     assert_eq!(rig.present.pop(), Some((0, false)));
+}
+
+// ---- the broker's in-flight window ----
+
+fn window(rig: &mut Rig, w: usize) {
+    rig.send(Event::Upstream(UpEvent::Up {
+        session_present: true,
+        protocol: crate::mqtt::codec::Protocol::V5,
+        window: Some(w),
+    }));
+}
+
+#[test]
+fn a_full_broker_window_while_a_replica_has_room_is_counted_once_per_episode() {
+    let mut rig = Rig::completing("topic:1");
+    window(&mut rig, 2);
+    rig.join(0);
+    rig.job(1, 10);
+    assert_eq!(rig.d.window_full_total.get(), 0);
+    rig.job(2, 11);
+    assert_eq!(rig.d.window_full_total.get(), 1, "2 of 2 held, room left");
+    rig.ack_all(0);
+    assert_eq!(rig.d.window_full_total.get(), 1, "the same episode");
+    rig.result(0, "done/1", 0, 0);
+    assert_eq!(rig.up_acks(), [10]);
+    assert!(!rig.d.window_full);
+    rig.job(3, 12);
+    assert_eq!(rig.d.window_full_total.get(), 2);
+}
+
+#[test]
+fn a_full_broker_window_is_not_the_limit_when_the_replicas_are_full() {
+    let mut rig = Rig::with(|s| s.max_inflight = 2);
+    window(&mut rig, 2);
+    rig.join(0);
+    rig.job(1, 10);
+    rig.job(2, 11);
+    assert_eq!(rig.d.window_full_total.get(), 0);
 }
 
 // ---- completion acknowledgement ----

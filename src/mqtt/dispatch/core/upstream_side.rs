@@ -9,8 +9,15 @@ impl Dispatcher {
             UpEvent::Up {
                 session_present,
                 protocol,
+                window,
             } => {
                 self.upstream_up = true;
+                self.upstream_window = window;
+                if window.is_none() && self.cfg.complete.is_some() {
+                    tracing::warn!(instance = %self.cfg.instance, "an MQTT 3.1.1 upstream session: the broker's own limit on unacknowledged messages (Mosquitto: max_inflight_messages, 20 by default) caps this instance's jobs in progress; raise it, or let flowgate speak MQTT 5 upstream (upstream_protocol = \"auto\" or \"5\"), whose Receive Maximum lifts it");
+                }
+                self.window_gauge
+                    .set(window.map_or(0, |w| i64::try_from(w).unwrap_or(i64::MAX)));
                 self.upstream_v5 = protocol.is_v5();
                 let unsent = std::mem::take(&mut self.unsent);
                 let sent = if session_present {
