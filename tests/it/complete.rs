@@ -11,6 +11,9 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
+use flowgate::app::App;
+use flowgate::config::Config;
+
 use crate::dispatch::{start, Upstream};
 use crate::support::*;
 
@@ -104,14 +107,14 @@ fn worker(
         let mut opts = MqttOptions::new("line1-nodered", addr.ip().to_string(), addr.port());
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut el) = AsyncClient::new(opts, 1000);
-        client
-            // "jobs/#" covers "jobs" too
-            .subscribe_many([Filter::new("jobs/#", QoS::AtLeastOnce)])
-            .await
-            .expect("queued");
         let mut work = tokio::task::JoinSet::new();
         loop {
             match el.poll().await {
+                // (again after a reconnect: a clean session)
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // "jobs/#" covers "jobs" too
+                    let _ = client.try_subscribe_many([Filter::new("jobs/#", QoS::AtLeastOnce)]);
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
                     let Some(id) = form.id_of(&topic, &p.payload, p.properties.as_ref()) else {
@@ -427,4 +430,184 @@ async fn the_brokers_in_flight_limit_holds_jobs_back_unless_flowgate_states_its_
     assert_eq!(wide.most_in_progress, f64::from(JOBS));
     assert!(wide.took < 2 * WORK, "MQTT 5: all done in {:?}", wide.took);
     assert_eq!(wide.full, 0.0);
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Restart {
+    Broker,
+    Flowgate,
+}
+
+/// flowgate on a fixed port (replicas reconnect to it after a restart).
+async fn start_on(broker: std::net::SocketAddr, port: u16) -> App {
+    let text = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"mqtt://{broker}\"\nmode = \"dispatch\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\n{}\n",
+        Form::Topic.config()
+    );
+    init_logs();
+    App::start(Config::parse(&text, "test").expect("valid config"))
+        .await
+        .expect("flowgate starts")
+}
+
+/// A plain client of the broker itself with a persistent session.
+fn persistent(broker: std::net::SocketAddr, id: &str) -> (AsyncClient, rumqttc::v5::EventLoop) {
+    let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(3600));
+    AsyncClient::new(opts, 1000)
+}
+
+/// 40 jobs at 20/s through flowgate to two replicas (1 s each), the broker a
+/// Mosquitto with persistence; once the broker has them all, with about 20
+/// in progress, the broker or flowgate restarts. Returns the ids done and
+/// the results seen in all (duplicates included).
+async fn through_a_restart(restart: Restart) -> (BTreeSet<u32>, usize) {
+    const N: u32 = 40;
+    let form = Form::Topic;
+    let dir = temp_dir("persist");
+    // Mosquitto started as root writes as the user `mosquitto`
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let mut broker = Mosquitto::start_with(&format!(
+        "persistence true\npersistence_location {}/\n",
+        dir.display()
+    ))
+    .await;
+    let port = free_port();
+    let mut app = start_on(broker.addr, port).await;
+    let addr = app.mqtt_addr;
+    // results: on the broker itself, a session that outlives its restart
+    let (observer, mut observer_el) = persistent(broker.addr, "observer");
+    observer
+        .subscribe_many([Filter::new("done/#", QoS::AtLeastOnce)])
+        .await
+        .expect("queued");
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (sub_tx, mut sub_rx) = tokio::sync::mpsc::unbounded_channel();
+    let observer_sub = sub_tx.clone();
+    let observing = tokio::spawn(async move {
+        loop {
+            match observer_el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = done_tx.send(String::from_utf8_lossy(&p.topic).into_owned());
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = observer_sub.send(());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let mut workers = vec![
+        worker(addr, form, sub_tx.clone()),
+        worker(addr, form, sub_tx.clone()),
+    ];
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
+            .await
+            .expect("the SUBACKs of the replicas and the observer")
+            .expect("alive");
+    }
+    // jobs: on the broker itself, every one acknowledged by it
+    let (publisher, mut publisher_el) = persistent(broker.addr, "publisher");
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let publishing = tokio::spawn(async move {
+        loop {
+            match publisher_el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    let _ = acked_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for id in 0..N {
+        tick.tick().await;
+        let (topic, payload, _) = form.job(id);
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queued");
+    }
+    for _ in 0..N {
+        tokio::time::timeout(DEADLINE, acked_rx.recv())
+            .await
+            .expect("the broker acknowledges every job")
+            .expect("publisher alive");
+    }
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    let in_progress = metric_sum(
+        &m,
+        "flowgate_dispatch_jobs_in_progress",
+        &[("instance", "line1")],
+    );
+    match restart {
+        Restart::Broker => broker.restart().await,
+        Restart::Flowgate => {
+            // the replicas go down with it (as pods of one node might): the
+            // jobs they held are done only if the broker delivers them again
+            for w in workers.drain(..) {
+                w.abort();
+            }
+            app.shutdown(Duration::from_secs(2)).await;
+            app = start_on(broker.addr, port).await;
+            workers.push(worker(addr, form, sub_tx.clone()));
+            workers.push(worker(addr, form, sub_tx));
+        }
+    }
+    let mut done = BTreeSet::new();
+    let mut seen = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while done.len() < N as usize {
+        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+            Ok(Some(topic)) => {
+                seen += 1;
+                if let Some(id) = form.id_of(&topic, b"", None) {
+                    done.insert(id);
+                }
+            }
+            _ => break,
+        }
+    }
+    // what else comes within a second: duplicates
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), done_rx.recv()).await {
+        seen += 1;
+    }
+    eprintln!(
+        "{restart:?} restart with {in_progress} jobs in progress: {} of {N} done, {} results ({} duplicates)",
+        done.len(),
+        seen,
+        seen.saturating_sub(done.len())
+    );
+    for w in workers {
+        w.abort();
+    }
+    observing.abort();
+    publishing.abort();
+    app.shutdown(Duration::from_secs(2)).await;
+    let missing: Vec<u32> = (0..N).filter(|id| !done.contains(id)).collect();
+    assert!(missing.is_empty(), "{restart:?}: never done: {missing:?}");
+    assert!(in_progress > 0.0, "no job was in progress at the restart");
+    assert!(
+        seen - done.len() <= in_progress as usize,
+        "{restart:?}: more duplicates than jobs in progress"
+    );
+    (done, seen)
+}
+
+#[tokio::test]
+async fn a_broker_restart_with_jobs_in_progress_loses_none() {
+    through_a_restart(Restart::Broker).await;
+}
+
+#[tokio::test]
+async fn a_flowgate_restart_with_jobs_in_progress_loses_none() {
+    through_a_restart(Restart::Flowgate).await;
 }

@@ -55,6 +55,8 @@ pub struct Mosquitto {
     pub addr: SocketAddr,
     pub log: PathBuf,
     child: Child,
+    bin: String,
+    conf: PathBuf,
 }
 
 impl Mosquitto {
@@ -106,7 +108,13 @@ impl Mosquitto {
                     break; // port taken between our check and its bind: retry
                 }
                 if TcpStream::connect(addr).await.is_ok() {
-                    return Self { addr, log, child };
+                    return Self {
+                        addr,
+                        log,
+                        child,
+                        bin: bin.to_owned(),
+                        conf,
+                    };
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -118,6 +126,47 @@ impl Mosquitto {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the broker with SIGTERM (it saves its persistence database when
+    /// configured to) and starts it again on the same port and config.
+    pub async fn restart(&mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let _ = self.child.wait();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let start = Instant::now();
+        loop {
+            let mut child = Command::new(&self.bin)
+                .arg("-c")
+                .arg(&self.conf)
+                .stdout(Stdio::null())
+                .stderr(log.try_clone().expect("log file"))
+                .spawn()
+                .expect("mosquitto starts again");
+            let up = Instant::now();
+            while up.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // the port is not free yet: again
+                }
+                if TcpStream::connect(self.addr).await.is_ok() {
+                    self.child = child;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(start.elapsed() < DEADLINE, "mosquitto did not start again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The broker's process id (to send it a signal).
