@@ -31,6 +31,9 @@ RETAIN=${RETAIN:-}
 # (the default), and the bundled broker with and without its store beside
 # Mosquitto with persistence on:
 #   TARGETS="embedded embedded-durable direct mosquitto-persist" RETAIN=1 bash bench/compare.sh
+# dispatch mode with completion acknowledgement (`complete`, the subscribers
+# publishing a result per message) beside dispatch without it:
+#   TARGETS="dispatch dispatch-complete" QOSES=1 bash bench/compare.sh
 # and flowgate inside Mosquitto 2.1.2 (the plugin) beside the bare 2.1.2 broker
 # and the share-mode proxy in front of that broker:
 #   TARGETS="mosquitto21 plugin flowgate21" bash bench/compare.sh
@@ -174,6 +177,23 @@ sed -e "s/127.0.0.1:$MOSQ2_PORT\"/127.0.0.1:$MOSQ3_PORT\"\nupstream_protocol = \
 start_flowgate dispatch3 "$WORK/flowgate-dispatch3.toml"
 FGD3_PID=$FG_STARTED_PID FGD3_ADDR=$FG_STARTED_ADDR
 
+# --- flowgate (dispatch mode) with completion acknowledgement, a fourth Mosquitto
+# (the load tool's subscribers publish a result done/{publisher} per message)
+MOSQ4_PID=$MOSQ_PID FGDC_PID=$MOSQ_PID
+if wanted dispatch-complete; then
+    MOSQ4_PORT=$(free_port)
+    sed -e "s/^listener $MOSQ_PORT /listener $MOSQ4_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-4.conf"
+    mosquitto -c "$WORK/mosquitto-4.conf" 2>"$WORK/mosquitto-4.log" &
+    MOSQ4_PID=$!
+    PIDS+=("$MOSQ4_PID")
+    wait_port "$MOSQ4_PORT" "$MOSQ4_PID" mosquitto-4
+    sed -e "s/127.0.0.1:$MOSQ2_PORT/127.0.0.1:$MOSQ4_PORT/" -e 's/node_id = "benchd"/node_id = "benchdc"/' \
+        "$WORK/flowgate-dispatch.toml" >"$WORK/flowgate-dispatch-complete.toml"
+    echo 'complete = { topic = "done/#", correlate = "topic:1" }' >>"$WORK/flowgate-dispatch-complete.toml"
+    start_flowgate dispatch-complete "$WORK/flowgate-dispatch-complete.toml"
+    FGDC_PID=$FG_STARTED_PID FGDC_ADDR=$FG_STARTED_ADDR
+fi
+
 # --- flowgate on its bundled broker (dispatch), store off and on ----------------
 EMB_PID=$MOSQ_PID EMBD_PID=$MOSQ_PID MOSQP_PID=$MOSQ_PID
 if wanted embedded || wanted embedded-durable; then
@@ -278,6 +298,7 @@ run_one() { # TARGET QOS SIZE RATE ROUND
         flowgate) addr=$FG_ADDR; proxy_cpu=(--cpu "proxy=$FG_PID") ;;
         dispatch) addr=$FGD_ADDR; proxy_cpu=(--cpu "proxy=$FGD_PID"); mosq_pid=$MOSQ2_PID ;;
         dispatch-3.1.1) addr=$FGD3_ADDR; proxy_cpu=(--cpu "proxy=$FGD3_PID"); mosq_pid=$MOSQ3_PID ;;
+        dispatch-complete) addr=$FGDC_ADDR; extra=(--complete); proxy_cpu=(--cpu "proxy=$FGDC_PID"); mosq_pid=$MOSQ4_PID ;;
         haproxy) addr=127.0.0.1:$HA_PORT; extra=(--share --sub-id-unique); proxy_cpu=(--cpu "proxy=$HA_PID") ;;
         embedded) addr=$EMB_ADDR; proxy_cpu=(--cpu "proxy=$EMB_PID"); mosq_pid=$EMB_PID ;;
         embedded-durable) addr=$EMBD_ADDR; proxy_cpu=(--cpu "proxy=$EMBD_PID"); mosq_pid=$EMBD_PID ;;
@@ -298,7 +319,7 @@ run_one() { # TARGET QOS SIZE RATE ROUND
         line="{\"target_label\":\"$target\",\"qos\":$qos,\"size\":$size,\"rate_target\":$rate,\"failed\":true}"
     fi
     for pid in "$MOSQ_PID" "$MOSQ2_PID" "$MOSQ3_PID" "$FG_PID" "$FGD_PID" "$FGD3_PID" "$HA_PID" \
-        "$EMB_PID" "$EMBD_PID" "$MOSQP_PID" "$MOSQ21_PID" "$PLUGIN_PID" "$FG21_PID"; do
+        "$EMB_PID" "$EMBD_PID" "$MOSQP_PID" "$MOSQ21_PID" "$PLUGIN_PID" "$FG21_PID" "$MOSQ4_PID" "$FGDC_PID"; do
         kill -0 "$pid" 2>/dev/null || { log "process $pid died (see $WORK)"; exit 1; }
     done
     line=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$line" "$round")

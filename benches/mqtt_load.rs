@@ -40,6 +40,10 @@ struct Args {
     v5: bool,
     /// `--retain`: every publish retained (a broker's durable path).
     retain: bool,
+    /// `--complete`: each subscriber publishes a result `done/{publisher}`
+    /// per message it gets, at the message's QoS (flowgate's completion
+    /// acknowledgement with `correlate = "topic:1"`; 3.1.1 clients).
+    complete: bool,
 }
 
 /// A publisher of either protocol version.
@@ -76,7 +80,7 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "mqtt_load: {msg}\nargs: --target HOST:PORT [--label L] [--qos 0|1] [--size BYTES] \
          [--rate MSGS_PER_S (0 = max)] [--duration SECS] [--subscribers K] [--sub-id ID] \
-         [--sub-id-unique] [--share] [--publishers P] [--cpu NAME=PID]... [--v5] [--retain]"
+         [--sub-id-unique] [--share] [--publishers P] [--cpu NAME=PID]... [--v5] [--retain] [--complete]"
     );
     std::process::exit(2)
 }
@@ -96,6 +100,7 @@ fn parse_args() -> Args {
         share: false,
         v5: false,
         retain: false,
+        complete: false,
         publishers: 1,
         cpu: Vec::new(),
     };
@@ -130,6 +135,7 @@ fn parse_args() -> Args {
             "--share" => a.share = true,
             "--v5" => a.v5 = true,
             "--retain" => a.retain = true,
+            "--complete" => a.complete = true,
             "--cpu" => a.cpu.push(split(&flag, &value(), '=')),
             f => usage(&format!("unknown argument {f:?}")),
         }
@@ -236,6 +242,24 @@ async fn subscriber(
         .subscribe(filter, sh.args.qos)
         .await
         .expect("subscribe request can be queued");
+    // results go from a task of their own: awaiting a publish here could
+    // wait on the event loop this task polls
+    let results = sh.args.complete.then(|| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, QoS)>();
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some((publisher, qos)) = rx.recv().await {
+                if client
+                    .publish(format!("done/{publisher}"), qos, false, b"ok".to_vec())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        tx
+    });
     let mut ready = Some(ready);
     let mut out = Vec::with_capacity(1 << 20);
     loop {
@@ -251,6 +275,9 @@ async fn subscriber(
                     Some(u64::from_le_bytes(w.try_into().ok()?))
                 };
                 if let (Some(sent_ns), Some(publisher), Some(seq)) = (word(0), word(1), word(2)) {
+                    if let Some(r) = &results {
+                        let _ = r.send((publisher, p.qos));
+                    }
                     out.push(Rx {
                         publisher,
                         seq,
@@ -523,6 +550,7 @@ async fn run(args: Args) {
         "target_label": a.label,
         "protocol": if a.v5 { "5" } else { "3.1.1" },
         "retain": a.retain,
+        "complete": a.complete,
         "qos": a.qos as u8,
         "size": a.size,
         "sent": sent,

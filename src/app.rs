@@ -323,6 +323,7 @@ impl App {
             ready: AtomicBool::new(true),
             broker_up: AtomicBool::new(true),
             deploys,
+            tasks: tracker.clone(),
         });
         if let Some(b) = embedded {
             // the bundled broker's threads can die while flowgate goes on:
@@ -533,6 +534,7 @@ fn start_dispatcher(
         connect_timeout: config.mqtt.upstream_connect_timeout,
         will: None,
         login: login.clone(),
+        receive_max: crate::mqtt::dispatch::upstream::receive_maximum(config.mqtt.queue_limit),
     };
     tracker.spawn(session.run(up_cmd_rx, up_ev_tx, shutdown.clone()));
     let settings = DispatchSettings {

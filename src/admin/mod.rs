@@ -48,6 +48,9 @@ pub struct AdminState {
     /// The last rolling deploy of each instance (shared with the editor
     /// listeners: one deploy at a time per instance).
     pub deploys: Arc<crate::deploy::Registry>,
+    /// Where deploys started through the API run: the app's tracker, so a
+    /// deploy in progress is waited for on shutdown (within `--grace`).
+    pub tasks: TaskTracker,
 }
 
 /// Does the request carry the admin token (when one is configured)? Health
@@ -175,7 +178,7 @@ async fn start_deploy(state: &Arc<AdminState>, req: Request<Incoming>) -> Respon
         );
     }
     tracing::info!(instance = %name, "rolling deploy started through the admin API");
-    tokio::spawn(async move {
+    state.tasks.spawn(async move {
         let _ = deploy.run().await;
     });
     text(
@@ -456,6 +459,7 @@ mod tests {
             ready: AtomicBool::new(true),
             broker_up: AtomicBool::new(true),
             deploys: Default::default(),
+            tasks: TaskTracker::new(),
         }
     }
 

@@ -47,10 +47,15 @@ pub enum UpCmd {
     SetWill(Option<Will>),
 }
 
-/// The Receive Maximum of flowgate's MQTT 5 upstream sessions: QoS 1/2
-/// messages the broker may send unacknowledged (jobs in progress, with
-/// `complete`); the queue behind them is bounded by `queue_limit`.
-pub const RECEIVE_MAXIMUM: u16 = u16::MAX;
+/// The Receive Maximum of an instance's MQTT 5 upstream session: the QoS
+/// 1/2 messages the broker may send unacknowledged (waiting in the queue or
+/// in progress at replicas), at most `queue_limit`. The queue then never
+/// fills with them, so the session never stops reading the broker for them,
+/// which would also stop the acknowledgements behind them (with `complete`,
+/// the results' acknowledgements that let jobs finish: a deadlock).
+pub fn receive_maximum(queue_limit: usize) -> u16 {
+    u16::try_from(queue_limit).unwrap_or(u16::MAX).max(1)
+}
 
 /// What the upstream session reports.
 #[derive(Debug)]
@@ -82,6 +87,9 @@ pub struct UpstreamSession {
     pub connect_timeout: Duration,
     pub will: Option<Will>,
     pub login: Login,
+    /// MQTT 5: the Receive Maximum flowgate states, the QoS 1/2 messages
+    /// the broker may send unacknowledged (see [`receive_maximum`]).
+    pub receive_max: u16,
 }
 
 /// How flowgate reaches and logs in to the broker for one instance.
@@ -329,10 +337,10 @@ impl UpstreamSession {
             // a persistent session outlives the connection, as 3.1.1's
             // clean session off does
             props.session_expiry_interval = (!clean).then_some(u32::MAX);
-            // the broker's in-flight window toward flowgate: the spec's
-            // default, said out loud, because Mosquitto applies its
-            // max_inflight_messages (20) to a client that says none
-            props.receive_maximum = Some(RECEIVE_MAXIMUM);
+            // the broker's in-flight window toward flowgate, said out loud
+            // (Mosquitto applies its max_inflight_messages, 20, to a client
+            // that says none)
+            props.receive_maximum = Some(self.receive_max);
             let c = v5::Connect {
                 keep_alive,
                 client_id: self.client_id.clone(),
@@ -415,7 +423,7 @@ impl UpstreamSession {
                 session_present: connected.session_present,
                 protocol,
                 // MQTT 5: flowgate's own Receive Maximum; 3.1.1 says none
-                window: connected.v5.then_some(usize::from(RECEIVE_MAXIMUM)),
+                window: connected.v5.then_some(usize::from(self.receive_max)),
             };
             if events.send(up).await.is_err() {
                 return;
@@ -712,6 +720,8 @@ impl RetainedFetch {
             connect_timeout: self.timeout,
             will: None,
             login: self.login.clone(),
+            // it reads every retained message into memory anyway
+            receive_max: u16::MAX,
         };
         let fetch = async {
             let Connected {

@@ -257,6 +257,9 @@ struct OutPub {
     msg: Message,
     /// PUBREC seen (QoS 2): only PUBREL/PUBCOMP left.
     received: bool,
+    /// The replica already has its PUBACK/PUBREC (a result: see
+    /// `on_replica_publish`); the broker's goes nowhere.
+    answered: bool,
     /// A result: the job it finishes, acknowledged upstream once the broker
     /// has the result (handed on if the broker refuses it).
     completes: Option<Queued>,

@@ -128,6 +128,7 @@ impl Dispatcher {
                     replica_pkid: 0,
                     msg: will.clone(),
                     received: false,
+                    answered: false,
                     completes: None,
                 },
             );
@@ -260,11 +261,26 @@ impl Dispatcher {
         if self
             .out
             .values()
-            .any(|o| o.slot == slot && o.replica_pkid == replica_pkid && !o.received)
+            .any(|o| o.slot == slot && o.replica_pkid == replica_pkid && !o.received && !o.answered)
         {
             return; // a DUP of a publish already on its way
         }
         let completes = self.job_done_by(slot, &msg);
+        // a result is acknowledged to its replica at once, not when the
+        // broker has it: its job stays unacknowledged upstream until then
+        // (and is done again if the broker refuses it or flowgate dies), so
+        // nothing is lost; and a replica never waits for the broker's ack of
+        // a result while flowgate, its queue full, is not reading the broker
+        // (a deadlock: the windows hold jobs whose results cannot go)
+        let answered = completes.is_some();
+        if answered {
+            let ack = if msg.qos == 1 {
+                Outgoing::PubAck(replica_pkid, wire::SUCCESS.into())
+            } else {
+                Outgoing::PubRec(replica_pkid, wire::SUCCESS.into())
+            };
+            self.send_replica(slot, ack);
+        }
         let pkid = self.alloc_up_pkid();
         self.out.insert(
             pkid,
@@ -273,6 +289,7 @@ impl Dispatcher {
                 replica_pkid,
                 msg: msg.clone(),
                 received: false,
+                answered,
                 completes,
             },
         );

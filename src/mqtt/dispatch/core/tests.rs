@@ -882,6 +882,36 @@ fn a_job_is_acknowledged_upstream_when_its_result_is_stored_not_on_receipt() {
 }
 
 #[test]
+fn a_result_is_acknowledged_to_its_replica_at_once_and_its_job_upstream_once_stored() {
+    let mut rig = Rig::completing("topic:1");
+    rig.join(0);
+    rig.job(7, 10);
+    rig.job(8, 11);
+    rig.ack_all(0);
+    rig.sent(0);
+    // QoS 1 results, the second reusing the first's packet id at once
+    rig.result(0, "done/7", 1, 1);
+    assert_eq!(rig.sent(0), [Outgoing::PubAck(101, 0.into())], "at once");
+    rig.send(Event::Packet {
+        slot: 0,
+        packet: Incoming::Publish {
+            msg: msg("done/8", 1),
+            pkid: 101,
+            dup: false,
+        },
+    });
+    assert_eq!(rig.sent(0), [Outgoing::PubAck(101, 0.into())], "not a DUP");
+    let (acks, pubs) = rig.drain_up();
+    assert!(acks.is_empty(), "the jobs wait for the broker");
+    assert_eq!(topics(&pubs), ["done/7", "done/8"]);
+    for (_, pkid) in &pubs {
+        rig.broker_acks(*pkid);
+    }
+    assert_eq!(rig.up_acks(), [10, 11]);
+    assert!(rig.sent(0).is_empty(), "nothing more for the replica");
+}
+
+#[test]
 fn a_job_its_replica_took_and_did_not_finish_goes_to_another_when_it_leaves() {
     let mut rig = Rig::completing("topic:1");
     rig.join(0);

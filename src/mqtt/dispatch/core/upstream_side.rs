@@ -88,23 +88,29 @@ impl Dispatcher {
                 // authorized...) goes on to the replica
                 if let Some(o) = self.out.remove(&pkid) {
                     let stored = code.code < 0x80;
-                    self.send_replica(o.slot, Outgoing::PubAck(o.replica_pkid, code));
+                    if !o.answered {
+                        self.send_replica(o.slot, Outgoing::PubAck(o.replica_pkid, code));
+                    }
                     self.result_stored(o.completes, stored);
                 }
             }
             Incoming::PubRec(pkid, code) if code.code >= 0x80 => {
                 // refused: the QoS 2 exchange ends here, no PUBREL
                 if let Some(o) = self.out.remove(&pkid) {
-                    self.send_replica(o.slot, Outgoing::PubRec(o.replica_pkid, code));
+                    if !o.answered {
+                        self.send_replica(o.slot, Outgoing::PubRec(o.replica_pkid, code));
+                    }
                     self.result_stored(o.completes, false);
                 }
             }
             Incoming::PubRec(pkid, code) => {
                 if let Some(o) = self.out.get_mut(&pkid) {
                     o.received = true;
-                    let (slot, rp) = (o.slot, o.replica_pkid);
+                    let (slot, rp, answered) = (o.slot, o.replica_pkid, o.answered);
                     self.send_up(UpCmd::PubRel(pkid));
-                    self.send_replica(slot, Outgoing::PubRec(rp, code));
+                    if !answered {
+                        self.send_replica(slot, Outgoing::PubRec(rp, code));
+                    }
                 }
             }
             Incoming::PubComp(pkid) => {
