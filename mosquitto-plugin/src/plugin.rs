@@ -351,6 +351,7 @@ impl AdminThread {
             ready: AtomicBool::new(true),
             broker_up: AtomicBool::new(true),
             deploys: Default::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
         });
         let stop = CancellationToken::new();
         let token = stop.clone();
