@@ -423,7 +423,7 @@ async fn the_watchdog_sees_a_broker_that_stops_answering() {
         let _ = tx.send((up, Instant::now()));
     };
     let started = Instant::now();
-    tokio::spawn(watch([silent_addr, broker.v5], every, up, stop.clone()));
+    let first = tokio::spawn(watch([silent_addr, broker.v5], every, up, stop.clone()));
     let (state, at) = tokio::time::timeout(DEADLINE, rx.recv())
         .await
         .expect("a change")
@@ -439,6 +439,8 @@ async fn the_watchdog_sees_a_broker_that_stops_answering() {
         .expect("the watchdog runs");
     assert!(state, "up again once it answers");
     stop.cancel();
+    // no probe of the first watch (same client ids) overlaps the second's
+    let _ = first.await;
 
     // the real listeners: no change reported for a few rounds
     let (tx, mut rx) = mpsc::unbounded_channel::<bool>();
