@@ -32,12 +32,44 @@ use crate::http::backend::{Backend, Pool};
 use crate::metrics::Metrics;
 use nodered::NodeRed;
 
+/// Where a deploy is (`running`, `done`, `failed` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeployState {
+    Running,
+    Done,
+    Failed,
+}
+
+impl DeployState {
+    /// The metric label (the JSON name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Where one replica is in a deploy (lowercase in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    Waiting,
+    Draining,
+    Deploying,
+    Starting,
+    Done,
+    Failed,
+    Restored,
+}
+
 /// What `GET /api/instances/{name}/deploy` shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeployStatus {
     pub instance: String,
-    /// `running`, `done` or `failed`.
-    pub state: &'static str,
+    pub state: DeployState,
     pub started_unix_ms: u64,
     pub finished_unix_ms: Option<u64>,
     /// Where the flows found on each replica before the deploy were saved.
@@ -54,8 +86,7 @@ pub struct ReplicaStep {
     pub addr: String,
     pub from_rev: Option<String>,
     pub to_rev: Option<String>,
-    /// `waiting`, `draining`, `deploying`, `starting`, `done`, `failed`, `restored`.
-    pub state: &'static str,
+    pub state: ReplicaState,
 }
 
 fn unix_ms() -> u64 {
@@ -172,9 +203,9 @@ impl Registry {
     /// while another one runs.
     pub fn begin(&self, instance: &str, status: Arc<Mutex<DeployStatus>>) -> bool {
         let mut all = self.by_instance.lock().unwrap_or_else(|p| p.into_inner());
-        let running = all
-            .get(instance)
-            .is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state == "running");
+        let running = all.get(instance).is_some_and(|s| {
+            s.lock().unwrap_or_else(|p| p.into_inner()).state == DeployState::Running
+        });
         if !running {
             all.insert(instance.to_string(), status);
         }
@@ -230,7 +261,7 @@ impl Deploy {
     ) -> Self {
         let status = DeployStatus {
             instance: pool.instance.clone(),
-            state: "running",
+            state: DeployState::Running,
             started_unix_ms: unix_ms(),
             finished_unix_ms: None,
             backup_dir: None,
@@ -242,7 +273,7 @@ impl Deploy {
                     addr: b.addr.clone(),
                     from_rev: None,
                     to_rev: None,
-                    state: "waiting",
+                    state: ReplicaState::Waiting,
                 })
                 .collect(),
             log: Vec::new(),
@@ -273,7 +304,7 @@ impl Deploy {
         self.with(|s| s.log.push(line));
     }
 
-    fn step(&self, i: usize, state: &'static str) {
+    fn step(&self, i: usize, state: ReplicaState) {
         self.with(|s| s.replicas[i].state = state);
     }
 
@@ -284,12 +315,16 @@ impl Deploy {
         // done or not, replicas' flows changed: the public routes follow
         self.pool.public.flows_changed();
         let instance = self.pool.instance.clone();
-        let outcome = if result.is_ok() { "done" } else { "failed" };
+        let outcome = if result.is_ok() {
+            DeployState::Done
+        } else {
+            DeployState::Failed
+        };
         // a stale editor (409) is not a deploy that failed
         if !matches!(result, Err(DeployError::Conflict(_))) {
             self.metrics
                 .deploys
-                .with_label_values(&[instance.as_str(), outcome])
+                .with_label_values(&[instance.as_str(), outcome.as_str()])
                 .inc();
         }
         if self.editor().is_some() {
@@ -457,7 +492,7 @@ impl Deploy {
                     continue;
                 }
             };
-            self.step(i, "restored");
+            self.step(i, ReplicaState::Restored);
             said.push(if back == *old {
                 format!("replica {} is back on rev {old}", b.label)
             } else {
@@ -486,7 +521,7 @@ impl Deploy {
         mqtt_before: i64,
     ) -> Result<String, String> {
         let replica = NodeRed::new(&b.addr);
-        self.step(i, "draining");
+        self.step(i, ReplicaState::Draining);
         b.set_draining(true);
         wait(self.step_timeout, || async {
             b.inflight.load(Ordering::Relaxed) == 0
@@ -499,7 +534,7 @@ impl Deploy {
             )
         })?;
         self.log(format!("replica {} drained", b.label));
-        self.step(i, "deploying");
+        self.step(i, ReplicaState::Deploying);
         let sessions_before = self.mqtt_sessions();
         let posted = match &self.change {
             Change::Flows(flows) => replica.deploy(flows, &old.rev).await,
@@ -513,7 +548,7 @@ impl Deploy {
         let new_rev = match posted {
             Ok(rev) => rev,
             Err(e) => {
-                self.step(i, "failed");
+                self.step(i, ReplicaState::Failed);
                 // nothing changed on it: flows are as before; it stays drained
                 return Err(format!(
                     "replica {} refused the flows: {e}; it keeps its flows (rev {})",
@@ -522,7 +557,7 @@ impl Deploy {
             }
         };
         self.with(|s| s.replicas[i].to_rev = Some(new_rev.clone()));
-        self.step(i, "starting");
+        self.step(i, ReplicaState::Starting);
         let restarts_all = self.editor().is_none_or(EditorPost::restarts_all);
         let started = self
             .started(
@@ -535,16 +570,16 @@ impl Deploy {
             )
             .await;
         if let Err(e) = started {
-            self.step(i, "failed");
+            self.step(i, ReplicaState::Failed);
             let restored = match replica.restore(&old.raw).await {
                 Ok(rev) => format!("its old flows are back (rev {rev})"),
                 Err(r) => format!("restoring its old flows failed too: {r}"),
             };
-            self.step(i, "restored");
+            self.step(i, ReplicaState::Restored);
             return Err(format!("replica {}: {e}; {restored}", b.label));
         }
         b.set_draining(false);
-        self.step(i, "done");
+        self.step(i, ReplicaState::Done);
         self.log(format!(
             "replica {} runs rev {new_rev} and takes traffic again",
             b.label
@@ -662,7 +697,7 @@ mod tests {
 
     #[test]
     fn one_deploy_at_a_time_per_instance() {
-        let status = |state: &'static str| {
+        let status = |state: DeployState| {
             Arc::new(Mutex::new(DeployStatus {
                 instance: "a".into(),
                 state,
@@ -675,16 +710,19 @@ mod tests {
             }))
         };
         let r = Registry::default();
-        let running = status("running");
+        let running = status(DeployState::Running);
         assert!(r.begin("a", running.clone()));
         assert!(
-            !r.begin("a", status("running")),
+            !r.begin("a", status(DeployState::Running)),
             "a second one while it runs"
         );
-        assert!(r.begin("b", status("running")), "another instance");
-        running.lock().expect("lock").state = "done";
-        assert!(r.begin("a", status("running")), "after it ended");
-        assert_eq!(r.get("a").map(|s| s.state), Some("running"));
+        assert!(
+            r.begin("b", status(DeployState::Running)),
+            "another instance"
+        );
+        running.lock().expect("lock").state = DeployState::Done;
+        assert!(r.begin("a", status(DeployState::Running)), "after it ended");
+        assert_eq!(r.get("a").map(|s| s.state), Some(DeployState::Running));
         assert!(r.get("c").is_none());
     }
 
