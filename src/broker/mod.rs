@@ -1,9 +1,9 @@
 //! The embedded broker (rumqttd), behind flowgate's own config.
 //!
 //! rumqttd runs on threads of its own with its own runtimes and has no stop
-//! signal: it lives until the process exits. It cannot report the ports it
-//! bound, so flowgate picks free loopback ports, starts it there, and waits
-//! until both listeners (3.1.1 and 5.0) answer. It listens on 127.0.0.1 only:
+//! signal: it lives until the process exits. flowgate binds two loopback
+//! listeners on free ports, hands them to it (vendor patch 7), and waits until
+//! both (3.1.1 and 5.0) answer. It listens on 127.0.0.1 only:
 //! clients reach it through flowgate's MQTT listener, never directly.
 //! rumqttd is built from `vendor/rumqttd` (the published 0.20.0 with the
 //! fixes listed in its FLOWGATE.md).
@@ -17,7 +17,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
-    #[error("cannot find a free loopback port for the embedded broker: {0}")]
+    #[error("cannot bind a loopback port for the embedded broker: {0}")]
     Port(std::io::Error),
     #[error("embedded broker config rejected: {0}")]
     Config(String),
@@ -34,10 +34,12 @@ pub struct EmbeddedBroker {
     pub v5: SocketAddr,
 }
 
-fn free_port() -> Result<u16, BrokerError> {
+/// A listener on a free loopback port, handed to rumqttd as it is: a port
+/// released and bound again could be taken in between (by another embedded
+/// broker in the same process, whose clients would then share ours).
+fn loopback_listener() -> Result<(TcpListener, SocketAddr), BrokerError> {
     TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+        .and_then(|l| l.local_addr().map(|a| (l, a)))
         .map_err(BrokerError::Port)
 }
 
@@ -151,8 +153,8 @@ pub async fn start(
     max_packet: usize,
     store: Option<&store::Store>,
 ) -> Result<EmbeddedBroker, BrokerError> {
-    let v4: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let v5: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let (v4_listener, v4) = loopback_listener()?;
+    let (v5_listener, v5) = loopback_listener()?;
     let text = format!(
         "id = 0\n[router]\nmax_connections = 100010\nmax_outgoing_packet_count = 1000\n\
          max_segment_size = 104857600\nmax_segment_count = 10\n{}{}",
@@ -161,6 +163,12 @@ pub async fn start(
     );
     let mut config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    for (servers, listener) in [(&mut config.v4, v4_listener), (&mut config.v5, v5_listener)] {
+        let bound = rumqttd::persist::BoundListener::new(listener);
+        for server in servers.iter_mut().flat_map(|s| s.values_mut()) {
+            server.bound = Some(bound.clone());
+        }
+    }
     config.router.retained_store = store.map(|s| s.router.clone());
     config.router.session_store = store.map(|s| s.sessions.clone());
     std::thread::Builder::new()

@@ -2,7 +2,7 @@
 //! on port 0, real rumqttc clients, and waiting on conditions with a deadline.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -59,6 +59,16 @@ pub struct Mosquitto {
     conf: PathBuf,
 }
 
+/// How often a Mosquitto log says the broker is running (it does once its
+/// listeners are bound).
+fn times_running(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("mosquitto version") && l.ends_with(" running"))
+        .count()
+}
+
 impl Mosquitto {
     pub async fn start() -> Self {
         Self::start_with("").await
@@ -107,7 +117,9 @@ impl Mosquitto {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // port taken between our check and its bind: retry
                 }
-                if TcpStream::connect(addr).await.is_ok() {
+                // "running" once its listeners are bound: before that, the
+                // port may answer for another test's broker that took it
+                if times_running(&log) > 0 && TcpStream::connect(addr).await.is_ok() {
                     return Self {
                         addr,
                         log,
@@ -144,6 +156,7 @@ impl Mosquitto {
             .expect("log file");
         let start = Instant::now();
         loop {
+            let before = times_running(&self.log);
             let mut child = Command::new(&self.bin)
                 .arg("-c")
                 .arg(&self.conf)
@@ -156,7 +169,8 @@ impl Mosquitto {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // the port is not free yet: again
                 }
-                if TcpStream::connect(self.addr).await.is_ok() {
+                if times_running(&self.log) > before && TcpStream::connect(self.addr).await.is_ok()
+                {
                     self.child = child;
                     return;
                 }

@@ -118,6 +118,11 @@ pub struct ServerSettings {
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
+    /// flowgate patch: a listener the embedder bound already (`listen` is
+    /// then only its address in logs), so an ephemeral port is never
+    /// released and bound again
+    #[serde(skip)]
+    pub bound: Option<persist::BoundListener>,
 }
 
 impl ServerSettings {

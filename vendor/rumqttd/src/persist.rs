@@ -149,3 +149,28 @@ impl fmt::Debug for SessionStore {
             .finish_non_exhaustive()
     }
 }
+
+/// flowgate patch: a listening socket handed to a server (in
+/// `ServerSettings::bound`), taken by the server that starts first with it.
+#[derive(Clone, Default)]
+pub struct BoundListener(Arc<std::sync::Mutex<Option<std::net::TcpListener>>>);
+
+impl BoundListener {
+    pub fn new(listener: std::net::TcpListener) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(listener))))
+    }
+
+    /// The listener, once.
+    pub fn take(&self) -> Option<std::net::TcpListener> {
+        match self.0.lock() {
+            Ok(mut l) => l.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+}
+
+impl fmt::Debug for BoundListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BoundListener")
+    }
+}
