@@ -995,3 +995,193 @@ async fn the_instance_acl_refuses_subscriptions_and_publishes_with_the_right_cod
     );
     app.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A replica through flowgate that publishes on `out/q{qos}` until `stop`:
+/// QoS 0 as fast as it can, QoS 1 at 50/s. Reports what it published (QoS 1
+/// payloads) and the PUBACKs it got.
+fn publishing_replica(
+    addr: SocketAddr,
+    qos: QoS,
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+    mpsc::UnboundedReceiver<String>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut opts = MqttOptions::new("line1-nodered", "127.0.0.1", addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    let acked = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = acked.clone();
+    let polling = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let (sent_tx, sent_rx) = mpsc::unbounded_channel();
+    let tag = free_port();
+    let publishing = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for seq in 0u64.. {
+            if qos == QoS::AtLeastOnce {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+            } else if stop.is_cancelled() {
+                break;
+            }
+            let payload = format!("{tag}-{seq}");
+            let topic = if qos == QoS::AtMostOnce {
+                "out/q0"
+            } else {
+                "out/q1"
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                r = client.publish(topic, qos, false, payload.clone()) => r.expect("queued"),
+            }
+            if qos == QoS::AtLeastOnce {
+                let _ = sent_tx.send(payload);
+            }
+        }
+    });
+    (polling, publishing, sent_rx, acked)
+}
+
+#[tokio::test]
+async fn a_12_s_broker_outage_loses_no_acknowledged_publish_and_leaves_no_replica_waiting() {
+    const OUTAGE: Duration = Duration::from_secs(12);
+    init_logs();
+    let dir = temp_dir("outage");
+    // Mosquitto started as root writes as the user `mosquitto`
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let mut broker = Mosquitto::start_with(&format!(
+        "persistence true\npersistence_location {}/\n",
+        dir.display()
+    ))
+    .await;
+    let text = format!(
+        "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"mqtt://{}\"\nmode = \"dispatch\"\n[[instance]]\nname = \"line1\"\n\
+         match = {{ client_id = \"line1-nodered\" }}\n",
+        broker.addr
+    );
+    let app = App::start(Config::parse(&text, "test").expect("valid config"))
+        .await
+        .expect("flowgate starts");
+    // what the replicas publish, seen by a session on the broker itself that
+    // outlives the outage
+    let mut opts = MqttOptions::new("observer", "127.0.0.1", broker.addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(false);
+    let (observer, mut observer_el) = AsyncClient::new(opts, 100);
+    observer
+        .subscribe("out/#", QoS::AtLeastOnce)
+        .await
+        .expect("queued");
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let observing = tokio::spawn(async move {
+        loop {
+            match observer_el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = seen_tx.send((p.qos, String::from_utf8_lossy(&p.payload).into_owned()));
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = seen_tx.send((QoS::ExactlyOnce, String::new()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let (qos, _) = tokio::time::timeout(DEADLINE, seen_rx.recv())
+        .await
+        .expect("the observer's SUBACK")
+        .expect("observer alive");
+    assert_eq!(qos, QoS::ExactlyOnce, "SUBACK first");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut replicas = Vec::new();
+    for qos in [
+        QoS::AtMostOnce,
+        QoS::AtMostOnce,
+        QoS::AtLeastOnce,
+        QoS::AtLeastOnce,
+    ] {
+        replicas.push(publishing_replica(app.mqtt_addr, qos, stop.clone()));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.stop();
+    let outage = Instant::now();
+    tokio::time::sleep(OUTAGE).await;
+    broker.start_again().await;
+    eprintln!("broker out for {:?}", outage.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    // every QoS 1 publish a replica made, and whether it was acknowledged
+    let mut sent = HashSet::new();
+    let mut waiting = Vec::new();
+    for (polling, publishing, mut sent_rx, acked) in replicas {
+        publishing.await.expect("publisher ends");
+        let mut mine = 0;
+        while let Ok(p) = sent_rx.try_recv() {
+            sent.insert(p);
+            mine += 1;
+        }
+        let start = Instant::now();
+        while acked.load(std::sync::atomic::Ordering::Relaxed) < mine && start.elapsed() < DEADLINE
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = acked.load(std::sync::atomic::Ordering::Relaxed);
+        if got < mine {
+            waiting.push(format!("{got} of {mine}"));
+        }
+        polling.abort();
+    }
+    assert!(
+        waiting.is_empty(),
+        "replicas left waiting for PUBACKs (acked of sent): {waiting:?}"
+    );
+    let (mut q0, mut q1) = (0usize, HashSet::new());
+    let start = Instant::now();
+    while q1.len() < sent.len() && start.elapsed() < DEADLINE {
+        match tokio::time::timeout(Duration::from_millis(200), seen_rx.recv()).await {
+            Ok(Some((QoS::AtMostOnce, _))) => q0 += 1,
+            Ok(Some((_, p))) => {
+                q1.insert(p);
+            }
+            _ => {}
+        }
+    }
+    let lost: Vec<&String> = sent.difference(&q1).collect();
+    eprintln!(
+        "outage: {} QoS 1 publishes acknowledged, {} lost; {q0} QoS 0 delivered",
+        sent.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    // 2 replicas at 50/s with the broker up for 4 s, and what they could
+    // send while it was down
+    assert!(sent.len() > 300, "QoS 1 publishes: {}", sent.len());
+    let (_, m) = http_get(app.admin_addr, "/metrics").await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "flowgate_mqtt_errors_total",
+            &[("kind", "upstream_backlog")]
+        ),
+        0.0
+    );
+    observing.abort();
+    app.shutdown(Duration::from_secs(2)).await;
+}

@@ -143,6 +143,12 @@ impl Mosquitto {
     /// Stops the broker with SIGTERM (it saves its persistence database when
     /// configured to) and starts it again on the same port and config.
     pub async fn restart(&mut self) {
+        self.stop();
+        self.start_again().await;
+    }
+
+    /// Stops the broker with SIGTERM and waits until it has exited.
+    pub fn stop(&mut self) {
         let pid = self.child.id().to_string();
         let status = Command::new("kill")
             .args(["-TERM", &pid])
@@ -150,6 +156,10 @@ impl Mosquitto {
             .expect("kill runs");
         assert!(status.success());
         let _ = self.child.wait();
+    }
+
+    /// Starts the stopped broker again on its port and config.
+    pub async fn start_again(&mut self) {
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log)
