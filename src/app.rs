@@ -262,7 +262,13 @@ impl App {
             .filter_map(|i| {
                 let cfg = i.http.clone()?;
                 let tie = ties.get(&i.name).cloned();
-                Some(Arc::new(Pool::new(&i.name, cfg, metrics.clone(), tie)))
+                Some(Arc::new(Pool::new(
+                    &i.name,
+                    cfg,
+                    metrics.clone(),
+                    tie,
+                    (&tracker, &shutdown),
+                )))
             })
             .collect();
         let mut http_addrs = Vec::new();

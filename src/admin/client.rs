@@ -94,7 +94,6 @@ pub async fn request(
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| fail(e.to_string()))?;
-        tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
             .uri(uri.path())
@@ -103,18 +102,32 @@ pub async fn request(
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(body)).map_err(|e| fail(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+        let exchange = async {
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        // the connection is driven here, beside its one exchange: no task
+        // outlives the request
+        tokio::pin!(conn, exchange);
+        tokio::select! {
+            biased;
+            r = exchange.as_mut() => r,
+            r = conn.as_mut() => match r {
+                // closed after the response: what it sent is read
+                Ok(()) => exchange.await,
+                Err(e) => Err(fail(e.to_string())),
+            },
+        }
     };
     tokio::time::timeout(TIMEOUT, fetch)
         .await

@@ -15,6 +15,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::balancer::{self, Candidate};
 use super::health::Health;
@@ -60,6 +61,12 @@ pub struct Backend {
     rev: Mutex<Option<String>>,
     /// Its rev differs from most replicas'.
     diverged: AtomicBool,
+    /// Where its connections' tasks (hyper drivers, upgrade splices) run:
+    /// the app's tracker, so shutdown waits for them.
+    tasks: TaskTracker,
+    /// The app's shutdown: pooled connections are not kept after it, spliced
+    /// ones close.
+    closing: CancellationToken,
     /// Why and since when the replica is down (active-standby's failover cause).
     down: Mutex<Option<(&'static str, Instant)>>,
     pub up_gauge: IntGauge,
@@ -173,13 +180,15 @@ impl Backend {
         None
     }
 
-    /// Gives a connection back for reuse.
+    /// Gives a connection back for reuse (dropped, its task ending, once
+    /// the app shuts down).
     pub fn checkin(&self, sender: SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = lock(&self.idle);
-        if idle.len() < MAX_IDLE {
+        // under the lock: `close_idle` after the cancel sees this one
+        if idle.len() < MAX_IDLE && !self.closing.is_cancelled() {
             idle.push((sender, Instant::now()));
         }
     }
@@ -204,6 +213,26 @@ impl Backend {
 
     /// Closes pooled connections unused for `idle_timeout` (the probe loop
     /// calls it each second, so a quiet replica's pool empties too).
+    /// Drops every pooled connection (their driver tasks end).
+    fn close_idle(&self) {
+        lock(&self.idle).clear();
+        lock(&self.idle_raw).clear();
+    }
+
+    /// Runs `task` on the app's tracker; it ends at shutdown at the latest.
+    pub fn spawn_until_shutdown<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let closing = self.closing.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = closing.cancelled() => {}
+            }
+        });
+    }
+
     pub fn prune_idle(&self, idle_timeout: Duration) {
         lock(&self.idle_raw).retain(|(_, _, since)| since.elapsed() < idle_timeout);
         lock(&self.idle).retain(|(_, since)| since.elapsed() < idle_timeout);
@@ -235,7 +264,9 @@ impl Backend {
             .await
             .map_err(ConnectError::Handshake)?;
         let addr = self.addr.clone();
-        tokio::spawn(async move {
+        // ends when its sender is dropped: after its request once the app
+        // shuts down (`checkin`, `close_idle`)
+        self.tasks.spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "replica connection ended");
             }
@@ -267,6 +298,7 @@ impl Pool {
         cfg: HttpConfig,
         metrics: Arc<Metrics>,
         tie: Option<Arc<Tie>>,
+        owner: (&TaskTracker, &CancellationToken),
     ) -> Self {
         let backends = cfg
             .replicas
@@ -303,6 +335,8 @@ impl Pool {
                     rev: Mutex::new(None),
                     diverged: AtomicBool::new(false),
                     down: Mutex::new(None),
+                    tasks: owner.0.clone(),
+                    closing: owner.1.clone(),
                     up_gauge,
                     inflight_gauge,
                     codes,
@@ -553,7 +587,10 @@ impl Pool {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    self.backends.iter().for_each(|b| b.close_idle());
+                    return;
+                }
             }
             for b in &self.backends {
                 b.prune_idle(self.cfg.idle_timeout);

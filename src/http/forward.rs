@@ -440,11 +440,12 @@ async fn send(pool: &Pool, backend: &Backend, mut req: Request<Body>, upgrade: b
 }
 
 /// Joins the client's and the replica's upgraded connections, until either
-/// closes or the replica goes down.
+/// closes, the replica goes down or flowgate shuts down.
 fn splice(client: hyper::upgrade::OnUpgrade, resp: &mut Response<Incoming>, backend: Arc<Backend>) {
     let upstream = hyper::upgrade::on(resp);
     let mut down = backend.down_signal();
-    tokio::spawn(async move {
+    let owner = backend.clone();
+    owner.spawn_until_shutdown(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
             Err(e) => {

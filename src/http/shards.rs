@@ -79,6 +79,8 @@ impl Shards {
                 Err(mpsc::error::SendError(back)) => job = back,
             }
         }
-        tokio::spawn(job);
+        // every shard ended (shutdown): here, on the tracker (counted twice
+        // while it runs, which changes nothing)
+        tracker.spawn(job);
     }
 }

@@ -49,6 +49,8 @@ struct Target {
     idle: Mutex<Vec<SendRequest<Empty<Bytes>>>>,
     permits: Semaphore,
     header: String,
+    /// The requests and their connections' drivers, waited for at the end.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Target {
@@ -66,7 +68,7 @@ impl Target {
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|_| "connect")?;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "loadtest connection ended");
             }
@@ -105,10 +107,13 @@ impl Target {
         if resp.into_body().collect().await.is_err() {
             return Outcome::Err("io");
         }
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(send);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // kept only while the run goes on (under the lock: the end's clear
+        // sees it)
+        if !self.tasks.is_closed() {
+            idle.push(send);
+        }
+        drop(idle);
         match status.as_u16() {
             200..=399 => Outcome::Ok {
                 replica,
@@ -159,13 +164,14 @@ pub async fn run(
         idle: Mutex::new(Vec::new()),
         permits: Semaphore::new(load.concurrency.max(1)),
         header: load.replica_header.clone(),
+        tasks: tokio_util::task::TaskTracker::new(),
     });
     let recorder = Arc::new(Recorder::new(ramp));
     let timeout = load.timeout;
     drive(ramp, &recorder, progress, |_, due| {
         recorder.begin();
         let (target, recorder) = (target.clone(), recorder.clone());
-        tokio::spawn(async move {
+        target.clone().tasks.spawn(async move {
             let outcome = tokio::time::timeout_at(due + timeout, target.request(&recorder))
                 .await
                 .unwrap_or(Outcome::Err("timeout"));
@@ -174,6 +180,14 @@ pub async fn run(
     })
     .await;
     super::drain(&recorder, Instant::now() + timeout).await;
+    // idle connections dropped, their drivers end; requests end by `timeout`
+    target.tasks.close();
+    target
+        .idle
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    target.tasks.wait().await;
     let (samples, names) = recorder.take();
     Ok(Input {
         kind: "http",

@@ -304,10 +304,12 @@ pub async fn run(
         qos,
     });
     let stop = CancellationToken::new();
-    let pump = {
+    // the broker connection's pump and the admin poller, until `stop`
+    let mut tasks = tokio::task::JoinSet::new();
+    {
         let (shared, stop, reply) = (shared.clone(), stop.clone(), load.reply_topic.clone());
         let timeout = load.timeout;
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut sweep = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
@@ -322,13 +324,13 @@ pub async fn run(
                     },
                 }
             }
-        })
-    };
+        });
+    }
     let snapshots = Arc::new(Mutex::new(Vec::<Snapshot>::new()));
-    let poller = load.admin.clone().map(|base| {
+    if let Some(base) = load.admin.clone() {
         let (snapshots, recorder, stop) = (snapshots.clone(), recorder.clone(), stop.clone());
         let instance = load.instance.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
@@ -346,8 +348,8 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "cannot read flowgate's admin API"),
                 }
             }
-        })
-    });
+        });
+    }
 
     drive(ramp, &recorder, progress, |seq, due| {
         recorder.begin();
@@ -370,10 +372,7 @@ pub async fn run(
     )
     .await;
     stop.cancel();
-    let _ = pump.await;
-    if let Some(poller) = poller {
-        let _ = poller.await;
-    }
+    while tasks.join_next().await.is_some() {}
     // whatever is still pending now never finished
     shared.expire(Duration::ZERO);
     let _ = client.try_disconnect();

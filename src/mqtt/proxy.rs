@@ -98,11 +98,12 @@ pub async fn serve(
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         let transport = transport.clone();
+        let tasks = tracker.clone();
         let span = tracing::debug_span!("mqtt", %peer, listener = transport.name());
         tracker.spawn(
             async move {
                 let open = ctx.connections.fetch_add(1, Ordering::Relaxed) + 1;
-                let result = match open_transport(&ctx, &transport, stream).await {
+                let result = match open_transport(&ctx, &transport, stream, &tasks).await {
                     Ok(stream) => handle(&ctx, stream, peer, open, &shutdown).await,
                     Err(e) => Err(e),
                 };
@@ -123,13 +124,14 @@ async fn open_transport(
     ctx: &ProxyContext,
     transport: &Transport,
     tcp: TcpStream,
+    tasks: &TaskTracker,
 ) -> Result<Stream, ConnError> {
     let deadline = ctx.config.mqtt.connect_timeout;
     let max = ctx.config.mqtt.max_packet_size.bytes();
     let open = async {
         let stream = crate::tls::accept(transport.tls.as_deref(), tcp, deadline).await?;
         match &transport.websocket {
-            Some(path) => super::ws::accept(stream, path, max).await,
+            Some(path) => super::ws::accept(stream, path, max, tasks).await,
             None => Ok(stream),
         }
     };

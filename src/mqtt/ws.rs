@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::task::TaskTracker;
 
 use crate::stream::Stream;
 
@@ -21,8 +22,13 @@ const PIPE: usize = 64 * 1024;
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
 /// Answers the upgrade on `path` and returns the MQTT byte stream; the
-/// frames are carried by a task that ends with the connection.
-pub async fn accept(stream: Stream, path: &str, max_packet: usize) -> Result<Stream, String> {
+/// frames are carried by a task on `tasks` that ends with the connection.
+pub async fn accept(
+    stream: Stream,
+    path: &str,
+    max_packet: usize,
+    tasks: &TaskTracker,
+) -> Result<Stream, String> {
     let path = path.to_owned();
     // the callback's signature is tungstenite's
     #[allow(clippy::result_large_err)]
@@ -54,7 +60,7 @@ pub async fn accept(stream: Stream, path: &str, max_packet: usize) -> Result<Str
         .await
         .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
     let (ours, theirs) = tokio::io::duplex(PIPE);
-    tokio::spawn(bridge(ws, theirs));
+    tasks.spawn(bridge(ws, theirs));
     Ok(Stream::Duplex(ours))
 }
 
