@@ -41,8 +41,10 @@ pub enum StartError {
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] crate::mqtt::auth::AuthError),
     #[error("cannot start the HTTP threads: {0}")]
     Threads(String),
 }
@@ -137,14 +139,14 @@ impl App {
         let upstream_tls = match config.mqtt.upstream.tls_host() {
             Some(host) => Some(Arc::new(
                 Connector::new(host, &config.mqtt.upstream_tls)
-                    .map_err(|e| StartError::Tls(format!("mqtt.upstream_ca_file: {e}")))?,
+                    .map_err(crate::tls::listener("mqtt.upstream_ca_file"))?,
             )),
             None => None,
         };
         let load = |path: &std::path::Path| {
             PasswordFile::load(path)
                 .map(Arc::new)
-                .map_err(StartError::Tls)
+                .map_err(StartError::Auth)
         };
         let mut passwords = Vec::new();
         let global_passwords = match &config.mqtt.password_file {
@@ -382,13 +384,14 @@ impl App {
     /// Returns how many reloads failed.
     pub fn reload(&self) -> usize {
         let mut failed = 0;
-        let mut record = |what: &str, r: Result<(), String>| {
-            let result = match r {
-                Ok(()) => {
+        // the error of a reload that failed
+        let mut record = |what: &str, failure: Option<&dyn std::error::Error>| {
+            let result = match failure {
+                None => {
                     tracing::info!(what, "reloaded");
                     "ok"
                 }
-                Err(e) => {
+                Some(e) => {
                     tracing::warn!(what, error = %e, "reload failed; the old one stays in use");
                     failed += 1;
                     "failed"
@@ -397,10 +400,14 @@ impl App {
             self.metrics.tls_reloads.with_label_values(&[result]).inc();
         };
         for a in &self.acceptors {
-            record(&a.what, a.reload());
+            record(&a.what, a.reload().err().as_ref().map(|e| e as _));
         }
         for p in &self.passwords {
-            record(&p.path.display().to_string(), p.reload().map(|_| ()));
+            let failure = p.reload().err();
+            record(
+                &p.path.display().to_string(),
+                failure.as_ref().map(|e| e as _),
+            );
         }
         failed
     }
@@ -454,7 +461,7 @@ async fn start_editors(
         };
         let users = match &cfg.password_file {
             Some(p) => {
-                let file = Arc::new(PasswordFile::load(p).map_err(StartError::Tls)?);
+                let file = Arc::new(PasswordFile::load(p)?);
                 passwords.push(file.clone());
                 Some(file)
             }

@@ -2,7 +2,7 @@
 //! optional client certificates (mTLS), reloaded from their files on SIGHUP;
 //! and the client side for an `mqtts://` upstream broker.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use thiserror::Error;
 use tokio::net::TcpStream;
 
 use crate::config::{ClientAuth, TlsConfig, UpstreamTls};
@@ -19,41 +20,96 @@ use crate::stream::Stream;
 /// broker when no `upstream_ca_file` is set.
 const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// What went wrong building a TLS config or making a TLS connection.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no PEM certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("{}: no usable PEM private key: {source}", path.display())]
+    Key {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused what the files hold (`what` names them).
+    #[error("{what}: {source}")]
+    Refused { what: String, source: rustls::Error },
+    #[error("{}: {source}", path.display())]
+    ClientVerifier {
+        path: PathBuf,
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("not a server name: {0}")]
+    ServerName(rustls::pki_types::InvalidDnsNameError),
+    /// Where the error is in the config (`what` is its key, `mqtt.tls`).
+    #[error("{what}: {source}")]
+    In { what: String, source: Box<TlsError> },
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("no TLS handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("no answer within {0:?}")]
+    ConnectTimeout(Duration),
+}
+
+fn refused(what: String) -> impl FnOnce(rustls::Error) -> TlsError {
+    move |source| TlsError::Refused { what, source }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| TlsError::Pem {
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
+        return Err(TlsError::NoCertificate(path.to_owned()));
     }
     Ok(certs)
 }
 
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| format!("{}: no usable PEM private key: {e}", path.display()))
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Key {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-fn roots(path: &Path) -> Result<RootCertStore, String> {
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in certs(path)? {
         roots
             .add(cert)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(refused(path.display().to_string()))?;
     }
     Ok(roots)
 }
 
 /// Builds a listener's rustls config from its files.
-pub fn server_config(cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<ServerConfig, String> {
+pub fn server_config(cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(refused("the TLS provider".into()))?;
     let builder = match (&cfg.client_ca_file, cfg.client_auth) {
         (Some(ca), ClientAuth::Optional | ClientAuth::Required) => {
             let verifier =
@@ -65,22 +121,31 @@ pub fn server_config(cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<ServerConfig, St
             };
             let verifier = verifier
                 .build()
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
+                .map_err(|source| TlsError::ClientVerifier {
+                    path: ca.clone(),
+                    source,
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
         _ => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(certs(&cfg.cert_file)?, key(&cfg.key_file)?)
-        .map_err(|e| {
-            format!(
-                "{} with {}: {e}",
-                cfg.cert_file.display(),
-                cfg.key_file.display()
-            )
-        })?;
+        .map_err(refused(format!(
+            "{} with {}",
+            cfg.cert_file.display(),
+            cfg.key_file.display()
+        )))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
+}
+
+/// `e`, said to be about the config key `what`.
+pub fn listener(what: &str) -> impl FnOnce(TlsError) -> TlsError + '_ {
+    move |e| TlsError::In {
+        what: what.to_owned(),
+        source: Box::new(e),
+    }
 }
 
 /// A TLS listener's handshakes: the config in use, swapped for a new one
@@ -95,8 +160,8 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    pub fn new(what: &str, cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<Self>, String> {
-        let config = server_config(cfg, alpn).map_err(|e| format!("{what}: {e}"))?;
+    pub fn new(what: &str, cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<Self>, TlsError> {
+        let config = server_config(cfg, alpn).map_err(listener(what))?;
         Ok(Arc::new(Self {
             what: what.to_owned(),
             cfg: cfg.clone(),
@@ -106,9 +171,9 @@ impl Acceptor {
     }
 
     /// Reads the files again; on a problem the config in use stays.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let alpn: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
-        let config = server_config(&self.cfg, &alpn).map_err(|e| format!("{}: {e}", self.what))?;
+        let config = server_config(&self.cfg, &alpn).map_err(listener(&self.what))?;
         *self
             .current
             .write()
@@ -117,7 +182,7 @@ impl Acceptor {
     }
 
     /// The server side of a handshake, bounded by `timeout`.
-    pub async fn accept(&self, tcp: TcpStream, timeout: Duration) -> Result<Stream, String> {
+    pub async fn accept(&self, tcp: TcpStream, timeout: Duration) -> Result<Stream, TlsError> {
         let config = self
             .current
             .read()
@@ -126,8 +191,8 @@ impl Acceptor {
         let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
         match tokio::time::timeout(timeout, accept).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s.into()))),
-            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-            Err(_) => Err(format!("no TLS handshake within {timeout:?}")),
+            Ok(Err(e)) => Err(TlsError::Handshake(e)),
+            Err(_) => Err(TlsError::HandshakeTimeout(timeout)),
         }
     }
 }
@@ -138,7 +203,7 @@ pub async fn accept(
     tls: Option<&Acceptor>,
     tcp: TcpStream,
     timeout: Duration,
-) -> Result<Stream, String> {
+) -> Result<Stream, TlsError> {
     let _ = tcp.set_nodelay(true);
     match tls {
         None => Ok(Stream::Tcp(tcp)),
@@ -153,20 +218,20 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub fn new(host: &str, cfg: &UpstreamTls) -> Result<Self, String> {
+    pub fn new(host: &str, cfg: &UpstreamTls) -> Result<Self, TlsError> {
         let roots = roots(cfg.ca_file.as_deref().unwrap_or(Path::new(SYSTEM_CA)))?;
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(refused("the TLS provider".into()))?
             .with_root_certificates(roots);
         let config = match (&cfg.cert_file, &cfg.key_file) {
             (Some(c), Some(k)) => builder
                 .with_client_auth_cert(certs(c)?, key(k)?)
-                .map_err(|e| format!("{} with {}: {e}", c.display(), k.display()))?,
+                .map_err(refused(format!("{} with {}", c.display(), k.display())))?,
             _ => builder.with_no_client_auth(),
         };
         let name = cfg.server_name.as_deref().unwrap_or(host).to_owned();
-        let name = ServerName::try_from(name).map_err(|e| format!("not a server name: {e}"))?;
+        let name = ServerName::try_from(name).map_err(TlsError::ServerName)?;
         Ok(Self {
             name,
             inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -184,19 +249,16 @@ pub async fn connect(
     addr: &str,
     timeout: Duration,
     tls: Option<&Connector>,
-) -> Result<Stream, String> {
+) -> Result<Stream, TlsError> {
     let connect = async {
-        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(addr).await.map_err(TlsError::Connect)?;
         let _ = tcp.set_nodelay(true);
         match tls {
             None => Ok(Stream::Tcp(tcp)),
-            Some(c) => c
-                .connect(tcp)
-                .await
-                .map_err(|e| format!("TLS handshake failed: {e}")),
+            Some(c) => c.connect(tcp).await.map_err(TlsError::Handshake),
         }
     };
     tokio::time::timeout(timeout, connect)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| TlsError::ConnectTimeout(timeout))?
 }

@@ -91,7 +91,7 @@ impl FileEditor {
             (Some(f), true) => {
                 // read once so a bad file shows at `flowgate check`
                 if let Err(e) = crate::mqtt::auth::PasswordFile::load(f) {
-                    problem(".password_file", e);
+                    problem(".password_file", e.to_string());
                 }
             }
             (Some(_), false) => problem(

@@ -221,7 +221,7 @@ fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
 fn password_file(p: &mut Problems, path: &str, file: Option<String>) -> Option<PathBuf> {
     let file = PathBuf::from(file?);
     if let Err(e) = crate::mqtt::auth::PasswordFile::load(&file) {
-        p.add(path, e);
+        p.add(path, e.to_string());
     }
     Some(file)
 }
@@ -459,7 +459,7 @@ impl FileConfig {
         };
         if let Some(host) = mqtt.upstream.tls_host() {
             if let Err(e) = crate::tls::Connector::new(host, &mqtt.upstream_tls) {
-                p.add("mqtt.upstream_ca_file", e);
+                p.add("mqtt.upstream_ca_file", e.to_string());
             }
         } else if mqtt.upstream_tls != super::UpstreamTls::default() {
             p.add(

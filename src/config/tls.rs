@@ -115,7 +115,7 @@ impl FileTls {
             client_auth,
         };
         if let Err(e) = crate::tls::server_config(&cfg, &[]) {
-            found.push((path.to_owned(), e));
+            found.push((path.to_owned(), e.to_string()));
         }
         Some(cfg)
     }

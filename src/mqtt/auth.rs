@@ -13,6 +13,58 @@ use std::sync::{OnceLock, RwLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use thiserror::Error;
+
+/// A password file that cannot be read, written or understood.
+#[derive(Debug, Error)]
+pub enum AuthError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} line {line}: {problem}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        problem: LineProblem,
+    },
+    #[error("{0:?}: a username is not empty and has no ':'")]
+    BadUsername(String),
+    #[error("cannot read /dev/urandom: {0}")]
+    Random(std::io::Error),
+    #[error("{0}")]
+    Hashing(argon2::password_hash::Error),
+}
+
+/// What is wrong with one line of a password file.
+#[derive(Debug, Error)]
+pub enum LineProblem {
+    #[error("not \"username:hash\"")]
+    NotUserHash,
+    #[error("user {0:?} appears twice")]
+    Twice(String),
+    #[error("a {0} hash is {1}")]
+    Shape(&'static str, &'static str),
+    #[error("{0:?} is not an iteration count")]
+    Iterations(String),
+    #[error("{what} is not base64: {source}")]
+    Base64 {
+        what: &'static str,
+        source: base64ct::Error,
+    },
+    #[error("a {0} hash has 64 bytes, not {1}")]
+    Length(&'static str, usize),
+    #[error("not a PHC hash ({0}) nor a mosquitto_passwd one ($7$ or $6$)")]
+    NotPhc(argon2::password_hash::Error),
+    #[error("{0} hashes are not supported (argon2id, argon2i, argon2d, or mosquitto_passwd's $7$ and $6$)")]
+    Algorithm(String),
+}
 
 /// What a CONNECT's credentials are worth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,26 +117,26 @@ enum Stored {
     Sha512 { salt: Vec<u8>, hash: Vec<u8> },
 }
 
-fn b64(field: &str, what: &str) -> Result<Vec<u8>, String> {
+fn b64(field: &str, what: &'static str) -> Result<Vec<u8>, LineProblem> {
     use base64ct::Encoding;
-    base64ct::Base64::decode_vec(field).map_err(|e| format!("{what} is not base64: {e}"))
+    base64ct::Base64::decode_vec(field).map_err(|source| LineProblem::Base64 { what, source })
 }
 
 impl Stored {
-    fn parse(hash: &str) -> Result<Self, String> {
+    fn parse(hash: &str) -> Result<Self, LineProblem> {
         if let Some(rest) = hash.strip_prefix("$7$") {
             let mut parts = rest.split('$');
             let (Some(iterations), Some(salt), Some(digest), None) =
                 (parts.next(), parts.next(), parts.next(), parts.next())
             else {
-                return Err("a $7$ hash is $7$iterations$salt$hash".into());
+                return Err(LineProblem::Shape("$7$", "$7$iterations$salt$hash"));
             };
             let iterations = iterations
                 .parse()
-                .map_err(|_| format!("{iterations:?} is not an iteration count"))?;
+                .map_err(|_| LineProblem::Iterations(iterations.to_owned()))?;
             let hash = b64(digest, "the hash")?;
             if hash.len() != 64 {
-                return Err(format!("a $7$ hash has 64 bytes, not {}", hash.len()));
+                return Err(LineProblem::Length("$7$", hash.len()));
             }
             return Ok(Self::Pbkdf2Sha512 {
                 iterations,
@@ -94,24 +146,20 @@ impl Stored {
         }
         if let Some(rest) = hash.strip_prefix("$6$") {
             let Some((salt, digest)) = rest.split_once('$') else {
-                return Err("a $6$ hash is $6$salt$hash".into());
+                return Err(LineProblem::Shape("$6$", "$6$salt$hash"));
             };
             let hash = b64(digest, "the hash")?;
             if hash.len() != 64 {
-                return Err(format!("a $6$ hash has 64 bytes, not {}", hash.len()));
+                return Err(LineProblem::Length("$6$", hash.len()));
             }
             return Ok(Self::Sha512 {
                 salt: b64(salt, "the salt")?,
                 hash,
             });
         }
-        let parsed = PasswordHash::new(hash)
-            .map_err(|e| format!("not a PHC hash ({e}) nor a mosquitto_passwd one ($7$ or $6$)"))?;
+        let parsed = PasswordHash::new(hash).map_err(LineProblem::NotPhc)?;
         if !parsed.algorithm.as_str().starts_with("argon2") {
-            return Err(format!(
-                "{} hashes are not supported (argon2id, argon2i, argon2d, or mosquitto_passwd's $7$ and $6$)",
-                parsed.algorithm
-            ));
+            return Err(LineProblem::Algorithm(parsed.algorithm.to_string()));
         }
         Ok(Self::Argon2(hash.to_owned()))
     }
@@ -168,9 +216,11 @@ impl Stored {
     }
 }
 
-fn parse(path: &Path) -> Result<Users, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn parse(path: &Path) -> Result<Users, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut users = HashMap::new();
     let mut decoy = None;
     for (n, line) in text.lines().enumerate() {
@@ -178,14 +228,18 @@ fn parse(path: &Path) -> Result<Users, String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let where_ = || format!("{} line {}", path.display(), n + 1);
-        let Some((user, hash)) = line.split_once(':') else {
-            return Err(format!("{}: not \"username:hash\"", where_()));
+        let at = |problem| AuthError::Line {
+            path: path.to_owned(),
+            line: n + 1,
+            problem,
         };
-        let stored = Stored::parse(hash).map_err(|e| format!("{}: {e}", where_()))?;
+        let Some((user, hash)) = line.split_once(':') else {
+            return Err(at(LineProblem::NotUserHash));
+        };
+        let stored = Stored::parse(hash).map_err(at)?;
         decoy.get_or_insert_with(|| stored.decoy());
         if users.insert(user.to_owned(), stored).is_some() {
-            return Err(format!("{}: user {user:?} appears twice", where_()));
+            return Err(at(LineProblem::Twice(user.to_owned())));
         }
     }
     Ok(Users {
@@ -201,7 +255,7 @@ fn argon2_decoy() -> &'static Stored {
 }
 
 impl PasswordFile {
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, AuthError> {
         Ok(Self {
             path: path.to_owned(),
             users: RwLock::new(parse(path)?),
@@ -210,7 +264,7 @@ impl PasswordFile {
 
     /// Reads the file again; on a problem the users in use stay. Returns how
     /// many users it holds.
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self) -> Result<usize, AuthError> {
         let users = parse(&self.path)?;
         let n = users.by_name.len();
         *self
@@ -246,29 +300,34 @@ impl PasswordFile {
 }
 
 /// An argon2id hash of `password` with a fresh random salt, in PHC form.
-pub fn hash(password: &[u8]) -> Result<String, String> {
+pub fn hash(password: &[u8]) -> Result<String, AuthError> {
     let mut salt = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut salt))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+        .map_err(AuthError::Random)?;
+    let salt = SaltString::encode_b64(&salt).map_err(AuthError::Hashing)?;
     Argon2::default()
         .hash_password(password, &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(AuthError::Hashing)
 }
 
 /// Adds `user` to the file at `path` (created if missing) or replaces its
 /// hash; other lines stay as they are.
-pub fn set_user(path: &Path, user: &str, password: &[u8]) -> Result<(), String> {
+pub fn set_user(path: &Path, user: &str, password: &[u8]) -> Result<(), AuthError> {
     if user.is_empty() || user.contains(':') || user.contains('\n') {
-        return Err(format!("{user:?}: a username is not empty and has no ':'"));
+        return Err(AuthError::BadUsername(user.to_owned()));
     }
     let line = format!("{user}:{}", hash(password)?);
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => {
+            return Err(AuthError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
     };
     let mut lines: Vec<String> = Vec::new();
     let mut replaced = false;
@@ -285,7 +344,10 @@ pub fn set_user(path: &Path, user: &str, password: &[u8]) -> Result<(), String> 
     }
     let mut out = lines.join("\n");
     out.push('\n');
-    std::fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    std::fs::write(path, out).map_err(|source| AuthError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

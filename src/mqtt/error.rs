@@ -28,7 +28,10 @@ pub enum ConnError {
     #[error("broker i/o: {0}")]
     UpstreamIo(io::Error),
     #[error("cannot reach broker {addr}: {reason}")]
-    UpstreamConnect { addr: String, reason: String },
+    UpstreamConnect {
+        addr: String,
+        reason: crate::tls::TlsError,
+    },
     #[error("rewritten client id is {0} bytes, over MQTT's 65535")]
     ClientIdTooLong(usize),
     #[error("client sent an invalid packet: {0}")]

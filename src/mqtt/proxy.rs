@@ -129,7 +129,9 @@ async fn open_transport(
     let deadline = ctx.config.mqtt.connect_timeout;
     let max = ctx.config.mqtt.max_packet_size.bytes();
     let open = async {
-        let stream = crate::tls::accept(transport.tls.as_deref(), tcp, deadline).await?;
+        let stream = crate::tls::accept(transport.tls.as_deref(), tcp, deadline)
+            .await
+            .map_err(|e| e.to_string())?;
         match &transport.websocket {
             Some(path) => super::ws::accept(stream, path, max, tasks).await,
             None => Ok(stream),

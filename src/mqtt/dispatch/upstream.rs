@@ -16,11 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{Secret, UpstreamProtocol};
 use crate::stream::Stream;
-use crate::tls::Connector;
+use crate::tls::{Connector, TlsError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, qos4, qos5, Incoming, Message, SubRequest, Will};
+use super::wire::{self, qos4, qos5, Incoming, Message, SubRequest, Will, WireError};
 use crate::mqtt::codec::Protocol;
 
 /// What the dispatcher asks of the upstream session.
@@ -112,7 +112,47 @@ impl std::fmt::Debug for Login {
     }
 }
 
-fn encode(cmd: &UpCmd, v5: bool, out: &mut BytesMut) -> Result<(), String> {
+/// Why an upstream session (or a retained fetch) could not be made or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] TlsError),
+    #[error("cannot encode a packet: {0}")]
+    Encode(#[from] rumqttc::mqttbytes::Error),
+    #[error("cannot encode a packet: {0}")]
+    Encode5(#[from] rumqttc::v5::mqttbytes::Error),
+    #[error("broker i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Decode(#[from] WireError),
+    #[error("broker refused MQTT 5 (code {0:#04x})")]
+    RefusedV5(u8),
+    #[error("broker refused the session (code {0:#04x})")]
+    Refused(u8),
+    #[error("expected CONNACK, got {0}")]
+    NotConnAck(String),
+    #[error("no CONNACK in time")]
+    NoConnAck,
+    #[error("closed before CONNACK")]
+    ClosedBeforeConnAck,
+    #[error("MQTT 5: {v5}; 3.1.1: {v311}")]
+    NeitherVersion {
+        v5: Box<SessionError>,
+        v311: Box<SessionError>,
+    },
+    #[error("broker closed the connection")]
+    Closed,
+    #[error("broker silent past keep-alive")]
+    Silent,
+    #[error("broker closed the retained fetch")]
+    FetchClosed,
+    #[error("no answer to the retained fetch")]
+    FetchUnanswered,
+    #[error("retained fetch took over {0:?}")]
+    FetchTimeout(Duration),
+}
+
+fn encode(cmd: &UpCmd, v5: bool, out: &mut BytesMut) -> Result<(), SessionError> {
     if v5 {
         return encode_v5(cmd, out);
     }
@@ -145,14 +185,12 @@ fn encode(cmd: &UpCmd, v5: bool, out: &mut BytesMut) -> Result<(), String> {
         }
         UpCmd::SetWill(_) => return Ok(()),
     };
-    packet
-        .write(out, usize::MAX)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    packet.write(out, usize::MAX)?;
+    Ok(())
 }
 
 /// The same in MQTT 5: every publish property and subscription option kept.
-fn encode_v5(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
+fn encode_v5(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), SessionError> {
     let packet = match cmd {
         UpCmd::Publish { msg, pkid, dup } => {
             let mut p = v5::Publish::new(
@@ -196,10 +234,8 @@ fn encode_v5(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), String> {
         }
         UpCmd::SetWill(_) => return Ok(()),
     };
-    packet
-        .write(out, None)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    packet.write(out, None)?;
+    Ok(())
 }
 
 /// A will as MQTT 5 carries it: the publish properties a will may have and
@@ -234,14 +270,14 @@ fn will_properties(will: &Will) -> Option<v5::LastWillProperties> {
 /// closed before a CONNACK).
 #[derive(Debug)]
 enum HandshakeError {
-    Version(String),
-    Other(String),
+    Version(SessionError),
+    Other(SessionError),
 }
 
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Version(e) | Self::Other(e) => f.write_str(e),
+impl From<HandshakeError> for SessionError {
+    fn from(e: HandshakeError) -> Self {
+        match e {
+            HandshakeError::Version(e) | HandshakeError::Other(e) => e,
         }
     }
 }
@@ -329,7 +365,7 @@ impl Window {
 }
 
 impl UpstreamSession {
-    fn connect_packet(&self, clean: bool, v5: bool) -> Result<BytesMut, String> {
+    fn connect_packet(&self, clean: bool, v5: bool) -> Result<BytesMut, SessionError> {
         let keep_alive = u16::try_from(self.keep_alive.as_secs()).unwrap_or(u16::MAX);
         let mut out = BytesMut::new();
         if v5 {
@@ -360,9 +396,7 @@ impl UpstreamSession {
                 let password = self.login.password.as_ref().map_or("", |p| p.expose());
                 v5::Login::new(user.clone(), password.to_owned())
             });
-            v5::Packet::Connect(c, will, login)
-                .write(&mut out, None)
-                .map_err(|e| e.to_string())?;
+            v5::Packet::Connect(c, will, login).write(&mut out, None)?;
             return Ok(out);
         }
         let mut c = v4::Connect::new(self.client_id.clone());
@@ -376,9 +410,7 @@ impl UpstreamSession {
             self.will.as_ref().map(|w| &w.msg).map(|w| {
                 v4::LastWill::new(w.topic.clone(), w.payload.clone(), qos4(w.qos), w.retain)
             });
-        v4::Packet::Connect(c)
-            .write(&mut out, usize::MAX)
-            .map_err(|e| e.to_string())?;
+        v4::Packet::Connect(c).write(&mut out, usize::MAX)?;
         Ok(out)
     }
 
@@ -441,7 +473,7 @@ impl UpstreamSession {
 
     /// Connects with the version the configuration asks; `auto` tries MQTT 5
     /// first and stays with 3.1.1 once the broker refused 5 and took 3.1.1.
-    async fn connect(&mut self) -> Result<Connected, String> {
+    async fn connect(&mut self) -> Result<Connected, SessionError> {
         let v5 = match self.protocol {
             UpstreamProtocol::V5 => true,
             UpstreamProtocol::V311 => false,
@@ -450,29 +482,34 @@ impl UpstreamSession {
         match self.handshake(false, v5).await {
             Ok(c) => Ok(c),
             Err(HandshakeError::Version(e)) if v5 && self.protocol == UpstreamProtocol::Auto => {
-                let c = self
-                    .handshake(false, false)
-                    .await
-                    .map_err(|e3| format!("MQTT 5: {e}; 3.1.1: {e3}"))?;
+                let c = match self.handshake(false, false).await {
+                    Ok(c) => c,
+                    Err(e3) => {
+                        return Err(SessionError::NeitherVersion {
+                            v5: Box::new(e),
+                            v311: Box::new(e3.into()),
+                        })
+                    }
+                };
                 tracing::warn!(addr = %self.addr, client_id = %self.client_id, error = %e, "the broker does not take MQTT 5: the upstream session is 3.1.1, MQTT 5 properties are not carried");
                 Ok(c)
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
     async fn handshake(&self, clean: bool, v5: bool) -> Result<Connected, HandshakeError> {
         let addr = if v5 { &self.addr_v5 } else { &self.addr };
-        let other = HandshakeError::Other;
+        let other = |e: SessionError| HandshakeError::Other(e);
         let mut stream = crate::tls::connect(addr, self.connect_timeout, self.login.tls.as_deref())
             .await
-            .map_err(other)?;
+            .map_err(|e| other(e.into()))?;
         stream
             .write_all(&self.connect_packet(clean, v5).map_err(other)?)
             .await
-            .map_err(|e| other(e.to_string()))?;
+            .map_err(|e| other(e.into()))?;
         let protocol = if v5 { Protocol::V5 } else { Protocol::V311 };
-        let version = |e: String| {
+        let version = |e: SessionError| {
             if v5 {
                 HandshakeError::Version(e)
             } else {
@@ -482,9 +519,7 @@ impl UpstreamSession {
         let mut buf = BytesMut::with_capacity(4096);
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         loop {
-            match wire::decode(protocol, &mut buf, usize::MAX)
-                .map_err(|e| version(e.to_string()))?
-            {
+            match wire::decode(protocol, &mut buf, usize::MAX).map_err(|e| version(e.into()))? {
                 Some(Incoming::ConnAck {
                     accepted: true,
                     session_present,
@@ -503,22 +538,20 @@ impl UpstreamSession {
                 }
                 // 0x84: unsupported protocol version; 0x01: a 3.1.1 broker's refusal
                 Some(Incoming::ConnAck { code, .. }) if v5 && (code == 0x84 || code == 0x01) => {
-                    return Err(version(format!("broker refused MQTT 5 (code {code:#04x})")))
+                    return Err(version(SessionError::RefusedV5(code)))
                 }
                 Some(Incoming::ConnAck { code, .. }) => {
-                    return Err(other(format!(
-                        "broker refused the session (code {code:#04x})"
-                    )))
+                    return Err(other(SessionError::Refused(code)))
                 }
-                Some(p) => return Err(other(format!("expected CONNACK, got {p:?}"))),
+                Some(p) => return Err(other(SessionError::NotConnAck(format!("{p:?}")))),
                 None => {}
             }
             let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
                 .await
-                .map_err(|_| other("no CONNACK in time".to_owned()))?
-                .map_err(|e| other(e.to_string()))?;
+                .map_err(|_| other(SessionError::NoConnAck))?
+                .map_err(|e| other(e.into()))?;
             if n == 0 {
-                return Err(version("closed before CONNACK".into()));
+                return Err(version(SessionError::ClosedBeforeConnAck));
             }
         }
     }
@@ -530,7 +563,7 @@ impl UpstreamSession {
         cmds: &mut mpsc::Receiver<UpCmd>,
         events: &mpsc::Sender<UpEvent>,
         shutdown: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         let Connected {
             stream,
             mut buf,
@@ -552,9 +585,7 @@ impl UpstreamSession {
             for p in &batch {
                 window.on_incoming(p);
             }
-            while let Some(p) =
-                wire::decode(protocol, &mut buf, usize::MAX).map_err(|e| e.to_string())?
-            {
+            while let Some(p) = wire::decode(protocol, &mut buf, usize::MAX)? {
                 window.on_incoming(&p);
                 if p != Incoming::PingResp {
                     batch.push(p);
@@ -571,7 +602,7 @@ impl UpstreamSession {
                 for cmd in &freed {
                     self.encode_checked(cmd, v5, max_packet, &mut out, &mut newly)?;
                 }
-                wr.write_all(&out).await.map_err(|e| e.to_string())?;
+                wr.write_all(&out).await?;
                 for p in &newly {
                     window.on_incoming(p);
                 }
@@ -583,8 +614,8 @@ impl UpstreamSession {
             buf.reserve(16 * 1024);
             tokio::select! {
                 r = rd.read_buf(&mut buf) => {
-                    if r.map_err(|e| e.to_string())? == 0 {
-                        return Err("broker closed the connection".into());
+                    if r? == 0 {
+                        return Err(SessionError::Closed);
                     }
                     last_read = tokio::time::Instant::now();
                 }
@@ -608,13 +639,13 @@ impl UpstreamSession {
                             next = cmds.try_recv().ok();
                         }
                     }
-                    wr.write_all(&out).await.map_err(|e| e.to_string())?;
+                    wr.write_all(&out).await?;
                 }
                 _ = ping.tick() => {
                     if last_read.elapsed() > self.keep_alive * 3 / 2 {
-                        return Err("broker silent past keep-alive".into());
+                        return Err(SessionError::Silent);
                     }
-                    wr.write_all(&[0xc0, 0x00]).await.map_err(|e| e.to_string())?;
+                    wr.write_all(&[0xc0, 0x00]).await?;
                 }
                 () = shutdown.cancelled() => {
                     // a clean DISCONNECT: the broker keeps the session, drops the will
@@ -635,7 +666,7 @@ impl UpstreamSession {
         max_packet: Option<u32>,
         out: &mut BytesMut,
         refused: &mut Vec<Incoming>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         let before = out.len();
         encode(cmd, v5, out)?;
         let Some(max) = max_packet else {
@@ -704,7 +735,7 @@ pub struct RetainedFetch {
 const RETAINED_QUIET: Duration = Duration::from_millis(150);
 
 impl RetainedFetch {
-    pub async fn run(self) -> Result<Vec<Message>, String> {
+    pub async fn run(self) -> Result<Vec<Message>, SessionError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let session = UpstreamSession {
             addr: self.addr.clone(),
@@ -726,10 +757,7 @@ impl RetainedFetch {
         let fetch = async {
             let Connected {
                 stream, mut buf, ..
-            } = session
-                .handshake(true, self.v5)
-                .await
-                .map_err(|e| e.to_string())?;
+            } = session.handshake(true, self.v5).await?;
             let (mut rd, mut wr) = stream.split();
             let mut out = BytesMut::new();
             let sub = UpCmd::Subscribe {
@@ -744,7 +772,7 @@ impl RetainedFetch {
             };
             encode(&sub, self.v5, &mut out)?;
             out.extend_from_slice(&[0xc0, 0x00]); // PINGREQ
-            wr.write_all(&out).await.map_err(|e| e.to_string())?;
+            wr.write_all(&out).await?;
             let mut messages = Vec::new();
             // until the PINGRESP: the whole fetch's deadline; then quiet
             // (of retained messages) for RETAINED_QUIET
@@ -757,9 +785,7 @@ impl RetainedFetch {
                     Protocol::V311
                 };
                 out.clear();
-                while let Some(p) =
-                    wire::decode(protocol, &mut buf, usize::MAX).map_err(|e| e.to_string())?
-                {
+                while let Some(p) = wire::decode(protocol, &mut buf, usize::MAX)? {
                     let now = tokio::time::Instant::now();
                     // acknowledged, or the broker holds back the rest
                     match &p {
@@ -789,14 +815,14 @@ impl RetainedFetch {
                     }
                 }
                 if !out.is_empty() {
-                    wr.write_all(&out).await.map_err(|e| e.to_string())?;
+                    wr.write_all(&out).await?;
                 }
                 match tokio::time::timeout_at(until, rd.read_buf(&mut buf)).await {
-                    Ok(Ok(0)) => return Err("broker closed the retained fetch".to_owned()),
+                    Ok(Ok(0)) => return Err(SessionError::FetchClosed),
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(e.to_string()),
+                    Ok(Err(e)) => return Err(e.into()),
                     Err(_) if answered => break,
-                    Err(_) => return Err("no answer to the retained fetch".to_owned()),
+                    Err(_) => return Err(SessionError::FetchUnanswered),
                 }
             }
             let _ = wr.write_all(&[0xe0, 0x00]).await;
@@ -804,7 +830,7 @@ impl RetainedFetch {
         };
         tokio::time::timeout_at(deadline, fetch)
             .await
-            .map_err(|_| format!("retained fetch took over {:?}", self.timeout))?
+            .map_err(|_| SessionError::FetchTimeout(self.timeout))?
     }
 }
 
