@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::http::backend::{Backend, Pool};
 use crate::metrics::Metrics;
-use nodered::NodeRed;
+use nodered::{NodeRed, NodeRedError};
 
 /// Where a deploy is (`running`, `done`, `failed` in JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -120,11 +120,15 @@ pub struct EditorPost {
 
 impl EditorPost {
     /// Reads the editor's request; `Err` is the answer to give it (400).
-    pub fn parse(body: Bytes, version: Option<&str>, kind: Option<&str>) -> Result<Self, String> {
+    pub fn parse(
+        body: Bytes,
+        version: Option<&str>,
+        kind: Option<&str>,
+    ) -> Result<Self, FlowsError> {
         let api_v2 = version.is_some_and(|v| v.eq_ignore_ascii_case("v2"));
         let kind = kind.unwrap_or("full").to_ascii_lowercase();
         if !matches!(kind.as_str(), "full" | "nodes" | "flows" | "reload") {
-            return Err(format!("unknown Node-RED-Deployment-Type {kind:?}"));
+            return Err(FlowsError::UnknownType(kind));
         }
         if kind == "reload" {
             // the body is not read: the replicas restart the flows they have
@@ -136,19 +140,23 @@ impl EditorPost {
                 types: Vec::new(),
             });
         }
-        let v: Value =
-            serde_json::from_slice(&body).map_err(|e| format!("the flows are not JSON: {e}"))?;
+        let v: Value = serde_json::from_slice(&body).map_err(FlowsError::NotJson)?;
         let (flows, rev) = match &v {
             Value::Array(_) if !api_v2 => (&v, None),
             Value::Object(o) if api_v2 => (
-                o.get("flows").ok_or("no \"flows\" in the body (API v2)")?,
+                o.get("flows")
+                    .ok_or(FlowsError::Shape("no \"flows\" in the body (API v2)"))?,
                 o.get("rev").and_then(Value::as_str).map(str::to_string),
             ),
-            _ if api_v2 => return Err("expected {\"flows\": [...], \"rev\": ...} (API v2)".into()),
-            _ => return Err("expected a flows array (API v1)".into()),
+            _ if api_v2 => {
+                return Err(FlowsError::Shape(
+                    "expected {\"flows\": [...], \"rev\": ...} (API v2)",
+                ))
+            }
+            _ => return Err(FlowsError::Shape("expected a flows array (API v1)")),
         };
         let Value::Array(nodes) = flows else {
-            return Err("\"flows\" is not an array".into());
+            return Err(FlowsError::Shape("\"flows\" is not an array"));
         };
         let mut types: Vec<String> = nodes
             .iter()
@@ -175,6 +183,73 @@ impl EditorPost {
 /// Node types no module registers: the editor's own structure.
 pub fn builtin_type(t: &str) -> bool {
     matches!(t, "tab" | "subflow" | "group" | "junction") || t.starts_with("subflow:")
+}
+
+/// Flows given to deploy that cannot be read (the answer is 400).
+#[derive(Debug, thiserror::Error)]
+pub enum FlowsError {
+    #[error("unknown Node-RED-Deployment-Type {0:?}")]
+    UnknownType(String),
+    #[error("not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// JSON, not of the shape expected (what was).
+    #[error("{0}")]
+    Shape(&'static str),
+}
+
+/// Why one replica's step of a rolling deploy failed (the deploy says what
+/// each replica runs after it).
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("replica {replica}: requests still in flight after {after:?}")]
+    NotDrained { replica: String, after: Duration },
+    #[error("replica {replica} refused the flows: {source}; it keeps its flows (rev {rev})")]
+    Refused {
+        replica: String,
+        source: NodeRedError,
+        rev: String,
+    },
+    #[error("replica {replica}: {why}; {}", restored_text(restored))]
+    NotStarted {
+        replica: String,
+        why: NotStarted,
+        /// Putting its old flows back: the rev they run under.
+        restored: Result<String, NodeRedError>,
+    },
+}
+
+fn restored_text(restored: &Result<String, NodeRedError>) -> String {
+    match restored {
+        Ok(rev) => format!("its old flows are back (rev {rev})"),
+        Err(r) => format!("restoring its old flows failed too: {r}"),
+    }
+}
+
+/// The new flows did not start in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the new flows did not start within {within:?} (rev {rev}, MQTT replicas {connected} of {before})")]
+struct NotStarted {
+    within: Duration,
+    rev: String,
+    connected: i64,
+    before: i64,
+}
+
+/// The flows read before a deploy could not be saved.
+#[derive(Debug, thiserror::Error)]
+enum BackupError {
+    #[error("cannot create {}: {source}", dir.display())]
+    Create {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Json(serde_json::Error),
 }
 
 /// Why a deploy did not happen or did not finish.
@@ -231,15 +306,17 @@ pub struct Deploy {
 }
 
 /// Accepts `[...]` (a flows file) or `{"flows": [...]}`.
-pub fn flows_of(body: &[u8]) -> Result<Value, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+pub fn flows_of(body: &[u8]) -> Result<Value, FlowsError> {
+    let v: Value = serde_json::from_slice(body).map_err(FlowsError::NotJson)?;
     match v {
         Value::Array(_) => Ok(v),
         Value::Object(mut o) => match o.remove("flows") {
             Some(f @ Value::Array(_)) => Ok(f),
-            _ => Err("expected a flows array, or an object with one under \"flows\"".into()),
+            _ => Err(FlowsError::Shape(
+                "expected a flows array, or an object with one under \"flows\"",
+            )),
         },
-        _ => Err("expected a flows array".into()),
+        _ => Err(FlowsError::Shape("expected a flows array")),
     }
 }
 
@@ -519,7 +596,7 @@ impl Deploy {
         b: &Arc<Backend>,
         old: &nodered::Flows,
         mqtt_before: i64,
-    ) -> Result<String, String> {
+    ) -> Result<String, StepError> {
         let replica = NodeRed::new(&b.addr);
         self.step(i, ReplicaState::Draining);
         b.set_draining(true);
@@ -527,11 +604,9 @@ impl Deploy {
             b.inflight.load(Ordering::Relaxed) == 0
         })
         .await
-        .map_err(|_| {
-            format!(
-                "replica {}: requests still in flight after {:?}",
-                b.label, self.step_timeout
-            )
+        .map_err(|()| StepError::NotDrained {
+            replica: b.label.clone(),
+            after: self.step_timeout,
         })?;
         self.log(format!("replica {} drained", b.label));
         self.step(i, ReplicaState::Deploying);
@@ -547,13 +622,14 @@ impl Deploy {
         let posted_at = Instant::now();
         let new_rev = match posted {
             Ok(rev) => rev,
-            Err(e) => {
+            Err(source) => {
                 self.step(i, ReplicaState::Failed);
                 // nothing changed on it: flows are as before; it stays drained
-                return Err(format!(
-                    "replica {} refused the flows: {e}; it keeps its flows (rev {})",
-                    b.label, old.rev
-                ));
+                return Err(StepError::Refused {
+                    replica: b.label.clone(),
+                    source,
+                    rev: old.rev.clone(),
+                });
             }
         };
         self.with(|s| s.replicas[i].to_rev = Some(new_rev.clone()));
@@ -569,14 +645,15 @@ impl Deploy {
                 posted_at,
             )
             .await;
-        if let Err(e) = started {
+        if let Err(why) = started {
             self.step(i, ReplicaState::Failed);
-            let restored = match replica.restore(&old.raw).await {
-                Ok(rev) => format!("its old flows are back (rev {rev})"),
-                Err(r) => format!("restoring its old flows failed too: {r}"),
-            };
+            let restored = replica.restore(&old.raw).await;
             self.step(i, ReplicaState::Restored);
-            return Err(format!("replica {}: {e}; {restored}", b.label));
+            return Err(StepError::NotStarted {
+                replica: b.label.clone(),
+                why,
+                restored,
+            });
         }
         b.set_draining(false);
         self.step(i, ReplicaState::Done);
@@ -599,7 +676,7 @@ impl Deploy {
         sessions_before: u64,
         restarts_all: bool,
         posted_at: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotStarted> {
         let running = || async {
             // a replica that died meanwhile does not come back by this deploy
             let lost = self.pool.backends.iter().filter(|b| !b.is_up()).count();
@@ -611,13 +688,14 @@ impl Deploy {
                 && matches!(replica.flows().await, Ok(f) if f.rev == rev)
                 && matches!(replica.state().await.as_deref(), Ok("start"))
         };
-        wait(self.step_timeout, running).await.map_err(|()| {
-            format!(
-                "the new flows did not start within {:?} (rev {rev}, MQTT replicas {} of {mqtt_before})",
-                self.step_timeout,
-                self.mqtt_connected()
-            )
-        })
+        wait(self.step_timeout, running)
+            .await
+            .map_err(|()| NotStarted {
+                within: self.step_timeout,
+                rev: rev.to_owned(),
+                connected: self.mqtt_connected(),
+                before: mqtt_before,
+            })
     }
 }
 
@@ -626,12 +704,15 @@ impl Deploy {
 /// closes the connections it restarts before it answers).
 const SETTLE: Duration = Duration::from_millis(500);
 
-fn save_backups(dir: &PathBuf, flows: &[nodered::Flows]) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+fn save_backups(dir: &PathBuf, flows: &[nodered::Flows]) -> Result<(), BackupError> {
+    std::fs::create_dir_all(dir).map_err(|source| BackupError::Create {
+        dir: dir.clone(),
+        source,
+    })?;
     for (i, f) in flows.iter().enumerate() {
         let path = dir.join(format!("replica-{i}-{}.json", f.rev));
-        let text = serde_json::to_string_pretty(&f.flows).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let text = serde_json::to_string_pretty(&f.flows).map_err(BackupError::Json)?;
+        std::fs::write(&path, text).map_err(|source| BackupError::Write { path, source })?;
     }
     Ok(())
 }

@@ -31,6 +31,59 @@ struct FlowsV2<'a> {
     flows: &'a serde_json::value::RawValue,
 }
 
+/// A request to a replica's admin API that failed, and which one.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeRedError {
+    #[error(transparent)]
+    Request(#[from] client::ClientError),
+    #[error("{request} answered {status}{}", answer(.body))]
+    Status {
+        request: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("{request}: {source}")]
+    Json {
+        request: &'static str,
+        source: serde_json::Error,
+    },
+    /// The answer is JSON, not of the shape expected (`what`).
+    #[error("{request}: {what}")]
+    Shape {
+        request: &'static str,
+        what: &'static str,
+    },
+}
+
+/// `: body` after a status, when the answer had one.
+fn answer(body: &str) -> String {
+    let body = body.trim();
+    if body.is_empty() {
+        String::new()
+    } else {
+        format!(": {body}")
+    }
+}
+
+/// The answer's status, when not `ok`, as an error (with its body).
+fn status(request: &'static str, status: u16, body: &[u8], ok: bool) -> Result<(), NodeRedError> {
+    if ok {
+        return Ok(());
+    }
+    Err(NodeRedError::Status {
+        request,
+        status,
+        body: String::from_utf8_lossy(body).into_owned(),
+    })
+}
+
+fn json<T: serde::de::DeserializeOwned>(
+    request: &'static str,
+    body: &[u8],
+) -> Result<T, NodeRedError> {
+    serde_json::from_slice(body).map_err(|source| NodeRedError::Json { request, source })
+}
+
 impl NodeRed {
     pub fn new(addr: &str) -> Self {
         Self {
@@ -38,17 +91,20 @@ impl NodeRed {
         }
     }
 
-    pub async fn flows(&self) -> Result<Flows, String> {
-        let (status, body) =
-            client::request(Method::GET, &self.base, "/flows", &[V2], Bytes::new())
-                .await
-                .map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("GET /flows answered {status}"));
-        }
-        let v: FlowsV2<'_> = serde_json::from_slice(&body)
-            .map_err(|e| format!("GET /flows: not the API v2 answer: {e}"))?;
-        let flows = serde_json::from_str(v.flows.get()).map_err(|e| format!("GET /flows: {e}"))?;
+    pub async fn flows(&self) -> Result<Flows, NodeRedError> {
+        const GET: &str = "GET /flows";
+        let (code, body) =
+            client::request(Method::GET, &self.base, "/flows", &[V2], Bytes::new()).await?;
+        status(GET, code, &[], code == 200)?;
+        let v: FlowsV2<'_> =
+            serde_json::from_slice(&body).map_err(|source| NodeRedError::Json {
+                request: "GET /flows (the API v2 answer)",
+                source,
+            })?;
+        let flows = serde_json::from_str(v.flows.get()).map_err(|source| NodeRedError::Json {
+            request: GET,
+            source,
+        })?;
         Ok(Flows {
             rev: v.rev,
             flows,
@@ -58,7 +114,7 @@ impl NodeRed {
 
     /// Puts flows read before back (a full deploy, API v1: no `rev` check);
     /// the rev they run under.
-    pub async fn restore(&self, raw: &str) -> Result<String, String> {
+    pub async fn restore(&self, raw: &str) -> Result<String, NodeRedError> {
         self.post(
             &[("Node-RED-Deployment-Type", "full")],
             Bytes::from(raw.to_string()),
@@ -69,7 +125,10 @@ impl NodeRed {
 
     /// The editor's `POST /flows`, as it sent it; the new rev when the
     /// answer names it (API v2).
-    pub async fn post_editor(&self, post: &super::EditorPost) -> Result<Option<String>, String> {
+    pub async fn post_editor(
+        &self,
+        post: &super::EditorPost,
+    ) -> Result<Option<String>, NodeRedError> {
         let mut headers = vec![("Node-RED-Deployment-Type", post.kind.as_str())];
         if post.api_v2 {
             headers.push(V2);
@@ -81,35 +140,31 @@ impl NodeRed {
     }
 
     /// `POST /flows` with JSON `body`: the answer's body when it is 2xx.
-    async fn post(&self, headers: &[(&str, &str)], body: Bytes) -> Result<Bytes, String> {
+    async fn post(&self, headers: &[(&str, &str)], body: Bytes) -> Result<Bytes, NodeRedError> {
         let mut all = headers.to_vec();
         all.push(("content-type", "application/json"));
-        let (status, resp) = client::request(Method::POST, &self.base, "/flows", &all, body)
-            .await
-            .map_err(|e| e.to_string())?;
-        if !(200..300).contains(&status) {
-            let why = String::from_utf8_lossy(&resp);
-            return Err(format!("POST /flows answered {status}: {}", why.trim()));
-        }
+        let (code, resp) = client::request(Method::POST, &self.base, "/flows", &all, body).await?;
+        status("POST /flows", code, &resp, (200..300).contains(&code))?;
         Ok(resp)
     }
 
     /// The node types of the replica's enabled node sets.
-    pub async fn types(&self) -> Result<Vec<String>, String> {
-        let (status, body) = client::request(
+    pub async fn types(&self) -> Result<Vec<String>, NodeRedError> {
+        const GET: &str = "GET /nodes";
+        let (code, body) = client::request(
             Method::GET,
             &self.base,
             "/nodes",
             &[("accept", "application/json")],
             Bytes::new(),
         )
-        .await
-        .map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("GET /nodes answered {status}"));
-        }
-        let v: Value = serde_json::from_slice(&body).map_err(|e| format!("GET /nodes: {e}"))?;
-        let sets = v.as_array().ok_or("GET /nodes: not a list of node sets")?;
+        .await?;
+        status(GET, code, &[], code == 200)?;
+        let v: Value = json(GET, &body)?;
+        let sets = v.as_array().ok_or(NodeRedError::Shape {
+            request: GET,
+            what: "not a list of node sets",
+        })?;
         Ok(sets
             .iter()
             .filter(|set| set["enabled"] != Value::Bool(false))
@@ -121,9 +176,10 @@ impl NodeRed {
     }
 
     /// Deploys `flows` (a full deploy) over revision `rev`; the new revision.
-    pub async fn deploy(&self, flows: &Value, rev: &str) -> Result<String, String> {
+    pub async fn deploy(&self, flows: &Value, rev: &str) -> Result<String, NodeRedError> {
+        const POST: &str = "POST /flows";
         let body = serde_json::json!({ "flows": flows, "rev": rev }).to_string();
-        let (status, resp) = client::request(
+        let (code, resp) = client::request(
             Method::POST,
             &self.base,
             "/flows",
@@ -134,29 +190,25 @@ impl NodeRed {
             ],
             Bytes::from(body),
         )
-        .await
-        .map_err(|e| e.to_string())?;
-        if status != 200 {
-            let why = String::from_utf8_lossy(&resp);
-            return Err(format!("POST /flows answered {status}: {}", why.trim()));
-        }
-        let v: Value = serde_json::from_slice(&resp).map_err(|e| format!("POST /flows: {e}"))?;
+        .await?;
+        status(POST, code, &resp, code == 200)?;
+        let v: Value = json(POST, &resp)?;
         v["rev"]
             .as_str()
             .map(str::to_string)
-            .ok_or_else(|| "POST /flows: no rev in the answer".to_string())
+            .ok_or(NodeRedError::Shape {
+                request: POST,
+                what: "no rev in the answer",
+            })
     }
 
     /// Where the flows' HTTP routes live (`httpNodeRoot` from `GET
     /// /settings`); `None` when it is `false` (no `http in` routes).
-    pub async fn node_root(&self) -> Result<Option<String>, String> {
-        let (status, body) = client::get(&self.base, "/settings")
-            .await
-            .map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("GET /settings answered {status}"));
-        }
-        let v: Value = serde_json::from_slice(&body).map_err(|e| format!("GET /settings: {e}"))?;
+    pub async fn node_root(&self) -> Result<Option<String>, NodeRedError> {
+        const GET: &str = "GET /settings";
+        let (code, body) = client::get(&self.base, "/settings").await?;
+        status(GET, code, &[], code == 200)?;
+        let v: Value = json(GET, &body)?;
         Ok(match &v["httpNodeRoot"] {
             Value::Bool(false) => None,
             Value::String(s) => Some(s.clone()),
@@ -165,15 +217,11 @@ impl NodeRed {
     }
 
     /// `start` once the flows run (needs `runtimeState.enabled` in settings.js).
-    pub async fn state(&self) -> Result<String, String> {
-        let (status, body) = client::get(&self.base, "/flows/state")
-            .await
-            .map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("GET /flows/state answered {status}"));
-        }
-        let v: Value =
-            serde_json::from_slice(&body).map_err(|e| format!("GET /flows/state: {e}"))?;
+    pub async fn state(&self) -> Result<String, NodeRedError> {
+        const GET: &str = "GET /flows/state";
+        let (code, body) = client::get(&self.base, "/flows/state").await?;
+        status(GET, code, &[], code == 200)?;
+        let v: Value = json(GET, &body)?;
         Ok(v["state"].as_str().unwrap_or("unknown").to_string())
     }
 }

@@ -264,7 +264,7 @@ impl Editor {
         };
         let post = match EditorPost::parse(body, version.as_deref(), kind.as_deref()) {
             Ok(p) => p,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
         };
         let api_v2 = post.api_v2;
         let deploy = Deploy::of(
@@ -366,7 +366,7 @@ impl Editor {
                     continue;
                 }
                 Ok(a) => (palette::refusal_status(a.status), a.reason()),
-                Err(e) => (StatusCode::BAD_GATEWAY, e),
+                Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
             };
             let undone = palette::undo_all(&change, &done).await;
             let message = format!(

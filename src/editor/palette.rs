@@ -90,7 +90,7 @@ impl Answer {
     }
 }
 
-pub async fn send(addr: &str, req: &Request) -> Result<Answer, String> {
+pub async fn send(addr: &str, req: &Request) -> Result<Answer, client::ClientError> {
     let headers: Vec<(&str, &str)> = req
         .headers
         .iter()
@@ -103,8 +103,7 @@ pub async fn send(addr: &str, req: &Request) -> Result<Answer, String> {
         &headers,
         req.body.clone(),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     Ok(Answer { status, body })
 }
 

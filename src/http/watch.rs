@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backend::{Backend, Pool};
 use super::routes::PublicRoutes;
-use crate::deploy::nodered::{Flows, NodeRed};
+use crate::deploy::nodered::{Flows, NodeRed, NodeRedError};
 
 /// How often the routes are read when the divergence watch is off.
 const ROUTES_INTERVAL: Duration = Duration::from_secs(10);
@@ -119,7 +119,7 @@ impl Pool {
         }
     }
 
-    fn divergence(&self, read: &[Result<Flows, String>]) {
+    fn divergence(&self, read: &[Result<Flows, NodeRedError>]) {
         let revs: Vec<Option<&str>> = read
             .iter()
             .map(|r| r.as_ref().ok().map(|f| f.rev.as_str()))
@@ -155,7 +155,7 @@ impl Pool {
     /// Rebuilds the public routes from the flows of every distinct rev the
     /// replicas run (their union: in the middle of a rolling deploy both the
     /// old and the new flows' routes pass).
-    async fn update_routes(&self, read: &[Result<Flows, String>]) {
+    async fn update_routes(&self, read: &[Result<Flows, NodeRedError>]) {
         let mut revs: Vec<(&str, &Value, &Backend)> = Vec::new();
         for (r, b) in read.iter().zip(&self.backends) {
             if let Ok(f) = r {
@@ -169,7 +169,7 @@ impl Pool {
         if revs.is_empty() {
             let why = read
                 .iter()
-                .find_map(|r| r.as_ref().err().cloned())
+                .find_map(|r| r.as_ref().err().map(ToString::to_string))
                 .unwrap_or_else(|| "no replica".into());
             if !self.public.warned.swap(true, Ordering::Relaxed) {
                 if self.public.read() {

@@ -133,7 +133,9 @@ async fn open_transport(
             .await
             .map_err(|e| e.to_string())?;
         match &transport.websocket {
-            Some(path) => super::ws::accept(stream, path, max, tasks).await,
+            Some(path) => super::ws::accept(stream, path, max, tasks)
+                .await
+                .map_err(|e| e.to_string()),
             None => Ok(stream),
         }
     };

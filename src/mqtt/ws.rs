@@ -18,6 +18,19 @@ use crate::stream::Stream;
 /// Bytes buffered between the WebSocket task and the proxy, each way.
 const PIPE: usize = 64 * 1024;
 
+/// Why a WebSocket connection could not be made or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("WebSocket upgrade failed: {0}")]
+    Upgrade(tokio_tungstenite::tungstenite::Error),
+    #[error("WebSocket: {0}")]
+    Frames(tokio_tungstenite::tungstenite::Error),
+    #[error("a text frame: MQTT over WebSocket is binary")]
+    Text,
+    #[error("pipe: {0}")]
+    Pipe(#[from] std::io::Error),
+}
+
 /// The subprotocols MQTT clients offer (`mqttv3.1` from MQTT 3.1 clients).
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
@@ -28,7 +41,7 @@ pub async fn accept(
     path: &str,
     max_packet: usize,
     tasks: &TaskTracker,
-) -> Result<Stream, String> {
+) -> Result<Stream, WsError> {
     let path = path.to_owned();
     // the callback's signature is tungstenite's
     #[allow(clippy::result_large_err)]
@@ -58,7 +71,7 @@ pub async fn accept(
         .max_frame_size(Some(limit));
     let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
         .await
-        .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
+        .map_err(WsError::Upgrade)?;
     let (ours, theirs) = tokio::io::duplex(PIPE);
     tasks.spawn(bridge(ws, theirs));
     Ok(Stream::Duplex(ours))
@@ -71,12 +84,10 @@ async fn bridge(ws: WebSocketStream<Stream>, pipe: DuplexStream) {
     let (mut rd, mut wr) = tokio::io::split(pipe);
     let inbound = async {
         while let Some(msg) = source.next().await {
-            match msg.map_err(|e| e.to_string())? {
-                Message::Binary(b) => wr.write_all(&b).await.map_err(|e| e.to_string())?,
+            match msg.map_err(WsError::Frames)? {
+                Message::Binary(b) => wr.write_all(&b).await?,
                 Message::Close(_) => break,
-                Message::Text(_) => {
-                    return Err("a text frame: MQTT over WebSocket is binary".to_owned())
-                }
+                Message::Text(_) => return Err(WsError::Text),
                 // tungstenite answers pings itself
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
@@ -88,16 +99,16 @@ async fn bridge(ws: WebSocketStream<Stream>, pipe: DuplexStream) {
         let mut buf = BytesMut::with_capacity(PIPE);
         loop {
             buf.reserve(PIPE);
-            let n = rd.read_buf(&mut buf).await.map_err(|e| e.to_string())?;
+            let n = rd.read_buf(&mut buf).await?;
             if n == 0 {
                 break;
             }
             sink.send(Message::Binary(buf.split().freeze()))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(WsError::Frames)?;
         }
         let _ = sink.close().await;
-        Ok::<(), String>(())
+        Ok::<(), WsError>(())
     };
     let result = tokio::select! {
         r = inbound => r,
