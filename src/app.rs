@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::admin::{self, AdminState};
 use crate::broker;
 use crate::broker::store::{Store, StoreError};
-use crate::config::{Balance, Config, InstanceConfig, Mode, Upstream};
+use crate::config::{Balance, Config, ConfigError, ConfigProblem, InstanceConfig, Mode, Upstream};
 use crate::http::{self, backend::Pool};
 use crate::metrics::Metrics;
 use crate::mqtt::auth::PasswordFile;
@@ -47,6 +47,41 @@ pub enum StartError {
     Auth(#[from] crate::mqtt::auth::AuthError),
     #[error("cannot start the HTTP threads: {0}")]
     Threads(String),
+}
+
+/// Reads every file the config names as the start will (TLS material,
+/// password files), so `flowgate check` shows a bad one by its key; `origin`
+/// names the config in the error.
+pub fn check_files(config: &Config, origin: &str) -> Result<(), ConfigError> {
+    use crate::config::NamedFile;
+    let problems: Vec<ConfigProblem> = config
+        .named_files()
+        .into_iter()
+        .filter_map(|(path, file)| {
+            let read = match file {
+                NamedFile::ServerTls(t) => crate::tls::server_config(t, &[]).map(drop).err(),
+                NamedFile::UpstreamTls { host, tls } => Connector::new(host, tls).map(drop).err(),
+                NamedFile::Passwords(p) => {
+                    return PasswordFile::load(p).err().map(|e| ConfigProblem {
+                        path,
+                        message: e.to_string(),
+                    })
+                }
+            };
+            read.map(|e| ConfigProblem {
+                path,
+                message: e.to_string(),
+            })
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            path: origin.to_owned(),
+            problems,
+        })
+    }
 }
 
 /// A running flowgate.
@@ -438,8 +473,6 @@ impl App {
     }
 }
 
-/// Tells at start whether the broker answers, so a typo in `upstream` shows at
-/// once instead of at the first client.
 /// Starts the editor listeners (`[instance.editor]`); their bound
 /// addresses, by instance. Their TLS acceptors and password files join
 /// what SIGHUP reloads.

@@ -11,7 +11,7 @@
 //! Map of the crate (mirrored in README.md):
 //! - [`config`]: the TOML file, validated into [`config::Config`];
 //! - [`mqtt::codec`]: MQTT framing and the packets flowgate looks inside; bytes only;
-//! - [`mqtt::topic`]: topic filters: validation, matching, coverage;
+//! - [`topic`]: MQTT topic filters: validation, matching, coverage;
 //! - [`mqtt::rewrite`]: pure client-id and shared-subscription rewriting;
 //! - [`mqtt::replicas`]: which replica holds which slot of which instance;
 //! - [`mqtt::proxy`], [`mqtt::pump`]: the sockets: listener, per-connection tasks,
@@ -25,7 +25,8 @@
 //!   it hands over (upgrades, HTTP/1.0, chunked request bodies); replica pools
 //!   and probes ([`http::backend`]), pure choice ([`http::balancer`]) and health;
 //! - [`metrics`]: the owned Prometheus registry and every metric name;
-//! - [`admin`]: the admin HTTP API and the `/status` page (and a client for them);
+//! - [`admin`]: the admin HTTP API and the `/status` page; [`client`]: a small
+//!   HTTP/1.1 client for it and for Node-RED's admin API ([`nodered`]);
 //! - [`status`]: the `flowgate status` table;
 //! - [`loadtest`]: `flowgate loadtest`: open-loop ramps, reports, charts;
 //! - [`deploy`]: rolling flow deploys to Node-RED replicas, one at a time;
@@ -43,6 +44,7 @@ pub mod admin;
 pub mod app;
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod editor;
@@ -52,7 +54,9 @@ pub mod listener;
 pub mod loadtest;
 pub mod metrics;
 pub mod mqtt;
+pub mod nodered;
 pub mod status;
 pub mod stream;
 pub mod tie;
 pub mod tls;
+pub mod topic;

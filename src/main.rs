@@ -361,6 +361,7 @@ fn check(path: &Path, plugin: bool) -> ExitCode {
     } else {
         Config::load(path)
     };
+    let loaded = loaded.and_then(|c| with_files(c, path));
     match loaded {
         Ok(config) => {
             print!("{}", config.to_toml());
@@ -375,12 +376,19 @@ fn check(path: &Path, plugin: bool) -> ExitCode {
 
 fn load(args: &RunArgs) -> Result<Config, ConfigError> {
     match &args.config {
-        Some(path) => Config::load(path),
+        Some(path) => Config::load(path).and_then(|c| with_files(c, path)),
         None if Path::new(config::DEFAULT_PATH).exists() => {
-            Config::load(Path::new(config::DEFAULT_PATH))
+            let path = Path::new(config::DEFAULT_PATH);
+            Config::load(path).and_then(|c| with_files(c, path))
         }
         None => Config::parse_in("", "built-in defaults", Some(Path::new("."))),
     }
+}
+
+/// `config` once the files it names (TLS, passwords) have been read.
+fn with_files(config: Config, path: &Path) -> Result<Config, ConfigError> {
+    flowgate::app::check_files(&config, &path.display().to_string())?;
+    Ok(config)
 }
 
 fn run(args: RunArgs) -> ExitCode {

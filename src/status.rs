@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use crate::admin::client::{InstanceDoc, InstancesDoc};
+use crate::client::{InstanceDoc, InstancesDoc};
 
 /// One reading of `/api/instances`.
 pub struct Reading {

@@ -124,7 +124,9 @@ impl Plugin {
     /// false in tests that need none).
     pub fn start(path: Option<&Path>, admin: bool) -> Result<Self, StartError> {
         let path = path.ok_or(StartError::NoConfig)?.to_path_buf();
-        let config = Arc::new(Config::load_plugin(&path)?);
+        let config = Config::load_plugin(&path)?;
+        flowgate::app::check_files(&config, &path.display().to_string())?;
+        let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let instances = Arc::new(Instances::new(&config.instances, &metrics));
         let admin = if admin {
@@ -287,6 +289,7 @@ impl Plugin {
     pub fn reload(&self, path: Option<&Path>) -> Result<Vec<String>, ConfigError> {
         let path = path.unwrap_or(&self.path);
         let new = Config::load_plugin(path)?;
+        flowgate::app::check_files(&new, &path.display().to_string())?;
         let mut later = Vec::new();
         for i in &new.instances {
             if self.instances.get(&i.name).is_none() {

@@ -6,7 +6,8 @@
 //! touches the network as a server, and [`client`] reads the API of another
 //! flowgate for `flowgate status` and `flowgate loadtest`.
 
-pub mod client;
+/// Moved to [`crate::client`] (deploy and the CLI use it; kept here for old paths).
+pub use crate::client;
 
 /// The page served at `/status`.
 const STATUS_PAGE: &str = include_str!("status.html");

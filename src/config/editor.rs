@@ -88,12 +88,8 @@ impl FileEditor {
                 ".password_file",
                 "is required for the editor's login (or set login = false)".into(),
             ),
-            (Some(f), true) => {
-                // read once so a bad file shows at `flowgate check`
-                if let Err(e) = crate::mqtt::auth::PasswordFile::load(f) {
-                    problem(".password_file", e.to_string());
-                }
-            }
+            // read by `app::check_files`
+            (Some(_), true) => {}
             (Some(_), false) => problem(
                 ".password_file",
                 "is not read with login = false: remove one of them".into(),
@@ -151,7 +147,7 @@ mod tests {
         "[instance.http]\nlisten = \"127.0.0.1:0\"\nreplicas = [\"127.0.0.1:1880\"]\n";
 
     fn problems(text: &str) -> Vec<String> {
-        match Config::parse(text, "t") {
+        match Config::parse(text, "t").and_then(|c| crate::app::check_files(&c, "t").map(|()| c)) {
             Ok(_) => Vec::new(),
             Err(ConfigError::Invalid { problems, .. }) => {
                 problems.iter().map(ToString::to_string).collect()

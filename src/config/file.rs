@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::types::{ByteSize, Upstream};
+use super::Strategy;
 use super::{AdminConfig, Config, ConfigProblem, InstanceConfig, MatchRule, Mode, MqttConfig};
-use crate::mqtt::dispatch::strategy::Strategy;
-use crate::mqtt::topic::TopicFilter;
+use crate::topic::TopicFilter;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,13 +217,9 @@ fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
     }
 }
 
-/// Reads a password file once so a bad one shows at `flowgate check`.
-fn password_file(p: &mut Problems, path: &str, file: Option<String>) -> Option<PathBuf> {
-    let file = PathBuf::from(file?);
-    if let Err(e) = crate::mqtt::auth::PasswordFile::load(&file) {
-        p.add(path, e.to_string());
-    }
-    Some(file)
+/// A password file's path (`app::check_files` reads it).
+fn password_file(file: Option<String>) -> Option<PathBuf> {
+    file.map(PathBuf::from)
 }
 
 /// Runs a sub-table's validation that reports (path, message) pairs.
@@ -453,15 +449,13 @@ impl FileConfig {
                 key_file: m.upstream_key_file.map(PathBuf::from),
                 server_name: m.upstream_server_name,
             },
-            password_file: password_file(&mut p, "mqtt.password_file", m.password_file),
+            password_file: password_file(m.password_file),
             max_connections: m.max_connections,
             max_publish_rate: m.max_publish_rate,
         };
-        if let Some(host) = mqtt.upstream.tls_host() {
-            if let Err(e) = crate::tls::Connector::new(host, &mqtt.upstream_tls) {
-                p.add("mqtt.upstream_ca_file", e.to_string());
-            }
-        } else if mqtt.upstream_tls != super::UpstreamTls::default() {
+        // the upstream TLS files are read by `app::check_files`
+        if mqtt.upstream.tls_host().is_none() && mqtt.upstream_tls != super::UpstreamTls::default()
+        {
             p.add(
                 "mqtt.upstream_ca_file",
                 "upstream TLS settings need upstream = \"mqtts://host:port\"",
@@ -611,11 +605,7 @@ impl FileConfig {
                 complete,
                 http,
                 editor,
-                password_file: password_file(
-                    &mut p,
-                    &format!("{path}.password_file"),
-                    inst.password_file,
-                ),
+                password_file: password_file(inst.password_file),
                 upstream_username: inst.upstream_username,
                 upstream_password: upstream_password.map(super::Secret::new),
                 upstream_client_id: inst.upstream_client_id,

@@ -25,10 +25,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use types::{ByteSize, Upstream};
+pub use types::{ByteSize, Strategy, Upstream};
 
-use crate::mqtt::dispatch::strategy::Strategy;
-use crate::mqtt::topic::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// The embedded default config, used by `flowgate run` with no arguments.
 pub const DEFAULT_PATH: &str = "config/flowgate.toml";
@@ -386,7 +385,84 @@ fn list(problems: &[ConfigProblem]) -> String {
         .join("\n")
 }
 
+/// A file the config names whose contents the runtime reads (TLS material,
+/// password files); `app::check_files` reads each once so `flowgate check`
+/// shows a bad one by its key.
+pub enum NamedFile<'a> {
+    /// A listener's certificate, key and client CA.
+    ServerTls(&'a TlsConfig),
+    /// The upstream broker's CA and client certificate (`mqtts://host`).
+    UpstreamTls { host: &'a str, tls: &'a UpstreamTls },
+    /// `username:hash` lines.
+    Passwords(&'a Path),
+}
+
 impl Config {
+    /// Every file the config names, with the key that names it.
+    pub fn named_files(&self) -> Vec<(String, NamedFile<'_>)> {
+        use NamedFile::{Passwords, ServerTls};
+        let mut files: Vec<(String, Option<NamedFile<'_>>)> = vec![
+            ("admin.tls".into(), self.admin.tls.as_ref().map(ServerTls)),
+            (
+                "mqtt.tls".into(),
+                self.mqtt.tls.as_ref().map(|t| ServerTls(&t.tls)),
+            ),
+            (
+                "mqtt.websocket.tls".into(),
+                self.mqtt
+                    .websocket
+                    .as_ref()
+                    .and_then(|w| w.tls.as_ref())
+                    .map(ServerTls),
+            ),
+            (
+                "mqtt.upstream_ca_file".into(),
+                self.mqtt
+                    .upstream
+                    .tls_host()
+                    .map(|host| NamedFile::UpstreamTls {
+                        host,
+                        tls: &self.mqtt.upstream_tls,
+                    }),
+            ),
+            (
+                "mqtt.password_file".into(),
+                self.mqtt.password_file.as_deref().map(Passwords),
+            ),
+        ];
+        for (i, inst) in self.instances.iter().enumerate() {
+            let editor = inst.editor.as_ref();
+            files.extend([
+                (
+                    format!("instance[{i}].http.tls"),
+                    inst.http
+                        .as_ref()
+                        .and_then(|h| h.tls.as_ref())
+                        .map(ServerTls),
+                ),
+                (
+                    format!("instance[{i}].editor.tls"),
+                    editor.and_then(|e| e.tls.as_ref()).map(ServerTls),
+                ),
+                (
+                    format!("instance[{i}].password_file"),
+                    inst.password_file.as_deref().map(Passwords),
+                ),
+                (
+                    format!("instance[{i}].editor.password_file"),
+                    editor
+                        .filter(|e| e.login)
+                        .and_then(|e| e.password_file.as_deref())
+                        .map(Passwords),
+                ),
+            ]);
+        }
+        files
+            .into_iter()
+            .filter_map(|(key, f)| f.map(|f| (key, f)))
+            .collect()
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -3,7 +3,24 @@
 
 use std::fmt;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// How an instance's messages are spread over its replicas (dispatch mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Each replica in turn.
+    RoundRobin,
+    /// The replica with the fewest unacknowledged messages (ties in turn).
+    #[default]
+    LeastInflight,
+    /// Rendezvous hashing of the topic (or one topic level): a key stays on
+    /// one replica, and a replica joining or leaving moves only its share.
+    KeyHash,
+    /// Every message to one active replica (the lowest connected, healthy
+    /// slot); the others are hot standbys that take over when it fails.
+    ActiveStandby,
+}
 
 /// A size in bytes, written in config as `"1MiB"`, `"512KiB"`, `"64kB"` or a
 /// plain number of bytes.

@@ -17,7 +17,8 @@
 //! `POST /flows` (the editor listener; a failure gives every replica already
 //! changed its old flows back, and the editor waits for the outcome).
 
-pub mod nodered;
+/// Moved to [`crate::nodered`] (the balancer reads flows too; kept here for old paths).
+pub use crate::nodered;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -613,7 +614,10 @@ impl Deploy {
         let sessions_before = self.mqtt_sessions();
         let posted = match &self.change {
             Change::Flows(flows) => replica.deploy(flows, &old.rev).await,
-            Change::Editor(post) => match replica.post_editor(post).await {
+            Change::Editor(post) => match replica
+                .post_editor(&post.kind, post.api_v2, post.body.clone())
+                .await
+            {
                 Ok(Some(rev)) => Ok(rev),
                 Ok(None) => replica.flows().await.map(|f| f.rev),
                 Err(e) => Err(e),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::admin::client;
+use crate::client;
 use crate::http::backend::Backend;
 
 /// What a palette request is.

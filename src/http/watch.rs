@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backend::{Backend, Pool};
 use super::routes::PublicRoutes;
-use crate::deploy::nodered::{Flows, NodeRed, NodeRedError};
+use crate::nodered::{Flows, NodeRed, NodeRedError};
 
 /// How often the routes are read when the divergence watch is off.
 const ROUTES_INTERVAL: Duration = Duration::from_secs(10);

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::record::Outcome;
 use super::report::{Input, Replicas, Report, Snapshot};
 use super::{drive, Progress, Ramp, Recorder};
-use crate::admin::client;
+use crate::client;
 
 #[derive(Debug, Clone)]
 pub struct MqttLoad {

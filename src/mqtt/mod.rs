@@ -10,5 +10,6 @@ pub mod proxy;
 pub mod pump;
 pub mod replicas;
 pub mod rewrite;
-pub mod topic;
+/// Moved to [`crate::topic`] (config uses it; kept here for old paths).
+pub use crate::topic;
 pub mod ws;

@@ -1,24 +1,7 @@
 //! Picking the replica for a message: pure functions over the candidates, so
 //! each strategy is tested without sockets.
 
-use serde::{Deserialize, Serialize};
-
-/// How an instance's messages are spread over its replicas (dispatch mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    /// Each replica in turn.
-    RoundRobin,
-    /// The replica with the fewest unacknowledged messages (ties in turn).
-    #[default]
-    LeastInflight,
-    /// Rendezvous hashing of the topic (or one topic level): a key stays on
-    /// one replica, and a replica joining or leaving moves only its share.
-    KeyHash,
-    /// Every message to one active replica (the lowest connected, healthy
-    /// slot); the others are hot standbys that take over when it fails.
-    ActiveStandby,
-}
+pub use crate::config::Strategy;
 
 /// A replica that could take the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use super::strategy::{self, Candidate, Strategy};
 use super::upstream::{RetainedFetch, UpCmd, UpEvent};
 use super::wire::{AckProps, Incoming, Message, Outgoing, SubRequest, Will};
 use crate::metrics::{Metrics, ReplicaCounters};
-use crate::mqtt::topic::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// Per-instance dispatch settings, from the config.
 #[derive(Debug, Clone)]

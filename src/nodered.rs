@@ -6,7 +6,7 @@ use bytes::Bytes;
 use hyper::Method;
 use serde_json::Value;
 
-use crate::admin::client;
+use crate::client;
 
 const V2: (&str, &str) = ("Node-RED-API-Version", "v2");
 
@@ -123,17 +123,19 @@ impl NodeRed {
         Ok(self.flows().await?.rev)
     }
 
-    /// The editor's `POST /flows`, as it sent it; the new rev when the
-    /// answer names it (API v2).
+    /// The editor's `POST /flows`, as it sent it (deployment type `kind`,
+    /// API v2 or not); the new rev when the answer names it (API v2).
     pub async fn post_editor(
         &self,
-        post: &super::EditorPost,
+        kind: &str,
+        api_v2: bool,
+        body: Bytes,
     ) -> Result<Option<String>, NodeRedError> {
-        let mut headers = vec![("Node-RED-Deployment-Type", post.kind.as_str())];
-        if post.api_v2 {
+        let mut headers = vec![("Node-RED-Deployment-Type", kind)];
+        if api_v2 {
             headers.push(V2);
         }
-        let answer = self.post(&headers, post.body.clone()).await?;
+        let answer = self.post(&headers, body).await?;
         Ok(serde_json::from_slice::<Value>(&answer)
             .ok()
             .and_then(|v| v["rev"].as_str().map(str::to_string)))
