@@ -299,17 +299,7 @@ impl FileConfig {
     /// `None` for config text of no file.
     pub(super) fn validate(self, base: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
         let mut p = Problems::default();
-        let node_id = match self.node_id {
-            Some(id) if !valid_node_id(&id) => {
-                p.add(
-                    "node_id",
-                    format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
-                );
-                id
-            }
-            Some(id) => id,
-            None => default_node_id(),
-        };
+        let node_id = node_id(&mut p, self.node_id);
         if self
             .worker_threads
             .is_some_and(|n| !(1..=1024).contains(&n))
@@ -319,12 +309,109 @@ impl FileConfig {
                 "must be 1-1024 (leave it out for one per core)",
             );
         }
+        let admin = self.admin.validate(&mut p);
+        let mqtt = self.mqtt.validate(&mut p);
+        let state_dir = std::env::var("STATE_DIRECTORY").ok();
+        let data_dir = p.check(
+            "data_dir",
+            data_dir(
+                self.data_dir.as_deref(),
+                base,
+                state_dir.as_deref(),
+                mqtt.upstream == Upstream::Embedded,
+            ),
+            None,
+        );
+        let mut instances: Vec<InstanceConfig> = Vec::new();
+        for (i, inst) in self.instance.into_iter().enumerate() {
+            let path = format!("instance[{i}]");
+            if !valid_instance_name(&inst.name) {
+                p.add(
+                    format!("{path}.name"),
+                    format!(
+                        "{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .",
+                        inst.name
+                    ),
+                );
+            } else if instances.iter().any(|o| o.name == inst.name) {
+                p.add(
+                    format!("{path}.name"),
+                    format!("{:?} is used by an earlier instance", inst.name),
+                );
+            }
+            instances.push(inst.validate(&mut p, &path, mqtt.mode));
+        }
+        http_listeners_agree(&mut p, &instances);
+        if p.0.is_empty() {
+            Ok(Config {
+                node_id,
+                data_dir,
+                worker_threads: self.worker_threads,
+                admin,
+                mqtt,
+                instances,
+            })
+        } else {
+            Err(p.0)
+        }
+    }
+}
+
+fn node_id(p: &mut Problems, id: Option<String>) -> String {
+    match id {
+        Some(id) if !valid_node_id(&id) => {
+            p.add(
+                "node_id",
+                format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+            );
+            id
+        }
+        Some(id) => id,
+        None => default_node_id(),
+    }
+}
+
+/// Instances that share an HTTP listener share its TLS table too.
+fn http_listeners_agree(p: &mut Problems, instances: &[InstanceConfig]) {
+    for (i, a) in instances.iter().enumerate() {
+        let Some(ha) = &a.http else { continue };
+        let clash = instances[..i].iter().any(|b| {
+            b.http
+                .as_ref()
+                .is_some_and(|hb| hb.listen == ha.listen && hb.tls != ha.tls)
+        });
+        if clash {
+            p.add(
+                format!("instance[{i}].http.tls"),
+                format!(
+                    "instances on one listener ({}) need the same tls table",
+                    ha.listen
+                ),
+            );
+        }
+    }
+}
+
+/// Each of `filters` (at `path[j]`) as a topic filter; the bad ones noted.
+fn filters(p: &mut Problems, path: &str, filters: &[String]) -> Vec<TopicFilter> {
+    let mut out = Vec::new();
+    for (j, f) in filters.iter().enumerate() {
+        match TopicFilter::new(f) {
+            Ok(filter) => out.push(filter),
+            Err(e) => p.add(format!("{path}[{j}]"), format!("{f:?}: {e}")),
+        }
+    }
+    out
+}
+
+impl FileAdmin {
+    fn validate(self, p: &mut Problems) -> AdminConfig {
         let listen = p.check(
             "admin.listen",
-            addr(self.admin.listen.as_deref(), "127.0.0.1:9090"),
+            addr(self.listen.as_deref(), "127.0.0.1:9090"),
             ([127, 0, 0, 1], 9090).into(),
         );
-        let token = match (self.admin.token, self.admin.token_file) {
+        let token = match (self.token, self.token_file) {
             (Some(_), Some(_)) => {
                 p.add("admin.token", "set token or token_file, not both");
                 None
@@ -350,16 +437,20 @@ impl FileConfig {
                 ),
             );
         }
-        let admin = AdminConfig {
+        AdminConfig {
             listen,
             token: token.map(super::Secret::new),
-            metrics_public: self.admin.metrics_public.unwrap_or(false),
+            metrics_public: self.metrics_public.unwrap_or(false),
             tls: self
-                .admin
                 .tls
-                .and_then(|t| collect(&mut p, |f| t.validate("admin.tls", f))),
-        };
-        let m = self.mqtt;
+                .and_then(|t| collect(p, |f| t.validate("admin.tls", f))),
+        }
+    }
+}
+
+impl FileMqtt {
+    fn validate(self, p: &mut Problems) -> MqttConfig {
+        let m = self;
         let upstream = p.check(
             "mqtt.upstream",
             Upstream::parse(m.upstream.as_deref().unwrap_or("embedded")),
@@ -372,17 +463,6 @@ impl FileConfig {
                 "share mode needs an external broker (the embedded rumqttd loses messages in shared groups); use mode = \"dispatch\" or set upstream = \"mqtt://host:port\"",
             );
         }
-        let state_dir = std::env::var("STATE_DIRECTORY").ok();
-        let data_dir = p.check(
-            "data_dir",
-            data_dir(
-                self.data_dir.as_deref(),
-                base,
-                state_dir.as_deref(),
-                upstream == Upstream::Embedded,
-            ),
-            None,
-        );
         let mqtt = MqttConfig {
             listen: p.check(
                 "mqtt.listen",
@@ -417,32 +497,8 @@ impl FileConfig {
                 Duration::from_secs(30),
             ),
             upstream_protocol: m.upstream_protocol.unwrap_or_default(),
-            tls: m.tls.and_then(|t| {
-                let listen = p.check(
-                    "mqtt.tls.listen",
-                    addr(t.listen.as_deref(), "0.0.0.0:8883"),
-                    ([0, 0, 0, 0], 8883).into(),
-                );
-                let tls = collect(&mut p, |f| t.tls().validate("mqtt.tls", f))?;
-                Some(super::MqttTls { listen, tls })
-            }),
-            websocket: m.websocket.map(|w| {
-                let path = w.path.unwrap_or_else(|| "/mqtt".into());
-                if !path.starts_with('/') {
-                    p.add("mqtt.websocket.path", "must start with /");
-                }
-                super::MqttWebSocket {
-                    listen: p.check(
-                        "mqtt.websocket.listen",
-                        addr(w.listen.as_deref(), "0.0.0.0:8083"),
-                        ([0, 0, 0, 0], 8083).into(),
-                    ),
-                    path,
-                    tls: w
-                        .tls
-                        .and_then(|t| collect(&mut p, |f| t.validate("mqtt.websocket.tls", f))),
-                }
-            }),
+            tls: m.tls.and_then(|t| t.validate(p)),
+            websocket: m.websocket.map(|w| w.validate(p)),
             upstream_tls: super::UpstreamTls {
                 ca_file: m.upstream_ca_file.map(PathBuf::from),
                 cert_file: m.upstream_cert_file.map(PathBuf::from),
@@ -481,195 +537,183 @@ impl FileConfig {
         {
             p.add("mqtt.upstream_keep_alive", "must be between 1s and 65535s");
         }
-        let mut instances = Vec::new();
-        for (i, inst) in self.instance.into_iter().enumerate() {
-            let path = format!("instance[{i}]");
-            if !valid_instance_name(&inst.name) {
-                p.add(
-                    format!("{path}.name"),
-                    format!(
-                        "{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .",
-                        inst.name
-                    ),
-                );
-            } else if instances
-                .iter()
-                .any(|o: &InstanceConfig| o.name == inst.name)
-            {
-                p.add(
-                    format!("{path}.name"),
-                    format!("{:?} is used by an earlier instance", inst.name),
-                );
-            }
-            let m = inst.match_rule;
-            let rules: Vec<MatchRule> = [
-                m.client_id.map(MatchRule::ClientId),
-                m.client_id_prefix.map(MatchRule::ClientIdPrefix),
-                m.username.map(MatchRule::Username),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let match_rule = match <[MatchRule; 1]>::try_from(rules) {
-                Ok([rule]) => rule,
-                Err(rules) => {
-                    p.add(
-                        format!("{path}.match"),
-                        format!(
-                            "needs exactly one of client_id, client_id_prefix or username (found {})",
-                            rules.len()
-                        ),
-                    );
-                    MatchRule::ClientId(String::new())
-                }
-            };
-            let mut broadcast = Vec::new();
-            for (j, f) in inst.broadcast.iter().enumerate() {
-                match TopicFilter::new(f) {
-                    Ok(filter) => broadcast.push(filter),
-                    Err(e) => p.add(format!("{path}.broadcast[{j}]"), format!("{f:?}: {e}")),
-                }
-            }
-            let ack_timeout = p.check(
-                &format!("{path}.ack_timeout"),
-                duration(inst.ack_timeout.as_deref(), Duration::from_secs(30)),
-                Duration::from_secs(30),
+        mqtt
+    }
+}
+
+impl super::tls::FileMqttTls {
+    /// `[mqtt.tls]`.
+    fn validate(self, p: &mut Problems) -> Option<super::MqttTls> {
+        let t = self;
+        let listen = p.check(
+            "mqtt.tls.listen",
+            addr(t.listen.as_deref(), "0.0.0.0:8883"),
+            ([0, 0, 0, 0], 8883).into(),
+        );
+        let tls = collect(p, |f| t.tls().validate("mqtt.tls", f))?;
+        Some(super::MqttTls { listen, tls })
+    }
+}
+
+impl FileWebSocket {
+    /// `[mqtt.websocket]`.
+    fn validate(self, p: &mut Problems) -> super::MqttWebSocket {
+        let w = self;
+        let path = w.path.unwrap_or_else(|| "/mqtt".into());
+        if !path.starts_with('/') {
+            p.add("mqtt.websocket.path", "must start with /");
+        }
+        super::MqttWebSocket {
+            listen: p.check(
+                "mqtt.websocket.listen",
+                addr(w.listen.as_deref(), "0.0.0.0:8083"),
+                ([0, 0, 0, 0], 8083).into(),
+            ),
+            path,
+            tls: w
+                .tls
+                .and_then(|t| collect(p, |f| t.validate("mqtt.websocket.tls", f))),
+        }
+    }
+}
+
+impl FileInstance {
+    /// `[[instance]]` at `path` (`instance[0]`), its name checked by the caller.
+    fn validate(self, p: &mut Problems, path: &str, mode: Mode) -> InstanceConfig {
+        let inst = self;
+        let match_rule = match_rule(p, path, inst.match_rule);
+        let broadcast = filters(p, &format!("{path}.broadcast"), &inst.broadcast);
+        let ack_timeout = p.check(
+            &format!("{path}.ack_timeout"),
+            duration(inst.ack_timeout.as_deref(), Duration::from_secs(30)),
+            Duration::from_secs(30),
+        );
+        let max_inflight = inst.max_inflight.unwrap_or(100);
+        if max_inflight == 0 || max_inflight > 65_000 {
+            p.add(
+                format!("{path}.max_inflight"),
+                "must be between 1 and 65000",
             );
-            let max_inflight = inst.max_inflight.unwrap_or(100);
-            if max_inflight == 0 || max_inflight > 65_000 {
-                p.add(
-                    format!("{path}.max_inflight"),
-                    "must be between 1 and 65000",
-                );
-            }
-            let http = inst.http.map(|h| {
-                collect(&mut p, |f| {
-                    h.validate(&format!("{path}.http"), &inst.name, f)
-                })
-            });
-            let editor = inst.editor.map(|e| {
-                collect(&mut p, |f| {
-                    e.validate(&format!("{path}.editor"), http.is_some(), f)
-                })
-            });
-            let upstream_password = match (inst.upstream_password, inst.upstream_password_file) {
-                (Some(_), Some(_)) => {
-                    p.add(
-                        format!("{path}.upstream_password"),
-                        "set upstream_password or upstream_password_file, not both",
-                    );
-                    None
-                }
-                (Some(pw), None) => Some(pw),
-                (None, Some(file)) => match std::fs::read_to_string(&file) {
-                    Ok(pw) => Some(pw.trim_end_matches(['\r', '\n']).to_owned()),
-                    Err(e) => {
-                        p.add(
-                            format!("{path}.upstream_password_file"),
-                            format!("cannot read {file:?}: {e}"),
-                        );
-                        None
-                    }
-                },
-                (None, None) => None,
-            };
-            if upstream_password.is_some() && inst.upstream_username.is_none() {
-                p.add(
-                    format!("{path}.upstream_username"),
-                    "is required with upstream_password (MQTT sends no password without a username in 3.1.1)",
-                );
-            }
-            if inst.acl.is_some() && mode == Mode::Share {
-                p.add(
-                    format!("{path}.acl"),
-                    "is applied in dispatch mode only; in share mode use the broker's ACL (or set mqtt.mode = \"dispatch\")",
-                );
-            }
-            if inst.max_replicas == Some(0) {
-                p.add(format!("{path}.max_replicas"), "must be at least 1");
-            }
-            if inst
-                .upstream_client_id
-                .as_deref()
-                .is_some_and(|c| c.is_empty() || c.len() > 65_535)
-            {
-                p.add(
-                    format!("{path}.upstream_client_id"),
-                    "must be 1-65535 bytes",
-                );
-            }
-            let complete = inst
-                .complete
-                .and_then(|c| complete(&mut p, &format!("{path}.complete"), c, mode, ack_timeout));
-            instances.push(InstanceConfig {
-                complete,
-                http,
-                editor,
-                password_file: password_file(inst.password_file),
-                upstream_username: inst.upstream_username,
-                upstream_password: upstream_password.map(super::Secret::new),
-                upstream_client_id: inst.upstream_client_id,
-                max_replicas: inst.max_replicas,
-                name: inst.name,
-                match_rule,
-                broadcast,
-                strategy: inst.strategy.unwrap_or_default(),
-                key_level: inst.key_level,
-                ack_timeout,
-                max_inflight,
-                failback: inst.failback.unwrap_or(false),
-                acl: inst.acl.map(|a| {
-                    let mut list = |key: &str, v: Option<Vec<String>>| {
-                        v.map(|filters| {
-                            let mut out = Vec::new();
-                            for (j, f) in filters.iter().enumerate() {
-                                match TopicFilter::new(f) {
-                                    Ok(filter) => out.push(filter),
-                                    Err(e) => p.add(
-                                        format!("{path}.acl.{key}[{j}]"),
-                                        format!("{f:?}: {e}"),
-                                    ),
-                                }
-                            }
-                            out
-                        })
-                    };
-                    super::Acl {
-                        publish: list("publish", a.publish),
-                        subscribe: list("subscribe", a.subscribe),
-                    }
-                }),
-            });
         }
-        for (i, a) in instances.iter().enumerate() {
-            let Some(ha) = &a.http else { continue };
-            let clash = instances[..i].iter().any(|b| {
-                b.http
-                    .as_ref()
-                    .is_some_and(|hb| hb.listen == ha.listen && hb.tls != ha.tls)
-            });
-            if clash {
-                p.add(
-                    format!("instance[{i}].http.tls"),
-                    format!(
-                        "instances on one listener ({}) need the same tls table",
-                        ha.listen
-                    ),
-                );
-            }
-        }
-        if p.0.is_empty() {
-            Ok(Config {
-                node_id,
-                data_dir,
-                worker_threads: self.worker_threads,
-                admin,
-                mqtt,
-                instances,
+        let http = inst
+            .http
+            .map(|h| collect(p, |f| h.validate(&format!("{path}.http"), &inst.name, f)));
+        let editor = inst.editor.map(|e| {
+            collect(p, |f| {
+                e.validate(&format!("{path}.editor"), http.is_some(), f)
             })
-        } else {
-            Err(p.0)
+        });
+        let upstream_password =
+            upstream_password(p, path, inst.upstream_password, inst.upstream_password_file);
+        if upstream_password.is_some() && inst.upstream_username.is_none() {
+            p.add(
+                format!("{path}.upstream_username"),
+                "is required with upstream_password (MQTT sends no password without a username in 3.1.1)",
+            );
         }
+        if inst.acl.is_some() && mode == Mode::Share {
+            p.add(
+                format!("{path}.acl"),
+                "is applied in dispatch mode only; in share mode use the broker's ACL (or set mqtt.mode = \"dispatch\")",
+            );
+        }
+        if inst.max_replicas == Some(0) {
+            p.add(format!("{path}.max_replicas"), "must be at least 1");
+        }
+        if inst
+            .upstream_client_id
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || c.len() > 65_535)
+        {
+            p.add(
+                format!("{path}.upstream_client_id"),
+                "must be 1-65535 bytes",
+            );
+        }
+        let complete = inst
+            .complete
+            .and_then(|c| complete(p, &format!("{path}.complete"), c, mode, ack_timeout));
+        InstanceConfig {
+            complete,
+            http,
+            editor,
+            password_file: password_file(inst.password_file),
+            upstream_username: inst.upstream_username,
+            upstream_password: upstream_password.map(super::Secret::new),
+            upstream_client_id: inst.upstream_client_id,
+            max_replicas: inst.max_replicas,
+            name: inst.name,
+            match_rule,
+            broadcast,
+            strategy: inst.strategy.unwrap_or_default(),
+            key_level: inst.key_level,
+            ack_timeout,
+            max_inflight,
+            failback: inst.failback.unwrap_or(false),
+            acl: inst.acl.map(|a| super::Acl {
+                publish: a
+                    .publish
+                    .map(|f| filters(p, &format!("{path}.acl.publish"), &f)),
+                subscribe: a
+                    .subscribe
+                    .map(|f| filters(p, &format!("{path}.acl.subscribe"), &f)),
+            }),
+        }
+    }
+}
+
+/// The one rule of an instance's `match` table.
+fn match_rule(p: &mut Problems, path: &str, m: FileMatch) -> MatchRule {
+    let rules: Vec<MatchRule> = [
+        m.client_id.map(MatchRule::ClientId),
+        m.client_id_prefix.map(MatchRule::ClientIdPrefix),
+        m.username.map(MatchRule::Username),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match <[MatchRule; 1]>::try_from(rules) {
+        Ok([rule]) => rule,
+        Err(rules) => {
+            p.add(
+                format!("{path}.match"),
+                format!(
+                    "needs exactly one of client_id, client_id_prefix or username (found {})",
+                    rules.len()
+                ),
+            );
+            MatchRule::ClientId(String::new())
+        }
+    }
+}
+
+/// `upstream_password`, or what `upstream_password_file` holds.
+fn upstream_password(
+    p: &mut Problems,
+    path: &str,
+    password: Option<String>,
+    file: Option<String>,
+) -> Option<String> {
+    match (password, file) {
+        (Some(_), Some(_)) => {
+            p.add(
+                format!("{path}.upstream_password"),
+                "set upstream_password or upstream_password_file, not both",
+            );
+            None
+        }
+        (Some(pw), None) => Some(pw),
+        (None, Some(file)) => match std::fs::read_to_string(&file) {
+            Ok(pw) => Some(pw.trim_end_matches(['\r', '\n']).to_owned()),
+            Err(e) => {
+                p.add(
+                    format!("{path}.upstream_password_file"),
+                    format!("cannot read {file:?}: {e}"),
+                );
+                None
+            }
+        },
+        (None, None) => None,
     }
 }
 
