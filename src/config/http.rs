@@ -198,27 +198,8 @@ fn dur(
 }
 
 impl FileHttp {
-    /// Validates; problems are (path, message) pairs.
-    pub(super) fn validate(
-        self,
-        path: &str,
-        instance: &str,
-        p: &mut Vec<(String, String)>,
-    ) -> HttpConfig {
-        let listen = match self.listen.as_deref().map(str::parse::<SocketAddr>) {
-            Some(Ok(a)) => a,
-            Some(Err(_)) => {
-                p.push((
-                    format!("{path}.listen"),
-                    "is not an address such as \"0.0.0.0:1880\"".into(),
-                ));
-                ([0, 0, 0, 0], 1880).into()
-            }
-            None => {
-                p.push((format!("{path}.listen"), "is required".into()));
-                ([0, 0, 0, 0], 1880).into()
-            }
-        };
+    /// Checks `replicas` and `mqtt_hosts` (one per replica); the hosts.
+    fn check_replicas(&self, path: &str, p: &mut Vec<(String, String)>) -> Vec<std::net::IpAddr> {
         if self.replicas.is_empty() {
             p.push((
                 format!("{path}.replicas"),
@@ -256,6 +237,11 @@ impl FileHttp {
                 ),
             ));
         }
+        mqtt_hosts
+    }
+
+    /// `max_body` and `max_header_size` (at least 8KiB).
+    fn sizes(&self, path: &str, p: &mut Vec<(String, String)>) -> (ByteSize, ByteSize) {
         let max_body = match ByteSize::parse(self.max_body.as_deref().unwrap_or("10MiB")) {
             Ok(b) => b,
             Err(e) => {
@@ -278,6 +264,19 @@ impl FileHttp {
                     ByteSize(64 << 10)
                 }
             };
+        (max_body, max_header_size)
+    }
+
+    /// Validates; problems are (path, message) pairs.
+    pub(super) fn validate(
+        self,
+        path: &str,
+        instance: &str,
+        p: &mut Vec<(String, String)>,
+    ) -> HttpConfig {
+        let listen = listen(path, self.listen.as_deref(), p);
+        let mqtt_hosts = self.check_replicas(path, p);
+        let (max_body, max_header_size) = self.sizes(path, p);
         let tls = self.tls.and_then(|t| t.validate(&format!("{path}.tls"), p));
         let retry_budget = self.retry_budget.unwrap_or(0.2);
         if !(0.0..=1.0).contains(&retry_budget) {
@@ -303,30 +302,8 @@ impl FileHttp {
             }
         }
         let balance = self.balance.unwrap_or_default();
-        let key = match (&self.key, balance) {
-            (Some(k), Balance::KeyHash) => match RequestKey::parse(k) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    p.push((format!("{path}.key"), e));
-                    None
-                }
-            },
-            (None, Balance::KeyHash) => {
-                p.push((
-                    format!("{path}.key"),
-                    "balance = \"key-hash\" needs a key: \"header:NAME\", \"path:N\", \"query:NAME\" or \"cookie:NAME\"".into(),
-                ));
-                None
-            }
-            (Some(_), _) => {
-                p.push((
-                    format!("{path}.key"),
-                    "is used only with balance = \"key-hash\"".into(),
-                ));
-                None
-            }
-            (None, _) => None,
-        };
+        let key = key(path, self.key.as_deref(), balance, p);
+        let mut d = |key: &str, v: Option<String>, default: Duration| dur(p, path, key, v, default);
         HttpConfig {
             listen,
             host: self.host.map(|h| h.to_ascii_lowercase()),
@@ -336,16 +313,12 @@ impl FileHttp {
             health_path: self.health_path.unwrap_or_else(|| "/flows/state".into()),
             health_status: self.health_status.unwrap_or(200),
             health_tcp_only: self.health_tcp_only.unwrap_or(false),
-            health_interval: dur(
-                p,
-                path,
+            health_interval: d(
                 "health_interval",
                 self.health_interval,
                 Duration::from_secs(1),
             ),
-            health_timeout: dur(
-                p,
-                path,
+            health_timeout: d(
                 "health_timeout",
                 self.health_timeout,
                 Duration::from_secs(1),
@@ -360,58 +333,96 @@ impl FileHttp {
                 .sticky_cookie
                 .unwrap_or_else(|| format!("flowgate_{instance}")),
             block_admin: self.block_admin.unwrap_or(true),
-            admin_paths: self.admin_paths.unwrap_or_else(|| {
-                [
-                    "/",
-                    "/flows",
-                    "/flow",
-                    "/nodes",
-                    "/settings",
-                    "/auth",
-                    "/red",
-                    "/library",
-                    "/context",
-                ]
-                .map(String::from)
-                .to_vec()
-            }),
+            admin_paths: self.admin_paths.unwrap_or_else(default_admin_paths),
             public_paths: self.public_paths,
             replica_header: self.replica_header.unwrap_or(true),
             max_body,
-            timeout: dur(p, path, "timeout", self.timeout, Duration::from_secs(60)),
-            connect_timeout: dur(
-                p,
-                path,
+            timeout: d("timeout", self.timeout, Duration::from_secs(60)),
+            connect_timeout: d(
                 "connect_timeout",
                 self.connect_timeout,
                 Duration::from_secs(2),
             ),
-            idle_timeout: dur(
-                p,
-                path,
-                "idle_timeout",
-                self.idle_timeout,
-                Duration::from_secs(4),
-            ),
+            idle_timeout: d("idle_timeout", self.idle_timeout, Duration::from_secs(4)),
             retry_budget,
             failback: self.failback.unwrap_or(false),
             mqtt_hosts,
-            rev_interval: dur(
-                p,
-                path,
-                "rev_interval",
-                self.rev_interval,
-                Duration::from_secs(10),
-            ),
+            rev_interval: d("rev_interval", self.rev_interval, Duration::from_secs(10)),
             tls,
             max_header_size,
-            header_timeout: dur(
-                p,
-                path,
+            header_timeout: d(
                 "header_timeout",
                 self.header_timeout,
                 Duration::from_secs(10),
             ),
         }
     }
+}
+
+/// `listen`: required.
+fn listen(path: &str, text: Option<&str>, p: &mut Vec<(String, String)>) -> SocketAddr {
+    match text.map(str::parse::<SocketAddr>) {
+        Some(Ok(a)) => a,
+        Some(Err(_)) => {
+            p.push((
+                format!("{path}.listen"),
+                "is not an address such as \"0.0.0.0:1880\"".into(),
+            ));
+            ([0, 0, 0, 0], 1880).into()
+        }
+        None => {
+            p.push((format!("{path}.listen"), "is required".into()));
+            ([0, 0, 0, 0], 1880).into()
+        }
+    }
+}
+
+/// `key`: required by key-hash, refused by the others.
+fn key(
+    path: &str,
+    key: Option<&str>,
+    balance: Balance,
+    p: &mut Vec<(String, String)>,
+) -> Option<RequestKey> {
+    match (key, balance) {
+        (Some(k), Balance::KeyHash) => match RequestKey::parse(k) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                p.push((format!("{path}.key"), e));
+                None
+            }
+        },
+        (None, Balance::KeyHash) => {
+            p.push((
+                format!("{path}.key"),
+                "balance = \"key-hash\" needs a key: \"header:NAME\", \"path:N\", \"query:NAME\" or \"cookie:NAME\"".into(),
+            ));
+            None
+        }
+        (Some(_), _) => {
+            p.push((
+                format!("{path}.key"),
+                "is used only with balance = \"key-hash\"".into(),
+            ));
+            None
+        }
+        (None, _) => None,
+    }
+}
+
+/// Node-RED's editor and admin API paths, blocked on the public side.
+fn default_admin_paths() -> Vec<String> {
+    [
+        "/",
+        "/flows",
+        "/flow",
+        "/nodes",
+        "/settings",
+        "/auth",
+        "/red",
+        "/library",
+        "/context",
+    ]
+    .map(String::from)
+    .to_vec()
 }
