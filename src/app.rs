@@ -119,30 +119,86 @@ async fn bind(
     Ok((listener, bound))
 }
 
-impl App {
-    /// Binds the listeners and starts serving.
-    pub async fn start(config: Config) -> Result<Self, StartError> {
-        let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new());
-        let mut store = None;
-        let mut embedded = None;
-        let (upstream_v3, upstream_v5) = match config.mqtt.upstream.authority() {
-            Some(a) => (a.clone(), a),
-            None => {
-                // restored before any listener accepts a client
-                if let Some(dir) = &config.data_dir {
-                    store = Some(Store::open(dir, &metrics)?);
-                }
-                let b = broker::start(config.mqtt.max_packet_size.bytes(), store.as_ref()).await?;
-                embedded = Some(b);
-                (b.v4.to_string(), b.v5.to_string())
-            }
+/// Where the MQTT side reaches the broker: its 3.1.1 and 5.0 addresses, the
+/// bundled broker (and its store) when there is no external one.
+struct Broker {
+    v3: String,
+    v5: String,
+    embedded: Option<broker::EmbeddedBroker>,
+    store: Option<Store>,
+}
+
+impl Broker {
+    /// The external broker, or the bundled one started (its store restored
+    /// before any listener accepts a client).
+    async fn start(config: &Config, metrics: &Arc<Metrics>) -> Result<Self, StartError> {
+        if let Some(a) = config.mqtt.upstream.authority() {
+            return Ok(Self {
+                v3: a.clone(),
+                v5: a,
+                embedded: None,
+                store: None,
+            });
+        }
+        let store = match &config.data_dir {
+            Some(dir) => Some(Store::open(dir, metrics)?),
+            None => None,
         };
-        let (mqtt_listener, mqtt_addr) = bind("mqtt.listen", config.mqtt.listen).await?;
-        let (admin_listener, admin_addr) = bind("admin.listen", config.admin.listen).await?;
-        let mut acceptors = Vec::new();
+        let b = broker::start(config.mqtt.max_packet_size.bytes(), store.as_ref()).await?;
+        Ok(Self {
+            v3: b.v4.to_string(),
+            v5: b.v5.to_string(),
+            embedded: Some(b),
+            store,
+        })
+    }
+}
+
+/// The password files: `mqtt.password_file`, each instance's, and every one
+/// (SIGHUP reloads them).
+struct Passwords {
+    global: Option<Arc<PasswordFile>>,
+    by_instance: HashMap<String, Arc<PasswordFile>>,
+    all: Vec<Arc<PasswordFile>>,
+}
+
+impl Passwords {
+    fn load(config: &Config) -> Result<Self, StartError> {
+        let load = |path: &std::path::Path| PasswordFile::load(path).map(Arc::new);
+        let global = config.mqtt.password_file.as_deref().map(load).transpose()?;
+        let mut all: Vec<_> = global.iter().cloned().collect();
+        let mut by_instance = HashMap::new();
+        for inst in &config.instances {
+            if let Some(p) = &inst.password_file {
+                let file = load(p)?;
+                all.push(file.clone());
+                by_instance.insert(inst.name.clone(), file);
+            }
+        }
+        Ok(Self {
+            global,
+            by_instance,
+            all,
+        })
+    }
+}
+
+/// A bound listener and its address.
+type Bound = (TcpListener, SocketAddr);
+
+/// The MQTT listeners a config asks for: plain, TLS, and WebSocket (with its
+/// path and TLS).
+struct MqttListeners {
+    plain: Bound,
+    mqtts: Option<(Bound, Arc<Acceptor>)>,
+    ws: Option<(Bound, String, Option<Arc<Acceptor>>)>,
+}
+
+impl MqttListeners {
+    async fn bind(config: &Config, acceptors: &mut Vec<Arc<Acceptor>>) -> Result<Self, StartError> {
+        let plain = bind("mqtt.listen", config.mqtt.listen).await?;
         let mut acceptor = |what: &str, cfg: &crate::config::TlsConfig, alpn: &[&[u8]]| {
-            let a = Acceptor::new(what, cfg, alpn).map_err(StartError::Tls)?;
+            let a = Acceptor::new(what, cfg, alpn)?;
             acceptors.push(a.clone());
             Ok::<_, StartError>(a)
         };
@@ -167,195 +223,256 @@ impl App {
             }
             None => None,
         };
-        let admin_tls = match &config.admin.tls {
-            Some(t) => Some(acceptor("admin.tls", t, &[b"http/1.1"])?),
-            None => None,
-        };
-        let upstream_tls = match config.mqtt.upstream.tls_host() {
-            Some(host) => Some(Arc::new(
-                Connector::new(host, &config.mqtt.upstream_tls)
-                    .map_err(crate::tls::listener("mqtt.upstream_ca_file"))?,
-            )),
-            None => None,
-        };
-        let load = |path: &std::path::Path| {
-            PasswordFile::load(path)
-                .map(Arc::new)
-                .map_err(StartError::Auth)
-        };
-        let mut passwords = Vec::new();
-        let global_passwords = match &config.mqtt.password_file {
-            Some(p) => Some(load(p)?),
-            None => None,
-        };
-        passwords.extend(global_passwords.clone());
-        let mut instance_passwords = HashMap::new();
-        for inst in &config.instances {
-            if let Some(p) = &inst.password_file {
-                let file = load(p)?;
-                passwords.push(file.clone());
-                instance_passwords.insert(inst.name.clone(), file);
-            }
-        }
+        Ok(Self { plain, mqtts, ws })
+    }
 
-        let instances = Arc::new(Instances::new(&config.instances, &metrics));
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-
-        if config.mqtt.upstream != Upstream::Embedded {
-            tracker.spawn(probe_upstream(
-                upstream_v3.clone(),
-                config.mqtt.upstream_connect_timeout,
-            ));
-        }
-        // active-standby on both sides: the sides agree on the active replica
-        let ties: HashMap<String, Arc<Tie>> = config
-            .instances
-            .iter()
-            .filter(|i| {
-                config.mqtt.mode == Mode::Dispatch
-                    && i.strategy == Strategy::ActiveStandby
-                    && i.http
-                        .as_ref()
-                        .is_some_and(|h| h.balance == Balance::ActiveStandby)
-            })
-            .map(|i| (i.name.clone(), Arc::new(Tie::default())))
-            .collect();
-        let mut dispatchers = HashMap::new();
-        if config.mqtt.mode == Mode::Dispatch {
-            for inst in &config.instances {
-                let tie = ties.get(&inst.name).cloned();
-                let login = Login {
-                    tls: upstream_tls.clone(),
-                    username: inst.upstream_username.clone(),
-                    password: inst.upstream_password.clone(),
-                };
-                let negotiated = instances
-                    .get(&inst.name)
-                    .map(|i| i.upstream_protocol.clone())
-                    .unwrap_or_default();
-                let handle = start_dispatcher(
-                    &config,
-                    inst,
-                    (&upstream_v3, &upstream_v5, login),
-                    negotiated,
-                    &metrics,
-                    (&shutdown, &tracker),
-                    tie,
-                );
-                dispatchers.insert(inst.name.clone(), handle);
-            }
-        }
-        let ctx = Arc::new(ProxyContext {
-            config: config.clone(),
-            instances: instances.clone(),
-            metrics: metrics.clone(),
-            upstream_v3,
-            upstream_v5,
-            upstream_tls,
-            dispatchers,
-            passwords: global_passwords,
-            instance_passwords,
-            connections: Default::default(),
-        });
-        tracker.spawn(proxy::serve(
-            mqtt_listener,
-            ctx.clone(),
-            Transport::default(),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
-        let mut mqtts_addr = None;
-        if let Some(((listener, bound), tls)) = mqtts {
-            mqtts_addr = Some(bound);
+    /// Serves each on `ctx`; their bound addresses (plain, TLS, WebSocket).
+    fn serve(
+        self,
+        ctx: &Arc<ProxyContext>,
+        (shutdown, tracker): (&CancellationToken, &TaskTracker),
+    ) -> (SocketAddr, Option<SocketAddr>, Option<SocketAddr>) {
+        let serve = |listener, transport| {
             tracker.spawn(proxy::serve(
                 listener,
                 ctx.clone(),
+                transport,
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        };
+        serve(self.plain.0, Transport::default());
+        let mqtts = self.mqtts.map(|((listener, bound), tls)| {
+            serve(
+                listener,
                 Transport {
                     tls: Some(tls),
                     websocket: None,
                 },
-                shutdown.clone(),
-                tracker.clone(),
-            ));
-        }
-        let mut ws_addr = None;
-        if let Some(((listener, bound), path, tls)) = ws {
-            ws_addr = Some(bound);
-            tracker.spawn(proxy::serve(
+            );
+            bound
+        });
+        let ws = self.ws.map(|((listener, bound), path, tls)| {
+            serve(
                 listener,
-                ctx,
                 Transport {
                     tls,
                     websocket: Some(path),
                 },
+            );
+            bound
+        });
+        (self.plain.1, mqtts, ws)
+    }
+}
+
+/// Instances with active-standby on both sides: the sides agree on the
+/// active replica through one tie each.
+fn ties(config: &Config) -> HashMap<String, Arc<Tie>> {
+    config
+        .instances
+        .iter()
+        .filter(|i| {
+            config.mqtt.mode == Mode::Dispatch
+                && i.strategy == Strategy::ActiveStandby
+                && i.http
+                    .as_ref()
+                    .is_some_and(|h| h.balance == Balance::ActiveStandby)
+        })
+        .map(|i| (i.name.clone(), Arc::new(Tie::default())))
+        .collect()
+}
+
+/// A dispatcher per instance (dispatch mode), by instance name.
+fn start_dispatchers(
+    config: &Config,
+    broker: &Broker,
+    upstream_tls: Option<&Arc<Connector>>,
+    instances: &Instances,
+    ties: &HashMap<String, Arc<Tie>>,
+    metrics: &Arc<Metrics>,
+    owner: (&CancellationToken, &TaskTracker),
+) -> HashMap<String, Handle> {
+    let mut dispatchers = HashMap::new();
+    if config.mqtt.mode != Mode::Dispatch {
+        return dispatchers;
+    }
+    for inst in &config.instances {
+        let login = Login {
+            tls: upstream_tls.cloned(),
+            username: inst.upstream_username.clone(),
+            password: inst.upstream_password.clone(),
+        };
+        let negotiated = instances
+            .get(&inst.name)
+            .map(|i| i.upstream_protocol.clone())
+            .unwrap_or_default();
+        let handle = start_dispatcher(
+            config,
+            inst,
+            (&broker.v3, &broker.v5, login),
+            negotiated,
+            metrics,
+            owner,
+            ties.get(&inst.name).cloned(),
+        );
+        dispatchers.insert(inst.name.clone(), handle);
+    }
+    dispatchers
+}
+
+/// The HTTP balancer: a replica pool per instance with `[instance.http]`,
+/// its listeners (on shard threads) and probes; the pools and each
+/// listener's bound address.
+async fn start_http(
+    config: &Config,
+    ties: &HashMap<String, Arc<Tie>>,
+    metrics: &Arc<Metrics>,
+    acceptors: &mut Vec<Arc<Acceptor>>,
+    (shutdown, tracker): (&CancellationToken, &TaskTracker),
+) -> Result<(Vec<Arc<Pool>>, Vec<(SocketAddr, SocketAddr)>), StartError> {
+    let pools: Vec<Arc<Pool>> = config
+        .instances
+        .iter()
+        .filter_map(|i| {
+            let cfg = i.http.clone()?;
+            let tie = ties.get(&i.name).cloned();
+            Some(Arc::new(Pool::new(
+                &i.name,
+                cfg,
+                metrics.clone(),
+                tie,
+                (tracker, shutdown),
+            )))
+        })
+        .collect();
+    let mut http_addrs = Vec::new();
+    let sites = http::sites(&pools);
+    if !sites.is_empty() {
+        let n = config.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let shards = Arc::new(
+            http::shards::Shards::start(n).map_err(|e| StartError::Threads(e.to_string()))?,
+        );
+        for (addr, site) in sites {
+            let (listener, bound) = bind("instance.http.listen", addr).await?;
+            http_addrs.push((addr, bound));
+            let tls = match site.tls() {
+                Some(t) => {
+                    let what = format!("instance.http.tls ({addr})");
+                    let a = Acceptor::new(&what, t, &[b"http/1.1"])?;
+                    acceptors.push(a.clone());
+                    Some(a)
+                }
+                None => None,
+            };
+            tracker.spawn(http::serve(
+                listener,
+                Arc::new(site),
+                tls,
                 shutdown.clone(),
                 tracker.clone(),
+                shards.clone(),
             ));
         }
-        let pools: Vec<Arc<Pool>> = config
-            .instances
-            .iter()
-            .filter_map(|i| {
-                let cfg = i.http.clone()?;
-                let tie = ties.get(&i.name).cloned();
-                Some(Arc::new(Pool::new(
-                    &i.name,
-                    cfg,
-                    metrics.clone(),
-                    tie,
-                    (&tracker, &shutdown),
-                )))
-            })
-            .collect();
-        let mut http_addrs = Vec::new();
-        let sites = http::sites(&pools);
-        if !sites.is_empty() {
-            let n = config.worker_threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-            });
-            let shards = Arc::new(
-                http::shards::Shards::start(n).map_err(|e| StartError::Threads(e.to_string()))?,
+    }
+    for pool in &pools {
+        tracker.spawn(pool.clone().probe_loop(shutdown.clone()));
+        tracker.spawn(pool.clone().rev_loop(shutdown.clone()));
+    }
+    Ok((pools, http_addrs))
+}
+
+/// The bundled broker's threads can die while flowgate goes on: readiness
+/// and a gauge say so.
+fn watch_bundled_broker(
+    b: broker::EmbeddedBroker,
+    admin: &Arc<AdminState>,
+    metrics: &Metrics,
+    (shutdown, tracker): (&CancellationToken, &TaskTracker),
+) {
+    let (state, gauge) = (admin.clone(), metrics.broker_up.clone());
+    gauge.set(1);
+    let up = move |up: bool| {
+        state.broker_up.store(up, Ordering::Relaxed);
+        gauge.set(i64::from(up));
+        if up {
+            tracing::info!("the bundled broker answers again; /readyz 200");
+        } else {
+            tracing::error!(
+                falls = broker::WATCH_FALLS,
+                "the bundled broker does not answer a CONNECT; /readyz 503 until it does"
             );
-            for (addr, site) in sites {
-                let (listener, bound) = bind("instance.http.listen", addr).await?;
-                http_addrs.push((addr, bound));
-                let tls = match site.tls() {
-                    Some(t) => {
-                        let a = Acceptor::new(
-                            &format!("instance.http.tls ({addr})"),
-                            t,
-                            &[b"http/1.1"],
-                        )
-                        .map_err(StartError::Tls)?;
-                        acceptors.push(a.clone());
-                        Some(a)
-                    }
-                    None => None,
-                };
-                tracker.spawn(http::serve(
-                    listener,
-                    Arc::new(site),
-                    tls,
-                    shutdown.clone(),
-                    tracker.clone(),
-                    shards.clone(),
-                ));
-            }
         }
-        for pool in &pools {
-            tracker.spawn(pool.clone().probe_loop(shutdown.clone()));
-            tracker.spawn(pool.clone().rev_loop(shutdown.clone()));
+    };
+    let every = Duration::from_secs(2);
+    tracker.spawn(broker::watch([b.v4, b.v5], every, up, shutdown.clone()));
+}
+
+impl App {
+    /// Binds the listeners and starts serving: the broker (bundled or not),
+    /// the MQTT side, the HTTP balancer, the editors, the admin API.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let broker = Broker::start(&config, &metrics).await?;
+        let mut acceptors = Vec::new();
+        let mqtt_listeners = MqttListeners::bind(&config, &mut acceptors).await?;
+        let (admin_listener, admin_addr) = bind("admin.listen", config.admin.listen).await?;
+        let admin_tls = (config.admin.tls.as_ref())
+            .map(|t| Acceptor::new("admin.tls", t, &[b"http/1.1"]))
+            .transpose()?;
+        acceptors.extend(admin_tls.clone());
+        let upstream_tls = config
+            .mqtt
+            .upstream
+            .tls_host()
+            .map(|host| Connector::new(host, &config.mqtt.upstream_tls).map(Arc::new))
+            .transpose()
+            .map_err(crate::tls::listener("mqtt.upstream_ca_file"))?;
+        let mut passwords = Passwords::load(&config)?;
+        let instances = Arc::new(Instances::new(&config.instances, &metrics));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let owner = (&shutdown, &tracker);
+        if config.mqtt.upstream != Upstream::Embedded {
+            let timeout = config.mqtt.upstream_connect_timeout;
+            tracker.spawn(probe_upstream(broker.v3.clone(), timeout));
         }
+        let ties = ties(&config);
+        let dispatchers = start_dispatchers(
+            &config,
+            &broker,
+            upstream_tls.as_ref(),
+            &instances,
+            &ties,
+            &metrics,
+            owner,
+        );
+        let ctx = Arc::new(ProxyContext {
+            config: config.clone(),
+            instances: instances.clone(),
+            metrics: metrics.clone(),
+            upstream_v3: broker.v3.clone(),
+            upstream_v5: broker.v5.clone(),
+            upstream_tls,
+            dispatchers,
+            passwords: passwords.global.clone(),
+            instance_passwords: std::mem::take(&mut passwords.by_instance),
+            connections: Default::default(),
+        });
+        let (mqtt_addr, mqtts_addr, ws_addr) = mqtt_listeners.serve(&ctx, owner);
+        let (pools, http_addrs) =
+            start_http(&config, &ties, &metrics, &mut acceptors, owner).await?;
         let deploys = Arc::new(crate::deploy::Registry::default());
         let editor_addrs = start_editors(
             &config,
             &pools,
             &metrics,
             &deploys,
-            (&mut acceptors, &mut passwords),
-            &shutdown,
-            &tracker,
+            (&mut acceptors, &mut passwords.all),
+            owner,
         )
         .await?;
         let admin = Arc::new(AdminState {
@@ -368,25 +485,8 @@ impl App {
             deploys,
             tasks: tracker.clone(),
         });
-        if let Some(b) = embedded {
-            // the bundled broker's threads can die while flowgate goes on:
-            // readiness and a gauge say so
-            let (state, gauge) = (admin.clone(), metrics.broker_up.clone());
-            gauge.set(1);
-            let up = move |up: bool| {
-                state.broker_up.store(up, Ordering::Relaxed);
-                gauge.set(i64::from(up));
-                if up {
-                    tracing::info!("the bundled broker answers again; /readyz 200");
-                } else {
-                    tracing::error!(
-                        falls = broker::WATCH_FALLS,
-                        "the bundled broker does not answer a CONNECT; /readyz 503 until it does"
-                    );
-                }
-            };
-            let every = Duration::from_secs(2);
-            tracker.spawn(broker::watch([b.v4, b.v5], every, up, shutdown.clone()));
+        if let Some(b) = broker.embedded {
+            watch_bundled_broker(b, &admin, &metrics, owner);
         }
         tracker.spawn(admin::serve(
             admin_listener,
@@ -408,8 +508,8 @@ impl App {
             tracker,
             admin,
             acceptors,
-            passwords,
-            store,
+            passwords: passwords.all,
+            store: broker.store,
         })
     }
 
@@ -482,8 +582,7 @@ async fn start_editors(
     metrics: &Arc<Metrics>,
     deploys: &Arc<crate::deploy::Registry>,
     (acceptors, passwords): (&mut Vec<Arc<Acceptor>>, &mut Vec<Arc<PasswordFile>>),
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
+    (shutdown, tracker): (&CancellationToken, &TaskTracker),
 ) -> Result<Vec<(String, SocketAddr)>, StartError> {
     let mut addrs = Vec::new();
     for inst in &config.instances {
