@@ -216,41 +216,8 @@ pub async fn handle(
             .filter_map(|v| v.to_str().ok()),
     );
     // key-hash: the key's replica first (before a sticky cookie's)
-    let keyed = match &cfg.key {
-        Some(key) => {
-            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let header = match key {
-                RequestKey::Header(name) => req.headers().get(name.as_str()).map(|v| v.as_bytes()),
-                _ => None,
-            };
-            let cookies = matches!(key, RequestKey::Cookie(_)).then(|| {
-                let all = req.headers().get_all(header::COOKIE).iter();
-                all.filter_map(|v| v.to_str().ok())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            });
-            keyed(&pool, target, header, cookies.as_deref())
-        }
-        None => None,
-    };
-    let pinned = keyed.or(pinned);
-
-    // forwarded headers
-    let host = req.headers().get(header::HOST).cloned();
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers, upgrade);
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    if let Some(h) = host {
-        headers.insert("x-forwarded-host", h);
-    }
-
+    let pinned = request_key(&pool, &req).or(pinned);
+    forwarded_headers(req.headers_mut(), peer, proto, upgrade);
     pool.count_request();
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // a bodiless idempotent request can be rebuilt for a retry after sending
@@ -258,12 +225,10 @@ pub async fn handle(
         && !req.headers().contains_key(header::TRANSFER_ENCODING)
         && policy::idempotent(req.method().as_str())
         && !upgrade;
-    let replay = replayable.then(|| {
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.headers().clone(),
-        )
+    let replay = replayable.then(|| Replay {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        headers: req.headers().clone(),
     });
     let (parts, body) = req.into_parts();
     let body: Body = Limited::new(body, limit)
@@ -279,58 +244,25 @@ pub async fn handle(
             return status(StatusCode::BAD_GATEWAY, policy::NO_REPLICA_TEXT);
         };
         tried.push(backend.index);
-        let req = match outgoing.take() {
-            Some(r) => r,
-            None => match &replay {
-                Some((m, u, h)) => {
-                    let mut r = Request::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
-                    *r.method_mut() = m.clone();
-                    *r.uri_mut() = u.clone();
-                    *r.headers_mut() = h.clone();
-                    r
-                }
-                None => return status(StatusCode::BAD_GATEWAY, policy::FAILED_TEXT),
-            },
+        let Some(req) = outgoing
+            .take()
+            .or_else(|| replay.as_ref().map(Replay::request))
+        else {
+            return status(StatusCode::BAD_GATEWAY, policy::FAILED_TEXT);
         };
         let guard = InflightGuard::new(backend.clone());
         match send(&pool, &backend, req, upgrade).await {
-            Outcome::Response(mut resp, sender) => {
+            Outcome::Response(resp, sender) => {
                 if let Some(s) = sender {
                     backend.checkin(s);
                 }
-                let code = resp.status();
-                backend.count(code.as_u16());
-                pool.served(&backend);
                 backend.duration.observe(started.elapsed().as_secs_f64());
-                let upgraded = code == StatusCode::SWITCHING_PROTOCOLS;
-                strip_hop_by_hop(resp.headers_mut(), upgraded);
-                if cfg.replica_header {
-                    if let Ok(v) = HeaderValue::from_str(&backend.label) {
-                        resp.headers_mut().insert(REPLICA_HEADER, v);
-                    }
-                }
-                if sticky_path && !upgraded {
-                    let cookie = sticky_cookie(&cfg.sticky_cookie, backend.index);
-                    if let Ok(v) = HeaderValue::from_str(&cookie) {
-                        resp.headers_mut().append(header::SET_COOKIE, v);
-                    }
-                }
-                if upgraded {
-                    if let Some(client) = client_upgrade {
-                        splice(client, &mut resp, backend.clone());
-                    }
-                    return resp.map(|b| {
-                        b.map_err(|e| Box::new(e) as super::backend::BoxError)
-                            .boxed()
-                    });
-                }
-                // the in-flight count lasts until the body is done
-                let (parts, body) = resp.into_parts();
-                let counted = GuardedBody {
-                    inner: body,
-                    _guard: guard,
+                let to_client = Answered {
+                    guard,
+                    sticky_path,
+                    client_upgrade,
                 };
-                return Response::from_parts(parts, counted.boxed());
+                return to_client.response(&pool, &backend, resp);
             }
             Outcome::Failed(failure, back) => {
                 // a request that never reached the replica comes back, body and all
@@ -347,6 +279,117 @@ pub async fn handle(
             }
             Outcome::TooLarge => return status(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE_TEXT),
         }
+    }
+}
+
+/// What a bodiless idempotent request is rebuilt from for a retry after it
+/// was sent.
+struct Replay {
+    method: hyper::Method,
+    uri: hyper::Uri,
+    headers: hyper::HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<Body> {
+        let mut r = Request::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// key-hash: the replica of the request's key, if the pool hashes one.
+fn request_key(pool: &Pool, req: &Request<Incoming>) -> Option<Arc<Backend>> {
+    let key = pool.cfg.key.as_ref()?;
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let header = match key {
+        RequestKey::Header(name) => req.headers().get(name.as_str()).map(|v| v.as_bytes()),
+        _ => None,
+    };
+    let cookies = matches!(key, RequestKey::Cookie(_)).then(|| {
+        let all = req.headers().get_all(header::COOKIE).iter();
+        all.filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
+    keyed(pool, target, header, cookies.as_deref())
+}
+
+/// Hop-by-hop headers out; `X-Forwarded-For`, `-Proto` and `-Host` in.
+fn forwarded_headers(
+    headers: &mut hyper::HeaderMap,
+    peer: SocketAddr,
+    proto: &'static str,
+    upgrade: bool,
+) {
+    let host = headers.get(header::HOST).cloned();
+    strip_hop_by_hop(headers, upgrade);
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Some(h) = host {
+        headers.insert("x-forwarded-host", h);
+    }
+}
+
+/// What a replica's response needs on its way to the client.
+struct Answered {
+    /// The replica's in-flight count, held until the body is done.
+    guard: InflightGuard,
+    /// Set the sticky cookie.
+    sticky_path: bool,
+    /// The client's side of an upgrade it asked for.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl Answered {
+    /// The response as the client gets it: counted, hop-by-hop headers out,
+    /// the replica named, the sticky cookie set, an upgrade spliced.
+    fn response(
+        self,
+        pool: &Pool,
+        backend: &Arc<Backend>,
+        mut resp: Response<Incoming>,
+    ) -> Response<Body> {
+        let cfg = &pool.cfg;
+        let code = resp.status();
+        backend.count(code.as_u16());
+        pool.served(backend);
+        let upgraded = code == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(resp.headers_mut(), upgraded);
+        if cfg.replica_header {
+            if let Ok(v) = HeaderValue::from_str(&backend.label) {
+                resp.headers_mut().insert(REPLICA_HEADER, v);
+            }
+        }
+        if self.sticky_path && !upgraded {
+            let cookie = sticky_cookie(&cfg.sticky_cookie, backend.index);
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
+        }
+        if upgraded {
+            if let Some(client) = self.client_upgrade {
+                splice(client, &mut resp, backend.clone());
+            }
+            return resp.map(|b| {
+                b.map_err(|e| Box::new(e) as super::backend::BoxError)
+                    .boxed()
+            });
+        }
+        let (parts, body) = resp.into_parts();
+        let counted = GuardedBody {
+            inner: body,
+            _guard: self.guard,
+        };
+        Response::from_parts(parts, counted.boxed())
     }
 }
 

@@ -233,19 +233,53 @@ async fn handle(
         .bytes()
         .min(MAX_REMAINING_LENGTH);
     let deadline = ctx.config.mqtt.connect_timeout;
-    let (mut buf, frame_len) = tokio::select! {
+    let (buf, frame_len) = tokio::select! {
         r = tokio::time::timeout(deadline, read_first_frame(&mut client, max)) => {
             r.map_err(|_| ConnError::ConnectTimeout(deadline))??
         }
         () = shutdown.cancelled() => return Ok(()),
     };
     let connect = Connect::decode(&buf[..frame_len]).map_err(ConnError::ClientCodec)?;
+    let instance = admit(ctx, &mut client, &connect, open).await?;
+    let protocol = connect.protocol;
+    match instance {
+        None => {
+            tracing::debug!(client_id = connect.client_id, "pass-through client");
+            pass_through(ctx, client, &buf, protocol, shutdown).await
+        }
+        Some(instance) => {
+            let first = FirstFrame {
+                buf,
+                frame_len,
+                max,
+            };
+            serve_replica(ctx, client, first, &instance, peer, shutdown).await
+        }
+    }
+}
+
+/// The CONNECT a connection began with, and the bytes read after it.
+struct FirstFrame {
+    buf: BytesMut,
+    frame_len: usize,
+    /// The largest packet either side may send.
+    max: usize,
+}
+
+/// Lets the client in or refuses it (`max_connections`, the password file of
+/// its instance or of the listener); its instance, if it is a replica.
+async fn admit(
+    ctx: &ProxyContext,
+    client: &mut Stream,
+    connect: &Connect<'_>,
+    open: usize,
+) -> Result<Option<Arc<InstanceState>>, ConnError> {
     if let Some(limit) = ctx.config.mqtt.max_connections.filter(|m| open > *m) {
         let reason = format!("{open} connections open, mqtt.max_connections is {limit}");
         return Err(refuse(
             ctx,
-            &mut client,
-            &connect,
+            client,
+            connect,
             Refusal::Busy,
             "max_connections",
             reason,
@@ -257,7 +291,7 @@ async fn handle(
         .and_then(|i| ctx.instance_passwords.get(&i.config.name))
         .or(ctx.passwords.as_ref());
     if let Some(file) = passwords {
-        let verdict = check_login(file, &connect).await;
+        let verdict = check_login(file, connect).await;
         let name = instance.map_or("", |i| i.config.name.as_str());
         ctx.metrics
             .mqtt_auth
@@ -277,39 +311,62 @@ async fn handle(
                 connect.username.unwrap_or(""),
                 file.path.display()
             );
-            return Err(refuse(ctx, &mut client, &connect, refusal, kind, reason).await);
+            return Err(refuse(ctx, client, connect, refusal, kind, reason).await);
         }
     }
+    Ok(instance.cloned())
+}
 
-    let Some(instance) = instance else {
-        tracing::debug!(client_id = connect.client_id, "pass-through client");
-        let _active = ActiveGuard::new(&ctx.metrics, names::CONN_PASSTHROUGH);
-        let mut upstream = connect_upstream(ctx, connect.protocol).await?;
-        upstream
-            .write_all(&buf)
-            .await
-            .map_err(ConnError::UpstreamIo)?;
-        let (client_rd, client_wr) = client.split();
-        let (upstream_rd, upstream_wr) = upstream.split();
-        let up = crate::stream::copy(
-            client_rd,
-            upstream_wr,
-            ConnError::ClientIo,
-            ConnError::UpstreamIo,
-        );
-        let down = crate::stream::copy(
-            upstream_rd,
-            client_wr,
-            ConnError::UpstreamIo,
-            ConnError::ClientIo,
-        );
-        return tokio::select! {
-            r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
-            () = shutdown.cancelled() => Ok(()),
-        };
-    };
+/// A client of no instance: its bytes to the broker and back, as they are.
+async fn pass_through(
+    ctx: &ProxyContext,
+    client: Stream,
+    buf: &[u8],
+    protocol: Protocol,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError> {
+    let _active = ActiveGuard::new(&ctx.metrics, names::CONN_PASSTHROUGH);
+    let mut upstream = connect_upstream(ctx, protocol).await?;
+    upstream
+        .write_all(buf)
+        .await
+        .map_err(ConnError::UpstreamIo)?;
+    let (client_rd, client_wr) = client.split();
+    let (upstream_rd, upstream_wr) = upstream.split();
+    let up = crate::stream::copy(
+        client_rd,
+        upstream_wr,
+        ConnError::ClientIo,
+        ConnError::UpstreamIo,
+    );
+    let down = crate::stream::copy(
+        upstream_rd,
+        client_wr,
+        ConnError::UpstreamIo,
+        ConnError::ClientIo,
+    );
+    tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+        () = shutdown.cancelled() => Ok(()),
+    }
+}
 
-    let instance = instance.clone();
+/// A replica: its slot and session id, then its session (dispatch mode, or
+/// relayed to the broker in share mode).
+async fn serve_replica(
+    ctx: &ProxyContext,
+    mut client: Stream,
+    FirstFrame {
+        mut buf,
+        frame_len,
+        max,
+    }: FirstFrame,
+    instance: &Arc<InstanceState>,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError> {
+    // decoded again: the first decode borrowed the buffer this one consumes
+    let connect = Connect::decode(&buf[..frame_len]).map_err(ConnError::ClientCodec)?;
     let protocol = connect.protocol;
     let client_id = connect.client_id.to_owned();
     let Some((guard, new_id)) = instance.claim(NewReplica {
@@ -386,7 +443,7 @@ async fn handle(
     }
     let replica = Replica {
         ctx,
-        instance: &instance,
+        instance,
         guard: &guard,
         protocol,
         max,
