@@ -329,13 +329,7 @@ fn loadtest(kind: LoadtestKind) -> ExitCode {
         }
     };
     if let Some(dir) = &common.out {
-        let written = std::fs::create_dir_all(dir)
-            .and_then(|()| {
-                let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other)?;
-                std::fs::write(dir.join("report.json"), json)
-            })
-            .and_then(|()| std::fs::write(dir.join("report.svg"), loadtest::chart::svg(&report)));
-        if let Err(e) = written {
+        if let Err(e) = write_report(dir, &report) {
             eprintln!("error: cannot write the report to {}: {e}", dir.display());
             return ExitCode::FAILURE;
         }
@@ -353,6 +347,14 @@ fn loadtest(kind: LoadtestKind) -> ExitCode {
         print!("{}", report.table());
     }
     ExitCode::SUCCESS
+}
+
+/// `report.json` and `report.svg` in `dir` (created).
+fn write_report(dir: &Path, report: &loadtest::Report) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("report.json"), json)?;
+    std::fs::write(dir.join("report.svg"), loadtest::chart::svg(report))
 }
 
 fn check(path: &Path, plugin: bool) -> ExitCode {

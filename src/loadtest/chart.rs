@@ -38,6 +38,24 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The plot area and its scales.
+struct Frame {
+    t_max: f64,
+    y_max: f64,
+    pw: f64,
+    ph: f64,
+}
+
+impl Frame {
+    fn x(&self, t: f64) -> f64 {
+        LEFT + t / self.t_max * self.pw
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        TOP + self.ph - v / self.y_max * self.ph
+    }
+}
+
 /// Renders the chart.
 pub fn svg(report: &Report) -> String {
     let t_max = report.timeline.last().map_or(1.0, |p| p.t).max(1.0);
@@ -46,10 +64,12 @@ pub fn svg(report: &Report) -> String {
         .iter()
         .map(|p| p.target_rate.max(p.achieved_rate))
         .fold(0.0, f64::max);
-    let y_max = nice_max(y_top * 1.05);
-    let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let x = |t: f64| LEFT + t / t_max * pw;
-    let y = |v: f64| TOP + ph - v / y_max * ph;
+    let frame = Frame {
+        t_max,
+        y_max: nice_max(y_top * 1.05),
+        pw: W - LEFT - RIGHT,
+        ph: H - TOP - BOTTOM,
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -61,10 +81,24 @@ pub fn svg(report: &Report) -> String {
         r#"<text x="{LEFT}" y="24" font-size="15" font-weight="bold">{} load test: target and achieved per second, per replica</text>"#,
         escape(&report.kind.to_uppercase())
     );
+    axes(&mut out, &frame);
+    draw(&mut out, &frame, &series(report));
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The grid, the axes' labels and the frame.
+fn axes(out: &mut String, f: &Frame) {
+    let Frame {
+        t_max,
+        y_max,
+        pw,
+        ph,
+    } = *f;
     // grid and y labels
     for i in 0..=5 {
         let v = y_max * f64::from(i) / 5.0;
-        let yy = y(v);
+        let yy = f.y(v);
         let _ = writeln!(
             out,
             r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
@@ -84,7 +118,7 @@ pub fn svg(report: &Report) -> String {
         .unwrap_or((t_max / 10.0).ceil());
     let mut t = 0.0;
     while t <= t_max + 1e-9 {
-        let xx = x(t);
+        let xx = f.x(t);
         let _ = writeln!(
             out,
             r##"<line x1="{xx:.1}" y1="{TOP}" x2="{xx:.1}" y2="{:.1}" stroke="#f0f0f0"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle">{t:.0}</text>"##,
@@ -104,6 +138,10 @@ pub fn svg(report: &Report) -> String {
         out,
         r##"<rect x="{LEFT}" y="{TOP}" width="{pw:.1}" height="{ph:.1}" fill="none" stroke="#999"/>"##
     );
+}
+
+/// The target, the achieved rate and each replica's, as lines.
+fn series(report: &Report) -> Vec<Series> {
     let mut series: Vec<Series> = Vec::new();
     let mut target = Vec::new();
     for p in &report.timeline {
@@ -135,10 +173,16 @@ pub fn svg(report: &Report) -> String {
             pts,
         ));
     }
+    series
+}
+
+/// Each series' line and its legend.
+fn draw(out: &mut String, f: &Frame, series: &[Series]) {
+    let pw = f.pw;
     for (i, (label, color, dashed, pts)) in series.iter().enumerate() {
         let path: Vec<String> = pts
             .iter()
-            .map(|&(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
+            .map(|&(t, v)| format!("{:.1},{:.1}", f.x(t), f.y(v)))
             .collect();
         let _ = writeln!(
             out,
@@ -167,8 +211,6 @@ pub fn svg(report: &Report) -> String {
             escape(label)
         );
     }
-    out.push_str("</svg>\n");
-    out
 }
 
 #[cfg(test)]

@@ -84,42 +84,83 @@ const FLAG_WILL: u8 = 0x04;
 const FLAG_CLEAN: u8 = 0x02;
 const FLAG_RESERVED: u8 = 0x01;
 
+/// The body of a CONNECT frame (after its fixed header, which is checked).
+fn connect_body(frame: &[u8]) -> Result<&[u8], CodecError> {
+    let header = check_header(frame, usize::MAX)?.ok_or(CodecError::Truncated {
+        field: "fixed header",
+    })?;
+    let packet = header.packet_type()?;
+    if packet != PacketType::Connect {
+        return Err(CodecError::Unexpected {
+            expected: PacketType::Connect,
+            got: packet,
+        });
+    }
+    if header.first_byte & 0x0f != 0 {
+        return Err(CodecError::BadFlags {
+            packet,
+            flags: header.first_byte & 0x0f,
+        });
+    }
+    frame
+        .get(header.header_len..header.frame_len())
+        .ok_or(CodecError::Truncated { field: "body" })
+}
+
+/// The protocol name and level.
+fn protocol(r: &mut Reader<'_>) -> Result<Protocol, CodecError> {
+    let name = r.binary("protocol name")?;
+    let level = r.u8("protocol level")?;
+    match (name, level) {
+        (b"MQTT", 4) => Ok(Protocol::V311),
+        (b"MQTT", 5) => Ok(Protocol::V5),
+        (b"MQIsdp", 3) => Ok(Protocol::V31),
+        _ => Err(CodecError::UnsupportedProtocol {
+            name: String::from_utf8_lossy(name).into_owned(),
+            level,
+        }),
+    }
+}
+
+/// The will, when the connect flags say there is one (and none of its
+/// flags when they say there is not).
+fn will<'a>(
+    r: &mut Reader<'a>,
+    flags: u8,
+    protocol: Protocol,
+) -> Result<Option<Will<'a>>, CodecError> {
+    let will_qos = (flags >> 3) & 0x03;
+    if flags & FLAG_WILL == 0 {
+        if will_qos != 0 || flags & FLAG_WILL_RETAIN != 0 {
+            return Err(CodecError::ReservedBit {
+                field: "will flags without a will",
+            });
+        }
+        return Ok(None);
+    }
+    if will_qos == 3 {
+        return Err(CodecError::ReservedBit { field: "will qos" });
+    }
+    let properties = if protocol.is_v5() {
+        r.properties("will properties")?
+    } else {
+        &[]
+    };
+    Ok(Some(Will {
+        topic: r.string("will topic")?,
+        payload: r.binary("will payload")?,
+        qos: will_qos,
+        retain: flags & FLAG_WILL_RETAIN != 0,
+        properties,
+    }))
+}
+
 impl<'a> Connect<'a> {
     /// Decodes a whole CONNECT frame (fixed header included).
     pub fn decode(frame: &'a [u8]) -> Result<Self, CodecError> {
-        let header = check_header(frame, usize::MAX)?.ok_or(CodecError::Truncated {
-            field: "fixed header",
-        })?;
-        let packet = header.packet_type()?;
-        if packet != PacketType::Connect {
-            return Err(CodecError::Unexpected {
-                expected: PacketType::Connect,
-                got: packet,
-            });
-        }
-        if header.first_byte & 0x0f != 0 {
-            return Err(CodecError::BadFlags {
-                packet,
-                flags: header.first_byte & 0x0f,
-            });
-        }
-        let body = frame
-            .get(header.header_len..header.frame_len())
-            .ok_or(CodecError::Truncated { field: "body" })?;
+        let body = connect_body(frame)?;
         let mut r = Reader::new(body);
-        let name = r.binary("protocol name")?;
-        let level = r.u8("protocol level")?;
-        let protocol = match (name, level) {
-            (b"MQTT", 4) => Protocol::V311,
-            (b"MQTT", 5) => Protocol::V5,
-            (b"MQIsdp", 3) => Protocol::V31,
-            _ => {
-                return Err(CodecError::UnsupportedProtocol {
-                    name: String::from_utf8_lossy(name).into_owned(),
-                    level,
-                })
-            }
-        };
+        let protocol = protocol(&mut r)?;
         let flags_pos = r.pos();
         let flags = r.u8("connect flags")?;
         if flags & FLAG_RESERVED != 0 {
@@ -134,31 +175,7 @@ impl<'a> Connect<'a> {
         let id_start = r.pos();
         let client_id = r.string("client id")?;
         let client_id_range = id_start..r.pos();
-        let will_qos = (flags >> 3) & 0x03;
-        let will = if flags & FLAG_WILL != 0 {
-            if will_qos == 3 {
-                return Err(CodecError::ReservedBit { field: "will qos" });
-            }
-            let properties = if protocol.is_v5() {
-                r.properties("will properties")?
-            } else {
-                &[]
-            };
-            Some(Will {
-                topic: r.string("will topic")?,
-                payload: r.binary("will payload")?,
-                qos: will_qos,
-                retain: flags & FLAG_WILL_RETAIN != 0,
-                properties,
-            })
-        } else {
-            if will_qos != 0 || flags & FLAG_WILL_RETAIN != 0 {
-                return Err(CodecError::ReservedBit {
-                    field: "will flags without a will",
-                });
-            }
-            None
-        };
+        let will = will(&mut r, flags, protocol)?;
         let credentials_start = r.pos();
         let username = if flags & FLAG_USERNAME != 0 {
             Some(r.string("username")?)
