@@ -265,19 +265,7 @@ pub fn parse_request(
         // both framings: a smuggling attempt (RFC 9112 6.3)
         return Err(H1Error::BadLength);
     }
-    out.put_slice(b"x-forwarded-for: ");
-    for prev in xff {
-        out.put_slice(prev);
-        out.put_slice(b", ");
-    }
-    out.put_slice(fwd.client_ip.as_bytes());
-    out.put_slice(b"\r\nx-forwarded-proto: ");
-    out.put_slice(fwd.proto.as_bytes());
-    out.put_slice(b"\r\n");
-    if let Some(h) = host {
-        put_header(out, b"x-forwarded-host", h.as_bytes());
-    }
-    out.put_slice(b"\r\n");
+    put_forwarded(out, &xff, fwd, host);
     Ok(Some(RequestHead {
         len,
         method: method.to_owned(),
@@ -294,6 +282,24 @@ pub fn parse_request(
         },
         cookie,
     }))
+}
+
+/// `X-Forwarded-For` (the client after the `xff` values it sent),
+/// `-Proto`, `-Host`, and the head's end.
+fn put_forwarded(out: &mut BytesMut, xff: &[&[u8]], fwd: &Forwarded<'_>, host: Option<&str>) {
+    out.put_slice(b"x-forwarded-for: ");
+    for prev in xff {
+        out.put_slice(prev);
+        out.put_slice(b", ");
+    }
+    out.put_slice(fwd.client_ip.as_bytes());
+    out.put_slice(b"\r\nx-forwarded-proto: ");
+    out.put_slice(fwd.proto.as_bytes());
+    out.put_slice(b"\r\n");
+    if let Some(h) = host {
+        put_header(out, b"x-forwarded-host", h.as_bytes());
+    }
+    out.put_slice(b"\r\n");
 }
 
 fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {

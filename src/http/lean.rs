@@ -468,7 +468,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             close: head.close || shutdown.is_cancelled(),
         };
         let mut pooled = backend.checkout_raw(cfg.idle_timeout);
-        let (mut up, resp) = loop {
+        let (up, resp) = loop {
             let reused = pooled.is_some();
             let mut up = match pooled.take() {
                 Some(c) => c,
@@ -525,6 +525,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         pool.served(backend);
         backend.duration.observe(started.elapsed().as_secs_f64());
         let close = answer.close || resp.body == Framing::Close;
+        self.relay(pool, backend, up, &resp, close).await
+    }
+
+    /// Relays the response whose head `resp` is read (and rewritten into
+    /// `out`) to the client; `up` goes back to the pool when the response
+    /// ended cleanly and both sides keep the connection.
+    async fn relay(
+        &mut self,
+        pool: &Pool,
+        backend: &Backend,
+        mut up: TcpStream,
+        resp: &h1::ResponseHead,
+        close: bool,
+    ) -> Attempt {
+        let cfg = &pool.cfg;
         // `out` holds the head as it goes to the client
         self.up_buf.advance(resp.len);
         let relayed = match resp.body {

@@ -235,13 +235,8 @@ fn payload(seq: u64, size: usize) -> Vec<u8> {
     body.into_bytes()
 }
 
-/// Runs the ramp and builds the report.
-pub async fn run(
-    load: &MqttLoad,
-    ramp: &Ramp,
-    progress: &(dyn Fn(&Progress) + Sync),
-) -> Result<Report, MqttLoadError> {
-    let qos = qos(load.qos)?;
+/// Connected (and subscribed to the reply topic) before the clock starts.
+async fn connect(load: &MqttLoad) -> Result<(AsyncClient, rumqttc::EventLoop), MqttLoadError> {
     let (host, port) = load
         .broker
         .rsplit_once(':')
@@ -292,6 +287,45 @@ pub async fn run(
             }
         }
     }
+    Ok((client, eventloop))
+}
+
+/// Reads the replicas' counts from flowgate's admin API each second until
+/// `stop`.
+async fn poll_admin(
+    base: &str,
+    instance: Option<&str>,
+    snapshots: &Mutex<Vec<Snapshot>>,
+    recorder: &Recorder,
+    stop: &CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match admin_counts(base, instance).await {
+            Ok(counts) => {
+                let t = recorder.secs(Instant::now());
+                snapshots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((t, counts));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read flowgate's admin API"),
+        }
+    }
+}
+
+/// Runs the ramp and builds the report.
+pub async fn run(
+    load: &MqttLoad,
+    ramp: &Ramp,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<Report, MqttLoadError> {
+    let qos = qos(load.qos)?;
+    let (client, mut eventloop) = connect(load).await?;
     if let Some(base) = &load.admin {
         admin_counts(base, load.instance.as_deref()).await?;
     }
@@ -331,23 +365,7 @@ pub async fn run(
         let (snapshots, recorder, stop) = (snapshots.clone(), recorder.clone(), stop.clone());
         let instance = load.instance.clone();
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                match admin_counts(&base, instance.as_deref()).await {
-                    Ok(counts) => {
-                        let t = recorder.secs(Instant::now());
-                        snapshots
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((t, counts));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot read flowgate's admin API"),
-                }
-            }
+            poll_admin(&base, instance.as_deref(), &snapshots, &recorder, &stop).await;
         });
     }
 

@@ -149,9 +149,11 @@ impl Session<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), ConnError> {
         let (mut rd, mut wr) = stream.split();
-        let mut limit = self.publish_rate.map(RateLimit::new);
-        // over the publish rate: nothing more is read (or decoded) until then
-        let mut paused: Option<tokio::time::Instant> = None;
+        let mut st = Reading {
+            limit: self.publish_rate.map(RateLimit::new),
+            paused: None,
+            aliases: HashMap::new(),
+        };
         let counters = &self.guard.counters;
         let mut out = BytesMut::new();
         let mut read_size = crate::stream::ReadSize::new();
@@ -167,72 +169,15 @@ impl Session<'_> {
             self.keep_alive * 3 / 2
         };
         let mut deadline = tokio::time::Instant::now() + silence;
-        // v5 topic aliases the replica set on this connection
-        let mut aliases: HashMap<u16, String> = HashMap::new();
         loop {
             // everything complete in the buffer goes to the dispatcher first
-            while paused.is_none() {
-                let before = inbuf.len();
-                // the size limit holds from the fixed header, before the body is buffered
-                let header = check_header(&inbuf, self.max_packet)
-                    .and_then(|h| h.map(|_| check_flags(inbuf[0])).transpose());
-                if let Err(e) = header {
-                    let reason = if matches!(e, crate::mqtt::codec::CodecError::TooLarge { .. }) {
-                        DISCONNECT_TOO_LARGE
-                    } else {
-                        DISCONNECT_MALFORMED
-                    };
-                    self.farewell(&mut wr, reason).await;
-                    return Err(ConnError::ClientCodec(e));
-                }
-                let packet = match wire::decode(self.protocol, &mut inbuf, self.max_packet) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        self.farewell(&mut wr, DISCONNECT_MALFORMED).await;
-                        return Err(ConnError::ClientWire(e.0));
-                    }
-                };
-                let Some(packet) = packet else { break };
-                counters.bytes_from.inc_by((before - inbuf.len()) as u64);
-                match packet {
-                    Incoming::PingReq => {
-                        out.clear();
-                        wire::encode(self.protocol, &Outgoing::PingResp, &mut out)
-                            .map_err(|e| ConnError::Internal(e.0))?;
-                        wr.write_all(&out).await.map_err(ConnError::ClientIo)?;
-                    }
-                    Incoming::Disconnect { expiry, will } => {
-                        // MQTT 5 reason 0x04 asks for the will all the same
-                        *end = (!will, expiry);
-                        return Ok(());
-                    }
-                    Incoming::Ignored => {}
-                    mut packet => {
-                        if let Incoming::Publish { msg, .. } = &mut packet {
-                            counters.messages_from.inc();
-                            if let Err(e) = resolve_alias(&mut aliases, msg) {
-                                self.farewell(&mut wr, DISCONNECT_TOPIC_ALIAS_INVALID).await;
-                                return Err(e);
-                            }
-                            if let Some(wait) = limit.as_mut().and_then(|l| l.take(1)) {
-                                self.throttled.inc();
-                                paused = Some(tokio::time::Instant::now() + wait);
-                            }
-                        }
-                        let ev = ReplicaEvent::Packet {
-                            slot: self.guard.slot,
-                            packet,
-                        };
-                        if self.handle.tx.send(ev).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
+            if let Some(ended) = self.take_buffered(&mut inbuf, &mut wr, &mut st, end).await {
+                return ended;
             }
             inbuf.reserve(read_size.get());
             let room = inbuf.capacity() - inbuf.len();
             tokio::select! {
-                r = rd.read_buf(&mut inbuf), if paused.is_none() => {
+                r = rd.read_buf(&mut inbuf), if st.paused.is_none() => {
                     let n = r.map_err(ConnError::ClientIo)?;
                     if n == 0 {
                         return Ok(());
@@ -240,8 +185,8 @@ impl Session<'_> {
                     read_size.update(n, room);
                     deadline = tokio::time::Instant::now() + silence;
                 }
-                () = tokio::time::sleep_until(paused.unwrap_or(deadline)), if paused.is_some() => {
-                    paused = None;
+                () = tokio::time::sleep_until(st.paused.unwrap_or(deadline)), if st.paused.is_some() => {
+                    st.paused = None;
                     // a paused replica is not silent: it was not read
                     deadline = tokio::time::Instant::now() + silence;
                 }
@@ -272,6 +217,15 @@ impl Session<'_> {
     }
 }
 
+/// What reading a replica's packets keeps between reads.
+struct Reading {
+    limit: Option<RateLimit>,
+    /// Over the publish rate: nothing more is read (or decoded) until then.
+    paused: Option<tokio::time::Instant>,
+    /// The MQTT 5 topic aliases the replica set on this connection.
+    aliases: HashMap<u16, String>,
+}
+
 /// MQTT 5 DISCONNECT reason codes flowgate closes a replica's session with.
 const DISCONNECT_MALFORMED: u8 = 0x81;
 const DISCONNECT_KEEP_ALIVE: u8 = 0x8D;
@@ -281,6 +235,78 @@ const DISCONNECT_TOO_LARGE: u8 = 0x95;
 impl Session<'_> {
     /// Tells an MQTT 5 replica why its session ends (a DISCONNECT with a
     /// reason code, as a broker does); nothing for 3.x, which has none.
+    /// Hands every packet complete in `inbuf` to the dispatcher (PINGREQ
+    /// answered here), until the publish rate pauses reading; `Some` when
+    /// the session ends.
+    async fn take_buffered(
+        &self,
+        inbuf: &mut BytesMut,
+        wr: &mut crate::stream::WriteHalf,
+        st: &mut Reading,
+        end: &mut (bool, Option<u32>),
+    ) -> Option<Result<(), ConnError>> {
+        let counters = &self.guard.counters;
+        while st.paused.is_none() {
+            let before = inbuf.len();
+            // the size limit holds from the fixed header, before the body is buffered
+            let header = check_header(inbuf, self.max_packet)
+                .and_then(|h| h.map(|_| check_flags(inbuf[0])).transpose());
+            if let Err(e) = header {
+                let reason = if matches!(e, crate::mqtt::codec::CodecError::TooLarge { .. }) {
+                    DISCONNECT_TOO_LARGE
+                } else {
+                    DISCONNECT_MALFORMED
+                };
+                self.farewell(wr, reason).await;
+                return Some(Err(ConnError::ClientCodec(e)));
+            }
+            let packet = match wire::decode(self.protocol, inbuf, self.max_packet) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.farewell(wr, DISCONNECT_MALFORMED).await;
+                    return Some(Err(ConnError::ClientWire(e.0)));
+                }
+            };
+            let Some(packet) = packet else { break };
+            counters.bytes_from.inc_by((before - inbuf.len()) as u64);
+            match packet {
+                Incoming::PingReq => {
+                    // PINGRESP: two bytes in every version
+                    if let Err(e) = wr.write_all(&[0xd0, 0x00]).await {
+                        return Some(Err(ConnError::ClientIo(e)));
+                    }
+                }
+                Incoming::Disconnect { expiry, will } => {
+                    // MQTT 5 reason 0x04 asks for the will all the same
+                    *end = (!will, expiry);
+                    return Some(Ok(()));
+                }
+                Incoming::Ignored => {}
+                mut packet => {
+                    if let Incoming::Publish { msg, .. } = &mut packet {
+                        counters.messages_from.inc();
+                        if let Err(e) = resolve_alias(&mut st.aliases, msg) {
+                            self.farewell(wr, DISCONNECT_TOPIC_ALIAS_INVALID).await;
+                            return Some(Err(e));
+                        }
+                        if let Some(wait) = st.limit.as_mut().and_then(|l| l.take(1)) {
+                            self.throttled.inc();
+                            st.paused = Some(tokio::time::Instant::now() + wait);
+                        }
+                    }
+                    let ev = ReplicaEvent::Packet {
+                        slot: self.guard.slot,
+                        packet,
+                    };
+                    if self.handle.tx.send(ev).await.is_err() {
+                        return Some(Ok(()));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     async fn farewell(&self, wr: &mut crate::stream::WriteHalf, reason: u8) {
         if self.protocol.is_v5() {
             let _ = wr.write_all(&[0xe0, 0x01, reason]).await;
