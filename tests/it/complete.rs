@@ -492,15 +492,7 @@ fn persistent(broker: std::net::SocketAddr, id: &str) -> (AsyncClient, rumqttc::
 async fn through_a_restart(restart: Restart) -> (BTreeSet<u32>, usize) {
     const N: u32 = 40;
     let form = Form::Topic;
-    let dir = temp_dir("persist");
-    // Mosquitto started as root writes as the user `mosquitto`
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-        .expect("chmod");
-    let mut broker = Mosquitto::start_with(&format!(
-        "persistence true\npersistence_location {}/\n",
-        dir.display()
-    ))
-    .await;
+    let mut broker = Mosquitto::start_persistent("persist").await;
     let port = free_port();
     let mut app = start_on(broker.addr, port).await;
     let addr = app.mqtt_addr;

@@ -1061,15 +1061,7 @@ fn publishing_replica(
 async fn a_12_s_broker_outage_loses_no_acknowledged_publish_and_leaves_no_replica_waiting() {
     const OUTAGE: Duration = Duration::from_secs(12);
     init_logs();
-    let dir = temp_dir("outage");
-    // Mosquitto started as root writes as the user `mosquitto`
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-        .expect("chmod");
-    let mut broker = Mosquitto::start_with(&format!(
-        "persistence true\npersistence_location {}/\n",
-        dir.display()
-    ))
-    .await;
+    let mut broker = Mosquitto::start_persistent("outage").await;
     let text = format!(
         "node_id = \"fg1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
          upstream = \"mqtt://{}\"\nmode = \"dispatch\"\n[[instance]]\nname = \"line1\"\n\

@@ -410,6 +410,26 @@ async fn an_upgraded_connection_is_spliced_both_ways() {
     app.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Until the WebSocket is closed (a close frame, an error or its end).
+async fn ends<S>(ws: &mut S)
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match ws.next().await {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_websocket_echoes_through_the_balancer_and_closes_when_its_replica_goes_down() {
     use futures_util::{SinkExt, StreamExt};
@@ -456,15 +476,7 @@ async fn a_websocket_echoes_through_the_balancer_and_closes_when_its_replica_goe
     // its replica dies: flowgate closes the spliced connection once the probe
     // marks it down, though the replica's own socket would linger
     reps[served_by].kill();
-    let closed = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
+    let closed = tokio::time::timeout(DEADLINE, ends(&mut ws)).await;
     assert!(
         closed.is_ok(),
         "the WebSocket stayed open after its replica went down"
@@ -495,15 +507,7 @@ async fn a_websocket_echoes_through_the_balancer_and_closes_when_its_replica_goe
         "tasks still running after the grace period"
     );
     assert!(shutting.elapsed() < Duration::from_secs(3));
-    let closed = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
+    let closed = tokio::time::timeout(DEADLINE, ends(&mut ws)).await;
     assert!(closed.is_ok(), "the WebSocket stayed open after shutdown");
 }
 

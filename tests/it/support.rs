@@ -81,6 +81,20 @@ impl Mosquitto {
         Self::start_bin(&bin, extra).await
     }
 
+    /// A broker that keeps its sessions and messages on disk across a
+    /// restart (in a fresh folder named after `name`).
+    pub async fn start_persistent(name: &str) -> Self {
+        let dir = temp_dir(name);
+        // Mosquitto started as root writes as the user `mosquitto`
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod");
+        Self::start_with(&format!(
+            "persistence true\npersistence_location {}/\n",
+            dir.display()
+        ))
+        .await
+    }
+
     /// The broker `bin` (Mosquitto 2.1.2 for the plugin tests) with `extra`.
     pub async fn start_bin(bin: &str, extra: &str) -> Self {
         let anonymous = if extra.contains("allow_anonymous") {

@@ -5,7 +5,7 @@ use std::fmt;
 use std::ops::Range;
 
 use super::{
-    check_header, write_binary, write_remaining_length, write_str, CodecError, PacketType,
+    body_of, check_header, write_binary, write_remaining_length, write_str, CodecError, PacketType,
     Protocol, Reader,
 };
 
@@ -84,29 +84,6 @@ const FLAG_WILL: u8 = 0x04;
 const FLAG_CLEAN: u8 = 0x02;
 const FLAG_RESERVED: u8 = 0x01;
 
-/// The body of a CONNECT frame (after its fixed header, which is checked).
-fn connect_body(frame: &[u8]) -> Result<&[u8], CodecError> {
-    let header = check_header(frame, usize::MAX)?.ok_or(CodecError::Truncated {
-        field: "fixed header",
-    })?;
-    let packet = header.packet_type()?;
-    if packet != PacketType::Connect {
-        return Err(CodecError::Unexpected {
-            expected: PacketType::Connect,
-            got: packet,
-        });
-    }
-    if header.first_byte & 0x0f != 0 {
-        return Err(CodecError::BadFlags {
-            packet,
-            flags: header.first_byte & 0x0f,
-        });
-    }
-    frame
-        .get(header.header_len..header.frame_len())
-        .ok_or(CodecError::Truncated { field: "body" })
-}
-
 /// The protocol name and level.
 fn protocol(r: &mut Reader<'_>) -> Result<Protocol, CodecError> {
     let name = r.binary("protocol name")?;
@@ -158,7 +135,7 @@ fn will<'a>(
 impl<'a> Connect<'a> {
     /// Decodes a whole CONNECT frame (fixed header included).
     pub fn decode(frame: &'a [u8]) -> Result<Self, CodecError> {
-        let body = connect_body(frame)?;
+        let body = body_of(frame, PacketType::Connect, 0)?;
         let mut r = Reader::new(body);
         let protocol = protocol(&mut r)?;
         let flags_pos = r.pos();

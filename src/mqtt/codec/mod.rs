@@ -183,6 +183,30 @@ pub fn check_header(buf: &[u8], max: usize) -> Result<Option<FixedHeader>, Codec
     Err(CodecError::MalformedLength)
 }
 
+/// The body of a whole frame of type `expected` whose fixed-header flags
+/// must be `flags` (0b0010 for SUBSCRIBE and UNSUBSCRIBE, 0 for CONNECT).
+pub(crate) fn body_of(frame: &[u8], expected: PacketType, flags: u8) -> Result<&[u8], CodecError> {
+    let header = check_header(frame, usize::MAX)?.ok_or(CodecError::Truncated {
+        field: "fixed header",
+    })?;
+    let packet = header.packet_type()?;
+    if packet != expected {
+        return Err(CodecError::Unexpected {
+            expected,
+            got: packet,
+        });
+    }
+    if header.first_byte & 0x0f != flags {
+        return Err(CodecError::BadFlags {
+            packet,
+            flags: header.first_byte & 0x0f,
+        });
+    }
+    frame
+        .get(header.header_len..header.frame_len())
+        .ok_or(CodecError::Truncated { field: "body" })
+}
+
 /// Checks the fixed-header flags MQTT fixes for each packet type: 0b0010
 /// for PUBREL, SUBSCRIBE and UNSUBSCRIBE, 0 for the others, and for PUBLISH a
 /// QoS of 0-2 (with DUP clear at QoS 0).

@@ -2,9 +2,7 @@
 //! replaced. The packet id, v5 properties and every subscription options byte
 //! are kept as sent, except where the caller asks to change them.
 
-use super::{
-    check_header, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader,
-};
+use super::{body_of, write_remaining_length, write_str, CodecError, PacketType, Protocol, Reader};
 
 /// One filter of a SUBSCRIBE and its options byte (QoS in 3.x; QoS, no-local,
 /// retain-as-published and retain handling in 5.0).
@@ -34,29 +32,6 @@ pub struct Unsubscribe<'a> {
 /// v5 subscription option bit "no local".
 pub const NO_LOCAL: u8 = 0x04;
 
-/// Body of a frame of the expected type whose fixed-header flags must be 0b0010.
-fn body_of(frame: &[u8], expected: PacketType) -> Result<&[u8], CodecError> {
-    let header = check_header(frame, usize::MAX)?.ok_or(CodecError::Truncated {
-        field: "fixed header",
-    })?;
-    let packet = header.packet_type()?;
-    if packet != expected {
-        return Err(CodecError::Unexpected {
-            expected,
-            got: packet,
-        });
-    }
-    if header.first_byte & 0x0f != 0b0010 {
-        return Err(CodecError::BadFlags {
-            packet,
-            flags: header.first_byte & 0x0f,
-        });
-    }
-    frame
-        .get(header.header_len..header.frame_len())
-        .ok_or(CodecError::Truncated { field: "body" })
-}
-
 /// Reads the packet id and, for v5, the properties; returns the raw head.
 fn read_head<'a>(
     r: &mut Reader<'a>,
@@ -72,7 +47,7 @@ fn read_head<'a>(
 
 impl<'a> Subscribe<'a> {
     pub fn decode(frame: &'a [u8], protocol: Protocol) -> Result<Self, CodecError> {
-        let body = body_of(frame, PacketType::Subscribe)?;
+        let body = body_of(frame, PacketType::Subscribe, 0b0010)?;
         let mut r = Reader::new(body);
         let (packet_id, head) = read_head(&mut r, body, protocol)?;
         let reserved = if protocol.is_v5() { 0xc0 } else { 0xfc };
@@ -116,7 +91,7 @@ impl<'a> Subscribe<'a> {
 
 impl<'a> Unsubscribe<'a> {
     pub fn decode(frame: &'a [u8], protocol: Protocol) -> Result<Self, CodecError> {
-        let body = body_of(frame, PacketType::Unsubscribe)?;
+        let body = body_of(frame, PacketType::Unsubscribe, 0b0010)?;
         let mut r = Reader::new(body);
         let (packet_id, head) = read_head(&mut r, body, protocol)?;
         let mut filters = Vec::new();
