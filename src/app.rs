@@ -430,7 +430,7 @@ impl App {
             .tls_host()
             .map(|host| Connector::new(host, &config.mqtt.upstream_tls).map(Arc::new))
             .transpose()
-            .map_err(crate::tls::listener("mqtt.upstream_ca_file"))?;
+            .map_err(crate::tls::at_key("mqtt.upstream_ca_file"))?;
         let mut passwords = Passwords::load(&config)?;
         let instances = Arc::new(Instances::new(&config.instances, &metrics));
         let shutdown = CancellationToken::new();

@@ -141,7 +141,7 @@ pub fn server_config(cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<ServerConfig, Tl
 }
 
 /// `e`, said to be about the config key `what`.
-pub fn listener(what: &str) -> impl FnOnce(TlsError) -> TlsError + '_ {
+pub fn at_key(what: &str) -> impl FnOnce(TlsError) -> TlsError + '_ {
     move |e| TlsError::In {
         what: what.to_owned(),
         source: Box::new(e),
@@ -161,7 +161,7 @@ pub struct Acceptor {
 
 impl Acceptor {
     pub fn new(what: &str, cfg: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<Self>, TlsError> {
-        let config = server_config(cfg, alpn).map_err(listener(what))?;
+        let config = server_config(cfg, alpn).map_err(at_key(what))?;
         Ok(Arc::new(Self {
             what: what.to_owned(),
             cfg: cfg.clone(),
@@ -173,7 +173,7 @@ impl Acceptor {
     /// Reads the files again; on a problem the config in use stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let alpn: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
-        let config = server_config(&self.cfg, &alpn).map_err(listener(&self.what))?;
+        let config = server_config(&self.cfg, &alpn).map_err(at_key(&self.what))?;
         *self
             .current
             .write()

@@ -120,7 +120,7 @@ impl FileEditor {
             None => ByteSize(5 << 20),
             Some(Ok(b)) => b,
             Some(Err(e)) => {
-                p.push((format!("{path}.max_body"), e));
+                p.push((format!("{path}.max_body"), e.to_string()));
                 ByteSize(5 << 20)
             }
         };

@@ -2,13 +2,12 @@
 //! [`FileConfig::validate`] turns it into a [`Config`], collecting every
 //! problem with its path instead of stopping at the first.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::types::{ByteSize, Upstream};
+use super::types::{addr, duration, ByteSize, Upstream, ValueError};
 use super::Strategy;
 use super::{AdminConfig, Config, ConfigProblem, InstanceConfig, MatchRule, Mode, MqttConfig};
 use crate::topic::TopicFilter;
@@ -195,25 +194,11 @@ impl Problems {
     }
 
     /// The parsed value, or the default after noting the problem.
-    fn check<T>(&mut self, path: &str, result: Result<T, String>, default: T) -> T {
-        result.unwrap_or_else(|message| {
-            self.add(path, message);
+    fn check<T>(&mut self, path: &str, result: Result<T, ValueError>, default: T) -> T {
+        result.unwrap_or_else(|e| {
+            self.add(path, e.to_string());
             default
         })
-    }
-}
-
-fn addr(text: Option<&str>, default: &str) -> Result<SocketAddr, String> {
-    let text = text.unwrap_or(default);
-    text.parse()
-        .map_err(|_| format!("{text:?} is not an address such as \"127.0.0.1:1883\""))
-}
-
-fn duration(text: Option<&str>, default: Duration) -> Result<Duration, String> {
-    match text {
-        None => Ok(default),
-        Some(t) => humantime::parse_duration(t)
-            .map_err(|e| format!("{t:?} is not a duration such as \"5s\": {e}")),
     }
 }
 
@@ -268,16 +253,10 @@ fn data_dir(
     base: Option<&Path>,
     state_dir: Option<&str>,
     embedded: bool,
-) -> Result<Option<PathBuf>, String> {
+) -> Result<Option<PathBuf>, ValueError> {
     let path = match written {
         Some("") => return Ok(None),
-        Some(_) if !embedded => {
-            return Err(
-                "only the bundled broker (mqtt.upstream = \"embedded\") keeps state here; \
-                 leave data_dir out with a broker of your own"
-                    .into(),
-            )
-        }
+        Some(_) if !embedded => return Err(ValueError::DataDirWithoutBundledBroker),
         // as every other path in the file: relative to the working directory
         Some(p) => PathBuf::from(p),
         None if !embedded => return Ok(None),
@@ -289,7 +268,7 @@ fn data_dir(
         },
     };
     if path.exists() && !path.is_dir() {
-        return Err(format!("{} is not a directory", path.display()));
+        return Err(ValueError::NotDirectory(path.display().to_string()));
     }
     Ok(Some(path))
 }
@@ -740,10 +719,12 @@ mod tests {
         assert_eq!(data_dir(Some("state"), base, systemd, true), Ok(own));
         assert!(data_dir(Some("state"), base, None, false)
             .expect_err("refused")
+            .to_string()
             .contains("upstream = \"embedded\""));
         let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
         assert!(data_dir(Some(file), None, None, true)
             .expect_err("refused")
+            .to_string()
             .contains("is not a directory"));
     }
 }

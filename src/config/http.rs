@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{humantime_ser, ByteSize};
+use super::types::{humantime_ser, ByteSize, ValueError};
 
 /// How requests are spread over an instance's HTTP replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -34,12 +34,8 @@ pub enum RequestKey {
 }
 
 impl RequestKey {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "{text:?} is not \"header:NAME\", \"path:N\", \"query:NAME\" or \"cookie:NAME\""
-            )
-        };
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
+        let bad = || ValueError::NotRequestKey(text.to_owned());
         let (kind, name) = text.split_once(':').ok_or_else(bad)?;
         let token = |n: &str| {
             !n.is_empty()
@@ -187,11 +183,8 @@ fn dur(
 ) -> Duration {
     match v {
         None => default,
-        Some(t) => humantime::parse_duration(&t).unwrap_or_else(|e| {
-            p.push((
-                format!("{path}.{key}"),
-                format!("{t:?} is not a duration such as \"5s\": {e}"),
-            ));
+        Some(t) => super::types::duration(Some(&t), default).unwrap_or_else(|e| {
+            p.push((format!("{path}.{key}"), e.to_string()));
             default
         }),
     }
@@ -245,7 +238,7 @@ impl FileHttp {
         let max_body = match ByteSize::parse(self.max_body.as_deref().unwrap_or("10MiB")) {
             Ok(b) => b,
             Err(e) => {
-                p.push((format!("{path}.max_body"), e));
+                p.push((format!("{path}.max_body"), e.to_string()));
                 ByteSize(10 << 20)
             }
         };
@@ -260,7 +253,7 @@ impl FileHttp {
                     ByteSize(64 << 10)
                 }
                 Err(e) => {
-                    p.push((format!("{path}.max_header_size"), e));
+                    p.push((format!("{path}.max_header_size"), e.to_string()));
                     ByteSize(64 << 10)
                 }
             };
@@ -388,7 +381,7 @@ fn key(
         (Some(k), Balance::KeyHash) => match RequestKey::parse(k) {
             Ok(k) => Some(k),
             Err(e) => {
-                p.push((format!("{path}.key"), e));
+                p.push((format!("{path}.key"), e.to_string()));
                 None
             }
         },

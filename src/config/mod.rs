@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use types::{ByteSize, Strategy, Upstream};
+pub use types::{ByteSize, Strategy, Upstream, ValueError};
 
 use crate::topic::TopicFilter;
 
@@ -109,11 +109,9 @@ pub enum Correlate {
 }
 
 impl std::str::FromStr for Correlate {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        const EXPECTED: &str =
-            "expected \"topic:N\" (a 0-based topic level), \"json:FIELD\" or \"correlation-data\"";
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         if s == "correlation-data" {
             return Ok(Self::CorrelationData);
         }
@@ -121,11 +119,11 @@ impl std::str::FromStr for Correlate {
             return n
                 .parse()
                 .map(Self::TopicLevel)
-                .map_err(|_| format!("{s:?}: {EXPECTED}"));
+                .map_err(|_| ValueError::NotCorrelate(s.to_owned()));
         }
         match s.strip_prefix("json:") {
             Some(field) if !field.is_empty() => Ok(Self::JsonField(field.to_owned())),
-            _ => Err(format!("{s:?}: {EXPECTED}")),
+            _ => Err(ValueError::NotCorrelate(s.to_owned())),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! humantime (de)serialisation of durations.
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -27,8 +29,55 @@ pub enum Strategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
+/// A config value that cannot be read; where it is reported, its key is
+/// put in front.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{0:?} is not a size such as \"1MiB\"")]
+    NotSize(String),
+    #[error("unknown size unit {0:?} (use B, KiB, MiB, GiB, kB, MB, GB)")]
+    SizeUnit(String),
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+    #[error("{0:?} is not \"embedded\", \"mqtt://host:port\" or \"mqtts://host:port\"")]
+    NotUpstream(String),
+    #[error("{0:?} is not a port number")]
+    NotPort(String),
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    #[error("{0:?} is not an address such as \"{1}\"")]
+    NotAddress(String, &'static str),
+    /// The text, and why humantime refused it.
+    #[error("{0:?} is not a duration such as \"5s\": {1}")]
+    NotDuration(String, String),
+    #[error("{0:?} is not \"header:NAME\", \"path:N\", \"query:NAME\" or \"cookie:NAME\"")]
+    NotRequestKey(String),
+    #[error("{0:?}: expected \"topic:N\" (a 0-based topic level), \"json:FIELD\" or \"correlation-data\"")]
+    NotCorrelate(String),
+    #[error("only the bundled broker (mqtt.upstream = \"embedded\") keeps state here; leave data_dir out with a broker of your own")]
+    DataDirWithoutBundledBroker,
+    #[error("{0} is not a directory")]
+    NotDirectory(String),
+}
+
+/// `text` as an address, or `default` when there is none.
+pub fn addr(text: Option<&str>, default: &'static str) -> Result<SocketAddr, ValueError> {
+    let text = text.unwrap_or(default);
+    text.parse()
+        .map_err(|_| ValueError::NotAddress(text.to_owned(), default))
+}
+
+/// `text` as a duration (`"5s"`, `"1m 30s"`), or `default` when there is none.
+pub fn duration(text: Option<&str>, default: Duration) -> Result<Duration, ValueError> {
+    match text {
+        None => Ok(default),
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|e| ValueError::NotDuration(t.to_owned(), e.to_string())),
+    }
+}
+
 impl ByteSize {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
         let text = text.trim();
         let split = text
             .find(|c: char| !c.is_ascii_digit())
@@ -36,7 +85,7 @@ impl ByteSize {
         let (digits, unit) = text.split_at(split);
         let n: u64 = digits
             .parse()
-            .map_err(|_| format!("{text:?} is not a size such as \"1MiB\""))?;
+            .map_err(|_| ValueError::NotSize(text.to_owned()))?;
         let factor: u64 = match unit.trim() {
             "" | "B" => 1,
             "kB" | "KB" => 1_000,
@@ -45,15 +94,11 @@ impl ByteSize {
             "MiB" => 1 << 20,
             "GB" => 1_000_000_000,
             "GiB" => 1 << 30,
-            other => {
-                return Err(format!(
-                    "unknown size unit {other:?} (use B, KiB, MiB, GiB, kB, MB, GB)"
-                ))
-            }
+            other => return Err(ValueError::SizeUnit(other.to_owned())),
         };
         n.checked_mul(factor)
             .map(Self)
-            .ok_or_else(|| format!("{text:?} is too large"))
+            .ok_or_else(|| ValueError::TooLarge(text.to_owned()))
     }
 
     /// The size as a `usize`, saturating on 32-bit targets.
@@ -97,32 +142,28 @@ pub enum Upstream {
 }
 
 impl Upstream {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
         if text == "embedded" {
             return Ok(Self::Embedded);
         }
         let (rest, tls) = match (text.strip_prefix("mqtt://"), text.strip_prefix("mqtts://")) {
             (Some(rest), _) => (rest, false),
             (_, Some(rest)) => (rest, true),
-            _ => {
-                return Err(format!(
-                    "{text:?} is not \"embedded\", \"mqtt://host:port\" or \"mqtts://host:port\""
-                ))
-            }
+            _ => return Err(ValueError::NotUpstream(text.to_owned())),
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
                 let port = port
                     .parse::<u16>()
-                    .map_err(|_| format!("{port:?} is not a port number"))?;
+                    .map_err(|_| ValueError::NotPort(port.to_owned()))?;
                 (host, port)
             }
             _ => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err(format!("{text:?} has no host"));
+            return Err(ValueError::NoHost(text.to_owned()));
         }
         Ok(Self::Mqtt {
             host: host.to_owned(),

@@ -125,17 +125,24 @@ type Link = futures_util::stream::SplitSink<WebSocketStream<tokio::net::TcpStrea
 async fn connect(
     backend: &Backend,
     timeout: Duration,
-) -> Result<WebSocketStream<tokio::net::TcpStream>, String> {
-    let tcp = backend
-        .connect_tcp(timeout)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<WebSocketStream<tokio::net::TcpStream>, CommsError> {
+    let tcp = backend.connect_tcp(timeout).await?;
     let url = format!("ws://{}/comms", backend.addr);
     let (ws, _) = tokio::time::timeout(timeout, tokio_tungstenite::client_async(url, tcp))
         .await
-        .map_err(|_| "no WebSocket handshake in time".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| CommsError::HandshakeTimeout)??;
     Ok(ws)
+}
+
+/// Why a replica's `/comms` could not be reached.
+#[derive(Debug, thiserror::Error)]
+enum CommsError {
+    #[error(transparent)]
+    Connect(#[from] crate::http::backend::ConnectError),
+    #[error("no WebSocket handshake in time")]
+    HandshakeTimeout,
+    #[error(transparent)]
+    Handshake(#[from] tokio_tungstenite::tungstenite::Error),
 }
 
 /// The login on a new socket, when the editor has one: `true` to go on.

@@ -24,6 +24,17 @@ use tokio::time::Instant;
 pub use record::Recorder;
 pub use report::Report;
 
+/// A `--ramp` or `--step` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RampError {
+    #[error("--step must be longer than 0")]
+    ZeroStep,
+    #[error("--ramp: {0:?} is not a number")]
+    NotNumber(String),
+    #[error("--ramp: {0} is not a rate in (0, 1000000]")]
+    OutOfRange(String),
+}
+
 /// Target rates (operations per second), one per step, each held for `step`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ramp {
@@ -33,17 +44,17 @@ pub struct Ramp {
 
 impl Ramp {
     /// Parses `5,10,20,40`: positive rates, at most 1,000,000/s each.
-    pub fn parse(rates: &str, step: Duration) -> Result<Self, String> {
+    pub fn parse(rates: &str, step: Duration) -> Result<Self, RampError> {
         if step.is_zero() {
-            return Err("--step must be longer than 0".into());
+            return Err(RampError::ZeroStep);
         }
         let mut out = Vec::new();
         for part in rates.split(',').map(str::trim) {
             let r: f64 = part
                 .parse()
-                .map_err(|_| format!("--ramp: {part:?} is not a number"))?;
+                .map_err(|_| RampError::NotNumber(part.to_owned()))?;
             if !(r > 0.0 && r <= 1_000_000.0) {
-                return Err(format!("--ramp: {part} is not a rate in (0, 1000000]"));
+                return Err(RampError::OutOfRange(part.to_owned()));
             }
             out.push(r);
         }
