@@ -168,6 +168,37 @@ fn worker_with(
     })
 }
 
+/// A result the observer saw: topic, payload, properties.
+type Seen = (String, Bytes, Option<PublishProperties>);
+
+/// Polls the observer's connection: each PUBLISH it gets to the returned
+/// channel, each SUBACK to `subacks`.
+fn observe(
+    mut el: rumqttc::v5::EventLoop,
+    subacks: tokio::sync::mpsc::UnboundedSender<()>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<Seen>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let _ = tx.send((topic, p.payload, p.properties));
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = subacks.send(());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    (task, rx)
+}
+
 /// Sends `JOBS` jobs at 20 a second, kills the replica `kill` half-way, and
 /// returns the ids whose result an observer saw.
 async fn run(upstream: &Upstream, form: Form) -> BTreeSet<u32> {
@@ -176,29 +207,13 @@ async fn run(upstream: &Upstream, form: Form) -> BTreeSet<u32> {
     // the observer of results, and the job publisher: plain clients
     let mut opts = MqttOptions::new("observer", addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
-    let (observer, mut observer_el) = AsyncClient::new(opts, 1000);
+    let (observer, observer_el) = AsyncClient::new(opts, 1000);
     observer
         .subscribe_many([Filter::new("done/#", QoS::AtLeastOnce)])
         .await
         .expect("queued");
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let (sub_tx, mut sub_rx) = tokio::sync::mpsc::unbounded_channel();
-    let observer_sub = sub_tx.clone();
-    let observing = tokio::spawn(async move {
-        loop {
-            match observer_el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    let _ = done_tx.send((topic, p.payload, p.properties));
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = observer_sub.send(());
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
+    let (observing, mut done_rx) = observe(observer_el, sub_tx.clone());
     // a replica's SUBACK comes once the instance's subscription is live
     // upstream: from then on no job is lost at the broker
     let workers = [
@@ -350,26 +365,12 @@ async fn burst_with(
     ];
     let mut opts = MqttOptions::new("observer", addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
-    let (observer, mut observer_el) = AsyncClient::new(opts, 1000);
+    let (observer, observer_el) = AsyncClient::new(opts, 1000);
     observer
         .subscribe_many([Filter::new("done/#", QoS::AtLeastOnce)])
         .await
         .expect("queued");
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-    let observing = tokio::spawn(async move {
-        loop {
-            match observer_el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = done_tx.send(String::from_utf8_lossy(&p.topic).into_owned());
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = sub_tx.send(());
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
+    let (observing, mut done_rx) = observe(observer_el, sub_tx);
     for _ in 0..3 {
         tokio::time::timeout(Duration::from_secs(10), sub_rx.recv())
             .await
@@ -395,7 +396,7 @@ async fn burst_with(
     while done.len() < JOBS as usize {
         tokio::select! {
             got = done_rx.recv() => {
-                if let Some(id) = got.and_then(|t| form.id_of(&t, b"", None)) {
+                if let Some(id) = got.and_then(|(t, ..)| form.id_of(&t, b"", None)) {
                     done.insert(id);
                 }
             }
@@ -497,28 +498,13 @@ async fn through_a_restart(restart: Restart) -> (BTreeSet<u32>, usize) {
     let mut app = start_on(broker.addr, port).await;
     let addr = app.mqtt_addr;
     // results: on the broker itself, a session that outlives its restart
-    let (observer, mut observer_el) = persistent(broker.addr, "observer");
+    let (observer, observer_el) = persistent(broker.addr, "observer");
     observer
         .subscribe_many([Filter::new("done/#", QoS::AtLeastOnce)])
         .await
         .expect("queued");
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let (sub_tx, mut sub_rx) = tokio::sync::mpsc::unbounded_channel();
-    let observer_sub = sub_tx.clone();
-    let observing = tokio::spawn(async move {
-        loop {
-            match observer_el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = done_tx.send(String::from_utf8_lossy(&p.topic).into_owned());
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = observer_sub.send(());
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
+    let (observing, mut done_rx) = observe(observer_el, sub_tx.clone());
     let mut workers = vec![
         worker(addr, form, sub_tx.clone()),
         worker(addr, form, sub_tx.clone()),
@@ -583,7 +569,7 @@ async fn through_a_restart(restart: Restart) -> (BTreeSet<u32>, usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while done.len() < N as usize {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some(topic)) => {
+            Ok(Some((topic, ..))) => {
                 seen += 1;
                 if let Some(id) = form.id_of(&topic, b"", None) {
                     done.insert(id);
