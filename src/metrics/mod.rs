@@ -1,11 +1,12 @@
 //! The metrics registry: one per running app (tests run in parallel), passed
 //! around as `Arc<Metrics>`; rendered as Prometheus text by the admin server.
 
+mod defs;
 pub mod names;
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    IntGaugeVec, Registry, TextEncoder,
 };
 
 use std::collections::VecDeque;
@@ -13,7 +14,11 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use defs::Def;
 use names::*;
+
+/// What a metric's constructor can only fail on.
+const VALID: &str = "metric names and labels are static and valid";
 
 pub struct Metrics {
     registry: Registry,
@@ -132,22 +137,43 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Regis
     vec
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let vec = IntCounterVec::new(Opts::new(name, help), labels)
-        .expect("metric names and labels are static and valid");
-    registered(registry, vec)
+fn counter_vec(registry: &Registry, def: &Def) -> IntCounterVec {
+    registered(
+        registry,
+        IntCounterVec::new(def.opts(), def.labels).expect(VALID),
+    )
 }
 
-fn float_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    let vec = GaugeVec::new(Opts::new(name, help), labels)
-        .expect("metric names and labels are static and valid");
-    registered(registry, vec)
+fn float_gauge_vec(registry: &Registry, def: &Def) -> GaugeVec {
+    registered(
+        registry,
+        GaugeVec::new(def.opts(), def.labels).expect(VALID),
+    )
 }
 
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let vec = IntGaugeVec::new(Opts::new(name, help), labels)
-        .expect("metric names and labels are static and valid");
-    registered(registry, vec)
+fn gauge_vec(registry: &Registry, def: &Def) -> IntGaugeVec {
+    registered(
+        registry,
+        IntGaugeVec::new(def.opts(), def.labels).expect(VALID),
+    )
+}
+
+fn histogram_vec(registry: &Registry, def: &Def, buckets: &[f64]) -> HistogramVec {
+    let opts = HistogramOpts::new(def.name, def.help).buckets(buckets.to_vec());
+    registered(registry, HistogramVec::new(opts, def.labels).expect(VALID))
+}
+
+fn int_counter(registry: &Registry, def: &Def) -> IntCounter {
+    registered(registry, IntCounter::with_opts(def.opts()).expect(VALID))
+}
+
+fn int_gauge(registry: &Registry, def: &Def) -> IntGauge {
+    registered(registry, IntGauge::with_opts(def.opts()).expect(VALID))
+}
+
+fn histogram(registry: &Registry, def: &Def, buckets: &[f64]) -> Histogram {
+    let opts = HistogramOpts::new(def.name, def.help).buckets(buckets.to_vec());
+    registered(registry, Histogram::with_opts(opts).expect(VALID))
 }
 
 impl Metrics {
@@ -155,340 +181,59 @@ impl Metrics {
         let registry = Registry::new();
         let r = &registry;
         let metrics = Self {
-            replica_messages: counter_vec(
-                r,
-                REPLICA_MESSAGES,
-                "MQTT PUBLISH packets to and from each replica",
-                &[LABEL_INSTANCE, LABEL_REPLICA, LABEL_DIRECTION],
-            ),
-            replica_bytes: counter_vec(
-                r,
-                REPLICA_BYTES,
-                "MQTT bytes to and from each replica",
-                &[LABEL_INSTANCE, LABEL_REPLICA, LABEL_DIRECTION],
-            ),
-            instance_replicas: gauge_vec(
-                r,
-                INSTANCE_REPLICAS,
-                "Replicas of each instance with an accepted MQTT session",
-                &[LABEL_INSTANCE],
-            ),
-            mqtt_rewrites: counter_vec(
-                r,
-                MQTT_REWRITES,
-                "Rewrites done for replicas, by kind (client_id, subscribe, unsubscribe filters)",
-                &[LABEL_INSTANCE, LABEL_KIND],
-            ),
-            mqtt_errors: counter_vec(
-                r,
-                MQTT_ERRORS,
-                "MQTT connections ended by an error, by kind",
-                &[LABEL_KIND],
-            ),
-            mqtt_connections: counter_vec(
-                r,
-                MQTT_CONNECTIONS,
-                "MQTT connections accepted, by kind (replica, passthrough)",
-                &[LABEL_KIND],
-            ),
-            mqtt_connections_active: gauge_vec(
-                r,
-                MQTT_CONNECTIONS_ACTIVE,
-                "MQTT connections open, by kind (replica, passthrough)",
-                &[LABEL_KIND],
-            ),
-            replica_inflight: gauge_vec(
-                r,
-                REPLICA_INFLIGHT,
-                "Messages delivered to a replica and not yet acknowledged (dispatch mode)",
-                &[LABEL_INSTANCE, LABEL_REPLICA],
-            ),
-            dispatch_queued: gauge_vec(
-                r,
-                DISPATCH_QUEUED,
-                "Messages waiting for a replica (dispatch mode)",
-                &[LABEL_INSTANCE],
-            ),
-            dispatch_redeliveries: counter_vec(
-                r,
-                DISPATCH_REDELIVERIES,
-                "Messages handed to another replica after the first left or stopped acknowledging",
-                &[LABEL_INSTANCE],
-            ),
-            dispatch_dropped: counter_vec(
-                r,
-                DISPATCH_DROPPED,
-                "Messages dropped because a limit forced it, by reason",
-                &[LABEL_INSTANCE, LABEL_REASON],
-            ),
-            dispatch_uncorrelated: counter_vec(
-                r,
-                DISPATCH_UNCORRELATED,
-                "Completion acknowledgement: jobs with no key, acknowledged on receipt",
-                &[LABEL_INSTANCE],
-            ),
-            dispatch_unmatched: counter_vec(
-                r,
-                DISPATCH_UNMATCHED,
-                "Completion acknowledgement: results whose key no job of their replica has",
-                &[LABEL_INSTANCE],
-            ),
-            dispatch_in_progress: gauge_vec(
-                r,
-                DISPATCH_IN_PROGRESS,
-                "Completion acknowledgement: jobs delivered and not yet done",
-                &[LABEL_INSTANCE],
-            ),
-            dispatch_oldest_job: float_gauge_vec(
-                r,
-                DISPATCH_OLDEST_JOB,
-                "Completion acknowledgement: age of the oldest job in progress (0 when none)",
-                &[LABEL_INSTANCE],
-            ),
-            dispatch_window: gauge_vec(
-                r,
-                DISPATCH_WINDOW,
-                "Dispatch: the broker's in-flight window for the instance's session (its MQTT 5 Receive Maximum; 0 when unknown or unlimited)",
-                &[LABEL_INSTANCE],
-            ),
-            dispatch_window_full: counter_vec(
-                r,
-                DISPATCH_WINDOW_FULL,
-                "Dispatch: times the broker's in-flight window held back messages replicas had room for",
-                &[LABEL_INSTANCE],
-            ),
-            http_requests: counter_vec(
-                r,
-                HTTP_REQUESTS,
-                "HTTP requests answered, by replica and status class",
-                &[LABEL_INSTANCE, LABEL_REPLICA, LABEL_CODE],
-            ),
-            http_duration: {
-                let opts =
-                    HistogramOpts::new(HTTP_DURATION, "Time to the replica's response headers")
-                        .buckets(vec![
-                            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                            10.0,
-                        ]);
-                let vec = HistogramVec::new(opts, &[LABEL_INSTANCE, LABEL_REPLICA])
-                    .expect("metric names and labels are static and valid");
-                r.register(Box::new(vec.clone()))
-                    .expect("each metric is registered once in a fresh registry");
-                vec
-            },
-            http_inflight: gauge_vec(
-                r,
-                HTTP_INFLIGHT,
-                "HTTP requests (and spliced connections) in flight per replica",
-                &[LABEL_INSTANCE, LABEL_REPLICA],
-            ),
-            http_replica_up: gauge_vec(
-                r,
-                HTTP_REPLICA_UP,
-                "1 while a replica passes its health checks",
-                &[LABEL_INSTANCE, LABEL_REPLICA],
-            ),
-            http_retries: counter_vec(
-                r,
-                HTTP_RETRIES,
-                "HTTP requests sent to another replica after the first could not take them",
-                &[LABEL_INSTANCE],
-            ),
-            http_errors: counter_vec(
-                r,
-                HTTP_ERRORS,
-                "HTTP client connections ended by an error, by kind",
-                &[LABEL_KIND],
-            ),
-            http_keyless: counter_vec(
-                r,
-                HTTP_KEYLESS,
-                "balance = key-hash: requests without their key, sent by least-inflight",
-                &[LABEL_INSTANCE],
-            ),
-            http_denied: counter_vec(
-                r,
-                HTTP_DENIED,
-                "Requests the public HTTP listener refused: not published by the flows (404) or an admin path (403)",
-                &[LABEL_INSTANCE],
-            ),
-            failover_seconds: {
-                let opts = HistogramOpts::new(
-                    FAILOVER_SECONDS,
-                    "Active-standby failovers: from the fault being observable to the first \
-                     message or response served by the new active replica",
-                )
-                .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0, 60.0,
-                ]);
-                let vec = HistogramVec::new(opts, &[LABEL_INSTANCE, LABEL_SIDE, LABEL_CAUSE])
-                    .expect("metric names and labels are static and valid");
-                r.register(Box::new(vec.clone()))
-                    .expect("each metric is registered once in a fresh registry");
-                vec
-            },
+            replica_messages: counter_vec(r, &defs::REPLICA_MESSAGES),
+            replica_bytes: counter_vec(r, &defs::REPLICA_BYTES),
+            instance_replicas: gauge_vec(r, &defs::INSTANCE_REPLICAS),
+            mqtt_rewrites: counter_vec(r, &defs::MQTT_REWRITES),
+            mqtt_errors: counter_vec(r, &defs::MQTT_ERRORS),
+            mqtt_connections: counter_vec(r, &defs::MQTT_CONNECTIONS),
+            mqtt_connections_active: gauge_vec(r, &defs::MQTT_CONNECTIONS_ACTIVE),
+            replica_inflight: gauge_vec(r, &defs::REPLICA_INFLIGHT),
+            dispatch_queued: gauge_vec(r, &defs::DISPATCH_QUEUED),
+            dispatch_redeliveries: counter_vec(r, &defs::DISPATCH_REDELIVERIES),
+            dispatch_dropped: counter_vec(r, &defs::DISPATCH_DROPPED),
+            dispatch_uncorrelated: counter_vec(r, &defs::DISPATCH_UNCORRELATED),
+            dispatch_unmatched: counter_vec(r, &defs::DISPATCH_UNMATCHED),
+            dispatch_in_progress: gauge_vec(r, &defs::DISPATCH_IN_PROGRESS),
+            dispatch_oldest_job: float_gauge_vec(r, &defs::DISPATCH_OLDEST_JOB),
+            dispatch_window: gauge_vec(r, &defs::DISPATCH_WINDOW),
+            dispatch_window_full: counter_vec(r, &defs::DISPATCH_WINDOW_FULL),
+            http_requests: counter_vec(r, &defs::HTTP_REQUESTS),
+            http_duration: histogram_vec(r, &defs::HTTP_DURATION, defs::HTTP_DURATION_BUCKETS),
+            http_inflight: gauge_vec(r, &defs::HTTP_INFLIGHT),
+            http_replica_up: gauge_vec(r, &defs::HTTP_REPLICA_UP),
+            http_retries: counter_vec(r, &defs::HTTP_RETRIES),
+            http_errors: counter_vec(r, &defs::HTTP_ERRORS),
+            http_keyless: counter_vec(r, &defs::HTTP_KEYLESS),
+            http_denied: counter_vec(r, &defs::HTTP_DENIED),
+            failover_seconds: histogram_vec(r, &defs::FAILOVER_SECONDS, defs::FAILOVER_BUCKETS),
             failovers: Mutex::new(VecDeque::new()),
-            replica_sessions: counter_vec(
+            replica_sessions: counter_vec(r, &defs::REPLICA_SESSIONS),
+            flows_diverged: gauge_vec(r, &defs::FLOWS_DIVERGED),
+            acl_denied: counter_vec(r, &defs::ACL_DENIED),
+            mqtt_auth: counter_vec(r, &defs::MQTT_AUTH),
+            mqtt_refused: counter_vec(r, &defs::MQTT_REFUSED),
+            mqtt_throttled: counter_vec(r, &defs::MQTT_THROTTLED),
+            tls_reloads: counter_vec(r, &defs::TLS_RELOADS),
+            deploys: counter_vec(r, &defs::DEPLOYS),
+            editor_deploys: counter_vec(r, &defs::EDITOR_DEPLOYS),
+            editor_palette: counter_vec(r, &defs::EDITOR_PALETTE),
+            editor_logins: counter_vec(r, &defs::EDITOR_LOGINS),
+            broker_store_changes: int_counter(r, &defs::BROKER_STORE_CHANGES),
+            broker_store_commits: int_counter(r, &defs::BROKER_STORE_COMMITS),
+            broker_store_errors: int_counter(r, &defs::BROKER_STORE_ERRORS),
+            broker_store_pending: int_gauge(r, &defs::BROKER_STORE_PENDING),
+            broker_store_commit_seconds: histogram(
                 r,
-                REPLICA_SESSIONS,
-                "Replica MQTT sessions accepted (a replica that reconnects counts again)",
-                &[LABEL_INSTANCE],
+                &defs::BROKER_STORE_COMMIT_SECONDS,
+                defs::COMMIT_BUCKETS,
             ),
-            flows_diverged: gauge_vec(
-                r,
-                FLOWS_DIVERGED,
-                "HTTP replicas whose Node-RED flow rev differs from most replicas' (0 = all alike)",
-                &[LABEL_INSTANCE],
-            ),
-            acl_denied: counter_vec(
-                r,
-                ACL_DENIED,
-                "Replica publishes and subscriptions refused by the instance's acl, by action",
-                &[LABEL_INSTANCE, LABEL_KIND],
-            ),
-            mqtt_auth: counter_vec(
-                r,
-                MQTT_AUTH,
-                "MQTT logins checked by flowgate, by instance (empty: no instance) and result (ok, bad_password, unknown_user, no_credentials)",
-                &[LABEL_INSTANCE, LABEL_RESULT],
-            ),
-            mqtt_refused: counter_vec(
-                r,
-                MQTT_REFUSED,
-                "CONNECTs flowgate answered with a refusal, by reason (bad_credentials, not_authorized, max_connections, max_replicas)",
-                &[LABEL_REASON],
-            ),
-            mqtt_throttled: counter_vec(
-                r,
-                MQTT_THROTTLED,
-                "Times a replica went over mqtt.max_publish_rate and flowgate paused reading it",
-                &[LABEL_INSTANCE],
-            ),
-            tls_reloads: counter_vec(
-                r,
-                TLS_RELOADS,
-                "Certificate and password file reloads (SIGHUP), by result (ok, failed)",
-                &[LABEL_RESULT],
-            ),
-            deploys: counter_vec(
-                r,
-                DEPLOYS,
-                "Rolling flow deploys, by result (done, failed)",
-                &[LABEL_INSTANCE, LABEL_RESULT],
-            ),
-            editor_deploys: counter_vec(
-                r,
-                EDITOR_DEPLOYS,
-                "Deploys clicked in the editor, by result (done, conflict, refused, failed, busy)",
-                &[LABEL_INSTANCE, LABEL_RESULT],
-            ),
-            editor_palette: counter_vec(
-                r,
-                EDITOR_PALETTE,
-                "Palette changes from the editor (install, enable, disable, upgrade, remove) on every replica, by result (done, failed, refused)",
-                &[LABEL_INSTANCE, LABEL_RESULT],
-            ),
-            editor_logins: counter_vec(
-                r,
-                EDITOR_LOGINS,
-                "Editor logins, by result (ok, unknown_user, bad_password, no_credentials)",
-                &[LABEL_INSTANCE, LABEL_RESULT],
-            ),
-            broker_store_changes: registered(
-                r,
-                IntCounter::new(
-                    BROKER_STORE_CHANGES,
-                    "Changes of the bundled broker's retained messages written to its store",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_store_commits: registered(
-                r,
-                IntCounter::new(
-                    BROKER_STORE_COMMITS,
-                    "Commits (one fsync each) of the bundled broker's store",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_store_errors: registered(
-                r,
-                IntCounter::new(
-                    BROKER_STORE_ERRORS,
-                    "Failed commits of the bundled broker's store (retried)",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_store_pending: registered(
-                r,
-                IntGauge::new(
-                    BROKER_STORE_PENDING,
-                    "Changes of the bundled broker's retained messages not yet on disk",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_store_commit_seconds: registered(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        BROKER_STORE_COMMIT_SECONDS,
-                        "Time of one commit of the bundled broker's store: how long a change \
-                         may wait to be on disk",
-                    )
-                    .buckets(vec![
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                    ]),
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_up: registered(
-                r,
-                IntGauge::new(
-                    BROKER_UP,
-                    "1 while the bundled broker answers its watchdog's CONNECT (0 also with a broker of your own)",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_retained_restored: registered(
-                r,
-                IntGauge::new(
-                    BROKER_RETAINED_RESTORED,
-                    "Retained messages the bundled broker restored from its store at start",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_sessions_restored: registered(
-                r,
-                IntGauge::new(
-                    BROKER_SESSIONS_RESTORED,
-                    "Persistent sessions the bundled broker restored from its store at start",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_queued_restored: registered(
-                r,
-                IntGauge::new(
-                    BROKER_QUEUED_RESTORED,
-                    "Messages queued for persistent sessions the bundled broker restored at start",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_queued_stored: registered(
-                r,
-                IntGauge::new(
-                    BROKER_QUEUED_STORED,
-                    "Messages queued for the bundled broker's persistent sessions in the last snapshot on disk",
-                )
-                .expect("metric names are static and valid"),
-            ),
-            broker_session_snapshots: registered(
-                r,
-                IntCounter::new(
-                    BROKER_SESSION_SNAPSHOTS,
-                    "Snapshots of the bundled broker's persistent sessions written to its store",
-                )
-                .expect("metric names are static and valid"),
-            ),
+            broker_up: int_gauge(r, &defs::BROKER_UP),
+            broker_retained_restored: int_gauge(r, &defs::BROKER_RETAINED_RESTORED),
+            broker_sessions_restored: int_gauge(r, &defs::BROKER_SESSIONS_RESTORED),
+            broker_queued_restored: int_gauge(r, &defs::BROKER_QUEUED_RESTORED),
+            broker_queued_stored: int_gauge(r, &defs::BROKER_QUEUED_STORED),
+            broker_session_snapshots: int_counter(r, &defs::BROKER_SESSION_SNAPSHOTS),
             registry,
         };
         // every kind of error at 0 from the start
