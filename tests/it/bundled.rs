@@ -261,7 +261,7 @@ async fn retained_messages_survive_a_restart_and_a_crash() {
     };
 
     let fg = Flowgate::run(&config).await;
-    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    let mut publisher = v5_client(fg.mqtt, &unique_id("publisher")).await;
     publish_acked(
         &mut publisher,
         "status/line1",
@@ -300,7 +300,7 @@ async fn retained_messages_survive_a_restart_and_a_crash() {
     assert_eq!(fg.metric("flowgate_broker_retained_restored").await, 1.0);
     let line1 = ("status/line1".to_string(), "up".to_string(), user.clone());
     assert_eq!(retained_status(fg.mqtt).await, vec![line1.clone()]);
-    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    let mut publisher = v5_client(fg.mqtt, &unique_id("publisher")).await;
     publish_acked(
         &mut publisher,
         "status/line3",
@@ -548,7 +548,7 @@ async fn persistent_sessions_and_their_queues_survive_a_restart_and_a_crash() {
     assert_eq!(raw_ack(&mut q2).await, [0x50, 2, 0, 7], "PUBREC");
     drop(q2);
 
-    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    let mut publisher = v5_client(fg.mqtt, &unique_id("publisher")).await;
     publish_acked(
         &mut publisher,
         "alerts/fire",
@@ -620,7 +620,7 @@ async fn persistent_sessions_and_their_queues_survive_a_restart_and_a_crash() {
     // a crash: what was acknowledged and is in a snapshot on disk is kept
     let _ = sub.disconnect().await;
     drop(sub_rx);
-    let mut publisher = v5_client(fg.mqtt, "publisher").await;
+    let mut publisher = v5_client(fg.mqtt, &unique_id("publisher")).await;
     publish_acked(
         &mut publisher,
         "alerts/fire",

@@ -205,7 +205,7 @@ async fn run(upstream: &Upstream, form: Form) -> BTreeSet<u32> {
     let app = start(upstream, form.config()).await;
     let addr = app.mqtt_addr;
     // the observer of results, and the job publisher: plain clients
-    let mut opts = MqttOptions::new("observer", addr.ip().to_string(), addr.port());
+    let mut opts = MqttOptions::new(unique_id("observer"), addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
     let (observer, observer_el) = AsyncClient::new(opts, 1000);
     observer
@@ -226,7 +226,7 @@ async fn run(upstream: &Upstream, form: Form) -> BTreeSet<u32> {
             .expect("the SUBACKs of the replicas and the observer")
             .expect("replica alive");
     }
-    let mut opts = MqttOptions::new("publisher", addr.ip().to_string(), addr.port());
+    let mut opts = MqttOptions::new(unique_id("publisher"), addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
     let (publisher, mut publisher_el) = AsyncClient::new(opts, 1000);
     let publishing = tokio::spawn(async move { while publisher_el.poll().await.is_ok() {} });
@@ -363,7 +363,7 @@ async fn burst_with(
         worker_with(addr, form, sub_tx.clone(), outgoing),
         worker_with(addr, form, sub_tx.clone(), outgoing),
     ];
-    let mut opts = MqttOptions::new("observer", addr.ip().to_string(), addr.port());
+    let mut opts = MqttOptions::new(unique_id("observer"), addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
     let (observer, observer_el) = AsyncClient::new(opts, 1000);
     observer
@@ -377,7 +377,7 @@ async fn burst_with(
             .expect("the SUBACKs of the replicas and the observer")
             .expect("alive");
     }
-    let mut opts = MqttOptions::new("publisher", addr.ip().to_string(), addr.port());
+    let mut opts = MqttOptions::new(unique_id("publisher"), addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
     let (publisher, mut publisher_el) = AsyncClient::new(opts, 1000);
     let publishing = tokio::spawn(async move { while publisher_el.poll().await.is_ok() {} });
@@ -498,7 +498,7 @@ async fn through_a_restart(restart: Restart) -> (BTreeSet<u32>, usize) {
     let mut app = start_on(broker.addr, port).await;
     let addr = app.mqtt_addr;
     // results: on the broker itself, a session that outlives its restart
-    let (observer, observer_el) = persistent(broker.addr, "observer");
+    let (observer, observer_el) = persistent(broker.addr, &unique_id("observer"));
     observer
         .subscribe_many([Filter::new("done/#", QoS::AtLeastOnce)])
         .await
@@ -516,7 +516,7 @@ async fn through_a_restart(restart: Restart) -> (BTreeSet<u32>, usize) {
             .expect("alive");
     }
     // jobs: on the broker itself, every one acknowledged by it
-    let (publisher, mut publisher_el) = persistent(broker.addr, "publisher");
+    let (publisher, mut publisher_el) = persistent(broker.addr, &unique_id("publisher"));
     let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
     let publishing = tokio::spawn(async move {
         loop {

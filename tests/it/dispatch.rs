@@ -418,7 +418,7 @@ async fn least_inflight_gives_a_slow_replica_fewer_messages() {
 async fn the_will_is_published_once_when_the_last_replica_dies() {
     for upstream in Upstream::both().await {
         let app = start(&upstream, "").await;
-        let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+        let mut observer = Client3::connect(app.mqtt_addr, &unique_id("observer"), true);
         observer.subscribe("line1/status", QoS::AtLeastOnce).await;
         let mut reps = Vec::new();
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -493,7 +493,7 @@ async fn the_will_is_published_once_when_the_last_replica_dies() {
 async fn changing_the_will_never_publishes_it() {
     for upstream in Upstream::both().await {
         let app = start(&upstream, "").await;
-        let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+        let mut observer = Client3::connect(app.mqtt_addr, &unique_id("observer"), true);
         observer.subscribe("line1/status", QoS::AtLeastOnce).await;
         let connected = |n: f64| {
             let admin = app.admin_addr;
@@ -536,7 +536,7 @@ async fn retained_messages_reach_each_subscribing_replica() {
     for upstream in Upstream::both().await {
         let app = start(&upstream, "").await;
         // a retained message published before any replica exists
-        let mut opts = MqttOptions::new("retainer", "127.0.0.1", app.mqtt_addr.port());
+        let mut opts = MqttOptions::new(unique_id("retainer"), "127.0.0.1", app.mqtt_addr.port());
         opts.set_keep_alive(Duration::from_secs(30));
         let (c, mut el) = AsyncClient::new(opts, 10);
         c.publish("settings/mode", QoS::AtLeastOnce, true, "auto")
@@ -634,7 +634,7 @@ async fn v5_replicas_get_each_message_once_and_their_publishes_go_upstream() {
 
     for upstream in Upstream::both().await {
         let app = start(&upstream, "").await;
-        let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+        let mut observer = Client3::connect(app.mqtt_addr, &unique_id("observer"), true);
         observer.subscribe("results/#", QoS::AtLeastOnce).await;
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, String)>();
         let mut clients = Vec::new();
@@ -771,7 +771,7 @@ async fn messages_wait_for_a_replica_and_broadcasts_reach_all() {
 async fn qos2_messages_go_through_once_both_ways() {
     for upstream in Upstream::both().await {
         let app = start(&upstream, "").await;
-        let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+        let mut observer = Client3::connect(app.mqtt_addr, &unique_id("observer"), true);
         observer.subscribe("results/#", QoS::ExactlyOnce).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let r = replica(app.mqtt_addr, 0, Duration::ZERO, true, tx);
@@ -902,7 +902,7 @@ async fn the_instance_acl_refuses_subscriptions_and_publishes_with_the_right_cod
     )
     .await;
     // an outside observer sees what reaches the broker
-    let mut observer = Client3::connect(app.mqtt_addr, "observer", true);
+    let mut observer = Client3::connect(app.mqtt_addr, &unique_id("observer"), true);
     observer.subscribe("#", QoS::AtLeastOnce).await;
 
     // 3.1.1 replica: SUBACK carries a failure for the filter outside the acl
@@ -1073,7 +1073,7 @@ async fn a_12_s_broker_outage_loses_no_acknowledged_publish_and_leaves_no_replic
         .expect("flowgate starts");
     // what the replicas publish, seen by a session on the broker itself that
     // outlives the outage
-    let mut opts = MqttOptions::new("observer", "127.0.0.1", broker.addr.port());
+    let mut opts = MqttOptions::new(unique_id("observer"), "127.0.0.1", broker.addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(false);
     let (observer, mut observer_el) = AsyncClient::new(opts, 100);

@@ -691,7 +691,7 @@ async fn the_will_waits_for_its_delay_and_a_replica_back_in_time_cancels_it() {
     for upstream in Upstream::both().await {
         let name = upstream.name();
         let app = start(&upstream, "").await;
-        let mut observer = V5::connect(app.mqtt_addr, "observer", |_| {}).await;
+        let mut observer = V5::connect(app.mqtt_addr, &unique_id("observer"), |_| {}).await;
         observer
             .subscribe(Filter::new("status/#", QoS::AtLeastOnce), None)
             .await;

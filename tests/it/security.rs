@@ -18,8 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    eventually, free_port, http_get, init_logs, metric_sum, publish_numbered, temp_dir, Client3,
-    Mosquitto, Seen,
+    eventually, free_port, http_get, init_logs, metric_sum, publish_numbered, temp_dir, unique_id,
+    Client3, Mosquitto, Seen,
 };
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client
@@ -592,7 +592,7 @@ async fn replicas_log_in_to_flowgate_and_flowgate_to_the_broker_with_the_instanc
         let mut replica = Client3::with_options(o);
         replica.subscribe("jobs/#", QoS::AtLeastOnce).await;
         // the publisher logs in to the broker itself, through flowgate
-        let mut po = MqttOptions::new("publisher", "127.0.0.1", app.mqtt_addr.port());
+        let mut po = MqttOptions::new(unique_id("publisher"), "127.0.0.1", app.mqtt_addr.port());
         po.set_credentials("line1-up", "broker-secret");
         let publisher = Client3::with_options(po);
         for i in 0..5 {

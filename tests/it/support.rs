@@ -28,6 +28,15 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A client id no other test in this process uses. The tests share one
+/// process: a port one test freed (a broker it stopped, an app it shut down)
+/// can be bound by another test while the first one's clients still reconnect
+/// to it, and a client id both use would then take over the other's session.
+pub fn unique_id(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{tag}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
 /// A port that was free a moment ago, for processes that cannot report the
 /// port they bound (Mosquitto).
 pub fn free_port() -> u16 {
@@ -287,6 +296,8 @@ pub struct Client3 {
     pub client: rumqttc::AsyncClient,
     pub events: mpsc::UnboundedReceiver<Seen>,
     task: tokio::task::JoinHandle<()>,
+    /// `client-id@host:port`, for failure messages.
+    who: String,
 }
 
 impl Client3 {
@@ -300,6 +311,8 @@ impl Client3 {
     pub fn with_options(mut opts: rumqttc::MqttOptions) -> Self {
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_inflight(1000);
+        let (host, port) = opts.broker_address();
+        let who = format!("{}@{host}:{port}", opts.client_id());
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10_000);
         let (tx, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -323,6 +336,7 @@ impl Client3 {
             client,
             events,
             task,
+            who,
         }
     }
 
@@ -337,7 +351,12 @@ impl Client3 {
             let left = DEADLINE.saturating_sub(start.elapsed());
             match tokio::time::timeout(left, self.events.recv()).await {
                 Ok(Some(Seen::SubAck)) => return,
-                Ok(Some(Seen::Disconnected(e))) => panic!("disconnected while subscribing: {e}"),
+                Ok(Some(Seen::Disconnected(e))) => {
+                    panic!(
+                        "{} disconnected while subscribing to {filter}: {e}",
+                        self.who
+                    )
+                }
                 Ok(Some(_)) => {}
                 _ => panic!("no SUBACK for {filter}"),
             }
