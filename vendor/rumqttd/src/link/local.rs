@@ -163,6 +163,12 @@ impl LinkTx {
         self.recv_buffer.lock()
     }
 
+    /// flowgate patch: the buffer itself, which names this connection to the
+    /// router (`Event::LinkClosed`).
+    pub(crate) fn incoming(&self) -> crate::router::iobufs::IncomingBuffer {
+        self.recv_buffer.clone()
+    }
+
     /// Send raw device data
     fn push(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {

@@ -125,6 +125,11 @@ impl<P: Protocol> RemoteLink<P> {
         })
     }
 
+    /// flowgate patch: what names this connection to the router.
+    pub(crate) fn incoming(&self) -> crate::router::iobufs::IncomingBuffer {
+        self.link_tx.incoming()
+    }
+
     pub async fn start(&mut self) -> Result<(), Error> {
         self.network.set_keepalive(self.connect.keep_alive);
 

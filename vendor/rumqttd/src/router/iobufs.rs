@@ -18,6 +18,10 @@ use super::{Forward, IncomingMeter, OutgoingMeter};
 const MAX_INFLIGHT: usize = 100;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
+/// flowgate patch: a connection's incoming buffer, shared by its link and the
+/// router; its address tells one connection from a later one given the same id.
+pub type IncomingBuffer = Arc<Mutex<VecDeque<Packet>>>;
+
 #[derive(Debug)]
 pub struct Incoming {
     /// Identifier associated with connected client

@@ -55,6 +55,11 @@ pub enum Event {
     DeviceData,
     /// Disconnection request
     Disconnect,
+    /// flowgate patch: a remote link's network connection ended. Names the
+    /// connection by its incoming buffer: the router may have ended it already
+    /// (its DISCONNECT packet, a takeover) and given its id to a newer
+    /// connection, which this must not end.
+    LinkClosed(iobufs::IncomingBuffer),
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

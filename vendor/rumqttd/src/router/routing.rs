@@ -280,7 +280,7 @@ impl Router {
                         || self.connection_map.contains_key(&connection.client_id)
                         || self.graveyard.has_session(&connection.client_id)
                 }
-                Event::DeviceData | Event::Disconnect | Event::Ready => {
+                Event::DeviceData | Event::Disconnect | Event::LinkClosed(_) | Event::Ready => {
                     self.connections.get(id).is_some_and(|c| !c.clean)
                 }
                 _ => false,
@@ -296,6 +296,18 @@ impl Router {
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
             Event::Disconnect => self.handle_disconnection(id, None),
+            // flowgate patch: only if `id` is still the link's connection
+            Event::LinkClosed(buffer) => {
+                if self
+                    .ibufs
+                    .get(id)
+                    .is_some_and(|i| Arc::ptr_eq(&i.buffer, &buffer))
+                {
+                    self.handle_disconnection(id, None)
+                } else {
+                    debug!("connection {id} already ended; a newer one has its id");
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)

@@ -601,6 +601,7 @@ async fn remote<P: Protocol>(
     };
 
     let connection_id = link.connection_id;
+    let incoming = link.incoming();
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
@@ -626,7 +627,10 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        // flowgate patch: a client that sent DISCONNECT and closed has been
+        // ended by the router already, and its id may belong to the next
+        // client by now: the event names this connection, not only its id
+        let disconnect = Event::LinkClosed(incoming);
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }
