@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::{
     body_of, check_header, write_binary, write_remaining_length, write_str, CodecError, PacketType,
-    Protocol, Reader,
+    Protocol, QoS, Reader,
 };
 
 /// A decoded CONNECT that borrows its frame. Only the client id and the
@@ -45,7 +45,7 @@ pub struct Credentials<'a> {
 pub struct Will<'a> {
     pub topic: &'a str,
     pub payload: &'a [u8],
-    pub qos: u8,
+    pub qos: QoS,
     pub retain: bool,
     /// v5 will properties, raw (empty for 3.x).
     pub properties: &'a [u8],
@@ -126,7 +126,7 @@ fn will<'a>(
     Ok(Some(Will {
         topic: r.string("will topic")?,
         payload: r.binary("will payload")?,
-        qos: will_qos,
+        qos: QoS::from_bits(will_qos),
         retain: flags & FLAG_WILL_RETAIN != 0,
         properties,
     }))
@@ -394,7 +394,7 @@ mod tests {
         let will = c.will.as_ref().expect("will");
         assert_eq!(
             (will.topic, will.payload, will.qos, will.retain),
-            ("w", &b"x"[..], 1, false)
+            ("w", &b"x"[..], QoS::AtLeastOnce, false)
         );
     }
 

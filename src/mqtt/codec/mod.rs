@@ -23,6 +23,28 @@ pub use subscribe::{Subscribe, SubscribeEntry, Unsubscribe, NO_LOCAL};
 
 use thiserror::Error;
 
+/// A QoS level, ordered: a subscription's granted QoS caps a message's with
+/// `min`, and an upstream subscription asks for the `max` of its replicas'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QoS {
+    #[default]
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl QoS {
+    /// From the two bits a fixed header, a will flag or a subscription option
+    /// carries; 3, which the codec refuses before, reads as 2.
+    pub fn from_bits(bits: u8) -> Self {
+        match bits & 0x03 {
+            0 => Self::AtMostOnce,
+            1 => Self::AtLeastOnce,
+            _ => Self::ExactlyOnce,
+        }
+    }
+}
+
 /// Largest remaining length MQTT can express (four length bytes).
 pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
 

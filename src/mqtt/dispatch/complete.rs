@@ -48,7 +48,7 @@ mod tests {
         Message {
             topic: topic.into(),
             payload: Bytes::from(payload.to_owned()),
-            qos: 1,
+            qos: crate::mqtt::dispatch::wire::QoS::AtLeastOnce,
             retain: false,
             properties: corr.map(|c| {
                 Box::new(rumqttc::v5::mqttbytes::v5::PublishProperties {

@@ -352,7 +352,7 @@ mod tests {
         Message {
             topic: topic.into(),
             payload: bytes::Bytes::new(),
-            qos: 0,
+            qos: wire::QoS::AtMostOnce,
             retain: false,
             properties: Some(Box::new(PublishProperties {
                 topic_alias: alias,

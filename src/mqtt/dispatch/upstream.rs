@@ -20,7 +20,7 @@ use crate::tls::{Connector, TlsError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, qos4, qos5, Incoming, Message, SubRequest, Will, WireError};
+use super::wire::{self, Incoming, Message, QoS, SubRequest, Will, WireError};
 use crate::mqtt::codec::Protocol;
 
 /// What the dispatcher asks of the upstream session.
@@ -158,7 +158,7 @@ fn encode(cmd: &UpCmd, v5: bool, out: &mut BytesMut) -> Result<(), SessionError>
     }
     let packet = match cmd {
         UpCmd::Publish { msg, pkid, dup } => {
-            let mut p = v4::Publish::from_bytes(&msg.topic, qos4(msg.qos), msg.payload.clone());
+            let mut p = v4::Publish::from_bytes(&msg.topic, msg.qos.v4(), msg.payload.clone());
             p.pkid = *pkid;
             p.dup = *dup;
             p.retain = msg.retain;
@@ -172,7 +172,7 @@ fn encode(cmd: &UpCmd, v5: bool, out: &mut BytesMut) -> Result<(), SessionError>
             let mut s = v4::Subscribe::new_many(
                 filters
                     .iter()
-                    .map(|f| v4::SubscribeFilter::new(f.filter.clone(), qos4(f.qos))),
+                    .map(|f| v4::SubscribeFilter::new(f.filter.clone(), f.qos.v4())),
             );
             s.pkid = *pkid;
             v4::Packet::Subscribe(s)
@@ -195,7 +195,7 @@ fn encode_v5(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), SessionError> {
         UpCmd::Publish { msg, pkid, dup } => {
             let mut p = v5::Publish::new(
                 msg.topic.as_str(),
-                qos5(msg.qos),
+                msg.qos.v5(),
                 msg.payload.clone(),
                 msg.properties.as_deref().cloned(),
             );
@@ -211,7 +211,7 @@ fn encode_v5(cmd: &UpCmd, out: &mut BytesMut) -> Result<(), SessionError> {
         UpCmd::Subscribe { pkid, filters } => {
             let mut s = v5::Subscribe::new_many(
                 filters.iter().map(|f| {
-                    let mut v = v5::Filter::new(f.filter.clone(), qos5(f.qos));
+                    let mut v = v5::Filter::new(f.filter.clone(), f.qos.v5());
                     v.nolocal = f.no_local;
                     v.preserve_retain = f.retain_as_published;
                     v.retain_forward_rule = match f.retain_handling {
@@ -317,7 +317,7 @@ impl Window {
             return Some(cmd); // no limit (3.1.1): nothing to count
         }
         match &cmd {
-            UpCmd::Publish { msg, pkid, .. } if msg.qos > 0 => {
+            UpCmd::Publish { msg, pkid, .. } if msg.qos > QoS::AtMostOnce => {
                 if self.sent.contains(pkid) {
                     return Some(cmd); // a resend: its place is taken already
                 }
@@ -387,7 +387,7 @@ impl UpstreamSession {
                 v5::LastWill::new(
                     w.msg.topic.clone(),
                     w.msg.payload.to_vec(),
-                    qos5(w.msg.qos),
+                    w.msg.qos.v5(),
                     w.msg.retain,
                     will_properties(w),
                 )
@@ -408,7 +408,7 @@ impl UpstreamSession {
         }
         c.last_will =
             self.will.as_ref().map(|w| &w.msg).map(|w| {
-                v4::LastWill::new(w.topic.clone(), w.payload.clone(), qos4(w.qos), w.retain)
+                v4::LastWill::new(w.topic.clone(), w.payload.clone(), w.qos.v4(), w.retain)
             });
         v4::Packet::Connect(c).write(&mut out, usize::MAX)?;
         Ok(out)
@@ -679,9 +679,9 @@ impl UpstreamSession {
         if let UpCmd::Publish { msg, pkid, .. } = cmd {
             tracing::warn!(client_id = %self.client_id, topic = %msg.topic, max, "publish larger than the broker's maximum packet size: refused");
             match msg.qos {
-                0 => {}
-                1 => refused.push(Incoming::PubAck(*pkid, 0x80.into())),
-                _ => refused.push(Incoming::PubRec(*pkid, 0x80.into())),
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => refused.push(Incoming::PubAck(*pkid, 0x80.into())),
+                QoS::ExactlyOnce => refused.push(Incoming::PubRec(*pkid, 0x80.into())),
             }
         }
         Ok(())
@@ -767,7 +767,7 @@ impl RetainedFetch {
                     .iter()
                     // at QoS 2: each comes at its own QoS, which the
                     // replica's subscription may lower
-                    .map(|f| SubRequest::new(f.clone(), 2))
+                    .map(|f| SubRequest::new(f.clone(), QoS::ExactlyOnce))
                     .collect(),
             };
             encode(&sub, self.v5, &mut out)?;
@@ -789,7 +789,7 @@ impl RetainedFetch {
                     let now = tokio::time::Instant::now();
                     // acknowledged, or the broker holds back the rest
                     match &p {
-                        Incoming::Publish { msg, pkid, .. } if msg.qos == 1 => {
+                        Incoming::Publish { msg, pkid, .. } if msg.qos == QoS::AtLeastOnce => {
                             encode(&UpCmd::PubAck(*pkid), self.v5, &mut out)?;
                         }
                         Incoming::Publish { pkid, .. } if *pkid != 0 => {
@@ -843,7 +843,7 @@ mod tests {
             msg: Message {
                 topic: "t".into(),
                 payload: bytes::Bytes::new(),
-                qos,
+                qos: QoS::from_bits(qos),
                 retain: false,
                 properties: None,
             },
@@ -893,7 +893,7 @@ mod tests {
             pkid: 4,
             filters: vec![SubRequest {
                 no_local: true,
-                ..SubRequest::new("chat/#", 1)
+                ..SubRequest::new("chat/#", QoS::AtLeastOnce)
             }],
         };
         encode(&cmd, true, &mut out).expect("encode");

@@ -7,6 +7,40 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
 use crate::mqtt::codec::Protocol;
+pub use crate::mqtt::codec::QoS;
+
+/// rumqttc's QoS types for flowgate's (the codec's) QoS.
+impl QoS {
+    /// rumqttc's v4 (3.1/3.1.1) QoS.
+    pub(crate) fn v4(self) -> rumqttc::mqttbytes::QoS {
+        match self {
+            Self::AtMostOnce => rumqttc::mqttbytes::QoS::AtMostOnce,
+            Self::AtLeastOnce => rumqttc::mqttbytes::QoS::AtLeastOnce,
+            Self::ExactlyOnce => rumqttc::mqttbytes::QoS::ExactlyOnce,
+        }
+    }
+
+    /// rumqttc's v5 QoS.
+    pub(crate) fn v5(self) -> rumqttc::v5::mqttbytes::QoS {
+        match self {
+            Self::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+            Self::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            Self::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+        }
+    }
+}
+
+impl From<rumqttc::mqttbytes::QoS> for QoS {
+    fn from(q: rumqttc::mqttbytes::QoS) -> Self {
+        Self::from_bits(q as u8)
+    }
+}
+
+impl From<rumqttc::v5::mqttbytes::QoS> for QoS {
+    fn from(q: rumqttc::v5::mqttbytes::QoS) -> Self {
+        Self::from_bits(q as u8)
+    }
+}
 
 /// A message as flowgate moves it: what every protocol version can carry.
 /// MQTT 5 publish properties ride along for v5 peers and are dropped for 3.x.
@@ -14,7 +48,7 @@ use crate::mqtt::codec::Protocol;
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,
-    pub qos: u8,
+    pub qos: QoS,
     pub retain: bool,
     pub properties: Option<Box<v5::PublishProperties>>,
 }
@@ -31,7 +65,7 @@ pub struct Will {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubRequest {
     pub filter: String,
-    pub qos: u8,
+    pub qos: QoS,
     /// v5 no local: not the subscriber's own publishes.
     pub no_local: bool,
     /// v5 retain as published.
@@ -43,7 +77,7 @@ pub struct SubRequest {
 
 impl SubRequest {
     /// A 3.x-style request: a filter and a QoS, default options.
-    pub fn new(filter: impl Into<String>, qos: u8) -> Self {
+    pub fn new(filter: impl Into<String>, qos: QoS) -> Self {
         Self {
             filter: filter.into(),
             qos,
@@ -184,23 +218,6 @@ pub const SUB_SHARED_NOT_SUPPORTED: u8 = 0x9E;
 #[error("{0}")]
 pub struct WireError(pub String);
 
-/// A QoS number as rumqttc's v4 enum (3 is refused before this is called).
-pub(crate) fn qos4(q: u8) -> rumqttc::mqttbytes::QoS {
-    match q {
-        0 => rumqttc::mqttbytes::QoS::AtMostOnce,
-        1 => rumqttc::mqttbytes::QoS::AtLeastOnce,
-        _ => rumqttc::mqttbytes::QoS::ExactlyOnce,
-    }
-}
-
-pub(crate) fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
-    match q {
-        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-    }
-}
-
 /// Decodes the next packet of `buf` (consuming it); `Ok(None)` when more bytes
 /// are needed.
 pub fn decode(
@@ -247,7 +264,7 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
             msg: Message {
                 topic: p.topic,
                 payload: p.payload,
-                qos: p.qos as u8,
+                qos: p.qos.into(),
                 retain: p.retain,
                 properties: None,
             },
@@ -263,7 +280,7 @@ fn from_v4(p: v4::Packet) -> Result<Incoming, WireError> {
             filters: s
                 .filters
                 .into_iter()
-                .map(|f| SubRequest::new(f.path, f.qos as u8))
+                .map(|f| SubRequest::new(f.path, f.qos.into()))
                 .collect(),
             id: None,
         },
@@ -307,7 +324,7 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
                 topic: String::from_utf8(p.topic.to_vec())
                     .map_err(|_| WireError("topic is not UTF-8".into()))?,
                 payload: p.payload,
-                qos: p.qos as u8,
+                qos: p.qos.into(),
                 retain: p.retain,
                 properties: p.properties.map(Box::new),
             },
@@ -342,7 +359,7 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
                 .into_iter()
                 .map(|f| SubRequest {
                     filter: f.path,
-                    qos: f.qos as u8,
+                    qos: f.qos.into(),
                     no_local: f.nolocal,
                     retain_as_published: f.preserve_retain,
                     retain_handling: match f.retain_forward_rule {
@@ -402,7 +419,7 @@ fn to_v4(p: &Outgoing) -> v4::Packet {
         }
         Outgoing::Publish { msg, pkid, dup } => {
             let mut publish =
-                v4::Publish::from_bytes(&msg.topic, qos4(msg.qos), msg.payload.clone());
+                v4::Publish::from_bytes(&msg.topic, msg.qos.v4(), msg.payload.clone());
             publish.pkid = *pkid;
             publish.dup = *dup;
             publish.retain = msg.retain;
@@ -417,7 +434,7 @@ fn to_v4(p: &Outgoing) -> v4::Packet {
             granted
                 .iter()
                 .map(|&q| match q {
-                    0..=2 => v4::SubscribeReasonCode::Success(qos4(q)),
+                    0..=2 => v4::SubscribeReasonCode::Success(QoS::from_bits(q).v4()),
                     _ => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
@@ -437,7 +454,7 @@ fn to_v5(p: &Outgoing) -> v5::Packet {
         Outgoing::Publish { msg, pkid, dup } => {
             let mut publish = v5::Publish::new(
                 msg.topic.as_str(),
-                qos5(msg.qos),
+                msg.qos.v5(),
                 msg.payload.clone(),
                 msg.properties.as_deref().cloned(),
             );
@@ -549,7 +566,7 @@ fn suback_code(c: v5::SubscribeReasonCode) -> u8 {
 fn suback_reason(code: u8) -> v5::SubscribeReasonCode {
     use v5::SubscribeReasonCode as C;
     match code {
-        0..=2 => C::Success(qos5(code)),
+        0..=2 => C::Success(QoS::from_bits(code).v5()),
         0x83 => C::ImplementationSpecific,
         0x87 => C::NotAuthorized,
         0x8F => C::TopicFilterInvalid,
@@ -570,7 +587,7 @@ mod tests {
         Message {
             topic: "jobs/1".into(),
             payload: Bytes::from_static(b"x"),
-            qos: 1,
+            qos: QoS::AtLeastOnce,
             retain: false,
             properties: None,
         }
@@ -689,7 +706,7 @@ mod tests {
 
     #[test]
     fn v5_subscribe_options_and_identifier_are_read() {
-        let mut f = v5::Filter::new("jobs/#", qos5(1));
+        let mut f = v5::Filter::new("jobs/#", QoS::AtLeastOnce.v5());
         f.nolocal = true;
         f.preserve_retain = true;
         f.retain_forward_rule = v5::RetainForwardRule::OnNewSubscribe;
@@ -712,7 +729,7 @@ mod tests {
                 pkid: 9,
                 filters: vec![SubRequest {
                     filter: "jobs/#".into(),
-                    qos: 1,
+                    qos: QoS::AtLeastOnce,
                     no_local: true,
                     retain_as_published: true,
                     retain_handling: 1,

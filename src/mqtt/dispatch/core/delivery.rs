@@ -42,12 +42,12 @@ impl Dispatcher {
             return Err(queued);
         };
         let qos = queued.msg.qos.min(granted);
-        if qos == 0 {
+        if qos == QoS::AtMostOnce {
             // at most once: the message itself goes, no copy is kept
             let Queued {
                 mut msg, origin, ..
             } = queued;
-            msg.qos = 0;
+            msg.qos = QoS::AtMostOnce;
             msg.retain = retain;
             msg.properties = props;
             tracing::trace!(slot, topic = %msg.topic, "delivered");
@@ -368,7 +368,7 @@ fn publish_len(
 ) -> usize {
     let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
         msg.topic.as_str(),
-        super::super::wire::qos5(msg.qos),
+        msg.qos.v5(),
         msg.payload.clone(),
         props.cloned(),
     );

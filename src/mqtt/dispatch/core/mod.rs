@@ -25,7 +25,7 @@ use prometheus::{IntCounter, IntGauge};
 
 use super::strategy::{self, Candidate, Strategy};
 use super::upstream::{RetainedFetch, UpCmd, UpEvent};
-use super::wire::{AckProps, Incoming, Message, Outgoing, SubRequest, Will};
+use super::wire::{AckProps, Incoming, Message, Outgoing, QoS, SubRequest, Will};
 use crate::metrics::{Metrics, ReplicaCounters};
 use crate::topic::TopicFilter;
 
@@ -140,7 +140,7 @@ pub struct ReplicaLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
     /// An upstream QoS 1/2 message with this packet id and QoS.
-    Upstream { pkid: u16, qos: u8 },
+    Upstream { pkid: u16, qos: QoS },
     /// Nothing to acknowledge upstream.
     None,
 }
@@ -170,7 +170,7 @@ struct SavedSession {
 /// One subscription of a replica.
 struct Sub {
     filter: TopicFilter,
-    qos: u8,
+    qos: QoS,
     /// MQTT 5 subscription identifier, carried by the messages it matches.
     id: Option<usize>,
     /// MQTT 5 retain as published: live messages keep their retain flag.
@@ -211,7 +211,7 @@ struct Replica {
 
 impl Replica {
     /// The QoS granted to this replica for `topic`, if any filter matches.
-    fn granted(&self, topic: &str) -> Option<u8> {
+    fn granted(&self, topic: &str) -> Option<QoS> {
         self.subs
             .iter()
             .filter(|s| s.filter.matches(topic))
@@ -267,7 +267,7 @@ struct OutPub {
 
 struct PendingAck {
     pkid: u16,
-    qos: u8,
+    qos: QoS,
     ready: bool,
 }
 
@@ -291,7 +291,7 @@ pub struct Dispatcher {
     turn: usize,
     upstream_up: bool,
     /// Filters subscribed upstream, with the QoS asked.
-    filters: BTreeMap<String, u8>,
+    filters: BTreeMap<String, QoS>,
     /// Filters the replicas subscribed with MQTT 5 no local: upstream too, so
     /// the instance does not get its own publishes back.
     no_local: HashSet<String>,
@@ -300,7 +300,7 @@ pub struct Dispatcher {
     /// session is a live one), when the broker honours both.
     rap: Vec<TopicFilter>,
     /// Filters asked for while the upstream session was down.
-    unsent: Vec<(String, u8)>,
+    unsent: Vec<(String, QoS)>,
     /// The filters of each SUBSCRIBE sent upstream, until its SUBACK.
     sub_filters: HashMap<u16, Vec<String>>,
     /// The upstream session speaks MQTT 5.
@@ -504,7 +504,7 @@ impl Dispatcher {
     }
 
     /// Subscribes upstream; the packet id of the SUBSCRIBE sent, if one was.
-    fn subscribe_up(&mut self, filters: Vec<(String, u8)>) -> Option<u16> {
+    fn subscribe_up(&mut self, filters: Vec<(String, QoS)>) -> Option<u16> {
         if !self.upstream_up {
             // sent when the session is up again
             self.unsent.extend(filters);
@@ -567,7 +567,7 @@ impl Dispatcher {
             let Some(p) = self.ack_order.pop_front() else {
                 break;
             };
-            if p.qos == 2 {
+            if p.qos == QoS::ExactlyOnce {
                 // held until the broker's PUBREL
                 self.send_up(UpCmd::PubRec(p.pkid));
             } else {

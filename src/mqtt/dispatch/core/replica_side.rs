@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use super::*;
-use crate::mqtt::dispatch::wire;
+use crate::mqtt::dispatch::wire::{self, QoS};
 
 impl Dispatcher {
     /// A replica session started: it resumes the slot's saved session unless
@@ -115,12 +115,12 @@ impl Dispatcher {
             return;
         };
         tracing::info!(instance = %self.cfg.instance, topic = %will.topic, "last replica gone without DISCONNECT: publishing the instance's will");
-        let pkid = if will.qos > 0 {
+        let pkid = if will.qos > QoS::AtMostOnce {
             self.alloc_up_pkid()
         } else {
             0
         };
-        if will.qos > 0 {
+        if will.qos > QoS::AtMostOnce {
             self.out.insert(
                 pkid,
                 OutPub {
@@ -229,14 +229,14 @@ impl Dispatcher {
         {
             self.denied(slot, "publish", &msg.topic);
             match msg.qos {
-                0 => {}
-                1 => {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
                     self.send_replica(
                         slot,
                         Outgoing::PubAck(replica_pkid, wire::NOT_AUTHORIZED.into()),
                     );
                 }
-                _ => {
+                QoS::ExactlyOnce => {
                     self.send_replica(
                         slot,
                         Outgoing::PubRec(replica_pkid, wire::NOT_AUTHORIZED.into()),
@@ -245,7 +245,7 @@ impl Dispatcher {
             }
             return;
         }
-        if msg.qos == 0 {
+        if msg.qos == QoS::AtMostOnce {
             let completes = self.job_done_by(slot, &msg);
             self.send_up(UpCmd::Publish {
                 msg,
@@ -274,7 +274,7 @@ impl Dispatcher {
         // (a deadlock: the windows hold jobs whose results cannot go)
         let answered = completes.is_some();
         if answered {
-            let ack = if msg.qos == 1 {
+            let ack = if msg.qos == QoS::AtLeastOnce {
                 Outgoing::PubAck(replica_pkid, wire::SUCCESS.into())
             } else {
                 Outgoing::PubRec(replica_pkid, wire::SUCCESS.into())
@@ -364,8 +364,8 @@ impl Dispatcher {
                 granted.push(wire::SUB_NOT_AUTHORIZED);
                 continue;
             }
-            let qos = req.qos.min(2);
-            granted.push(qos);
+            let qos = req.qos;
+            granted.push(qos as u8);
             let mut had = false;
             if let Some(r) = self.replicas.get_mut(&slot) {
                 had = r.subs.iter().any(|s| s.filter.as_str() == text);

@@ -35,7 +35,7 @@ fn msg(topic: &str, qos: u8) -> Message {
     Message {
         topic: topic.into(),
         payload: bytes::Bytes::from_static(b"{}"),
-        qos,
+        qos: wire::QoS::from_bits(qos),
         retain: false,
         properties: None,
     }
@@ -131,7 +131,7 @@ impl Rig {
                 pkid: 1,
                 filters: vec![SubRequest {
                     retain_handling,
-                    ..SubRequest::new(filter, 2)
+                    ..SubRequest::new(filter, wire::QoS::ExactlyOnce)
                 }],
                 id: None,
             },
@@ -312,7 +312,7 @@ fn qos0_goes_to_one_replica_and_no_copy_is_kept() {
     rig.publish("jobs/1", 0, 0);
     let got: Vec<_> = [rig.got_all(0), rig.got_all(1)].concat();
     assert_eq!(got.len(), 1);
-    assert_eq!((got[0].0.qos, got[0].1), (0, 0));
+    assert_eq!((got[0].0.qos, got[0].1), (wire::QoS::AtMostOnce, 0));
     // nothing in flight: its replica leaving hands nothing on
     rig.leave(0, false);
     rig.leave(1, false);
@@ -326,7 +326,7 @@ fn qos2_is_received_upstream_once_the_replica_received_it() {
     rig.join(0);
     rig.publish("jobs/1", 2, 10);
     let got = rig.got_all(0);
-    assert_eq!(got[0].0.qos, 2);
+    assert_eq!(got[0].0.qos, wire::QoS::ExactlyOnce);
     assert!(rig.up.is_empty());
     rig.send(Event::Packet {
         slot: 0,

@@ -26,7 +26,7 @@ impl Dispatcher {
                 } else {
                     self.held.clear();
                     self.ack_order.clear();
-                    let all: Vec<(String, u8)> =
+                    let all: Vec<(String, QoS)> =
                         self.filters.iter().map(|(f, q)| (f.clone(), *q)).collect();
                     self.subscribe_up(all)
                 };
@@ -179,8 +179,8 @@ impl Dispatcher {
     }
 
     pub(super) fn on_upstream_publish(&mut self, msg: Message, pkid: u16) {
-        tracing::trace!(pkid, qos = msg.qos, topic = %msg.topic, "upstream publish");
-        let origin = if msg.qos > 0 {
+        tracing::trace!(pkid, qos = msg.qos as u8, topic = %msg.topic, "upstream publish");
+        let origin = if msg.qos > QoS::AtMostOnce {
             if !self.held.insert(pkid) {
                 return; // the broker resent a message we already hold
             }
