@@ -20,10 +20,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -398,45 +396,35 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    while let Some((tcp, peer)) = crate::listener::accept(&listener, &shutdown, "admin", None).await
-    {
+    let service = move |_peer| {
         let state = state.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            let stream = match crate::tls::accept(tls.as_deref(), tcp, HANDSHAKE_TIMEOUT).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "admin connection refused");
-                    return;
-                }
-            };
-            let service = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move {
-                    let resp = if !authorized(&state, &req) {
-                        tracing::debug!(path = %req.uri().path(), "admin request without the token: 401");
-                        let mut r = text(StatusCode::UNAUTHORIZED, "text/plain", "this admin API needs its bearer token\n");
-                        r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                        r
-                    } else if req.method() == Method::POST && req.uri().path().ends_with("/deploy") {
-                        start_deploy(&state, req).await
-                    } else {
-                        route(&state, req.method(), req.uri().path())
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "admin connection error") },
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
+        service_fn(move |req: Request<Incoming>| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(answer(&state, req).await) }
+        })
+    };
+    let owner = (shutdown, tracker);
+    crate::listener::serve_http1(listener, "admin", tls, HANDSHAKE_TIMEOUT, service, owner).await;
+}
+
+/// One admin request: its token checked, then routed.
+async fn answer(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(state, &req) {
+        tracing::debug!(path = %req.uri().path(), "admin request without the token: 401");
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "this admin API needs its bearer token\n",
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        r
+    } else if req.method() == Method::POST && req.uri().path().ends_with("/deploy") {
+        start_deploy(state, req).await
+    } else {
+        route(state, req.method(), req.uri().path())
     }
 }
 

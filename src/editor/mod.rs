@@ -580,38 +580,14 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let proto = if tls.is_some() { "https" } else { "http" };
-    while let Some((tcp, peer)) =
-        crate::listener::accept(&listener, &shutdown, "editor", None).await
-    {
+    let timeout = editor.pool.cfg.header_timeout;
+    let service = move |peer| {
         let editor = editor.clone();
-        let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let timeout = editor.pool.cfg.header_timeout;
-            let stream = match crate::tls::accept(tls.as_deref(), tcp, timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "editor connection refused");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let editor = editor.clone();
-                async move { Ok::<_, std::convert::Infallible>(editor.handle(req, peer, proto).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "editor connection error") },
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let editor = editor.clone();
+            async move { Ok::<_, std::convert::Infallible>(editor.handle(req, peer, proto).await) }
+        })
+    };
+    let owner = (shutdown, tracker);
+    crate::listener::serve_http1(listener, "editor", tls, timeout, service, owner).await;
 }

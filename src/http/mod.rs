@@ -193,12 +193,5 @@ pub async fn serve_hyper<S>(
         .max_buf_size(limits.max_header.max(8192))
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "http connection error") },
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    crate::listener::drive_http1(conn, &shutdown, "http").await;
 }
