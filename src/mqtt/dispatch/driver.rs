@@ -63,98 +63,88 @@ pub struct Handle {
     pub tx: mpsc::Sender<ReplicaEvent>,
 }
 
-/// One replica session's channel, and what waits for room in it.
-struct Outlet {
-    tx: mpsc::Sender<Outgoing>,
-    waiting: VecDeque<Outgoing>,
+/// A channel and what waits, in order, for room in it: nothing overtakes what
+/// waits, and nothing is dropped while the receiver lives. A replica
+/// session's packets, the upstream session's commands.
+struct Ordered<T> {
+    tx: mpsc::Sender<T>,
+    waiting: VecDeque<T>,
 }
 
-impl Outlet {
-    /// Sends in order: behind what waits, or waiting when the channel is
-    /// full. False when the session is gone.
-    fn send(&mut self, packet: Outgoing) -> bool {
+impl<T> Ordered<T> {
+    fn new(tx: mpsc::Sender<T>) -> Self {
+        Self {
+            tx,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Sends behind what waits, or waits when the channel is full. False
+    /// when the receiver is gone.
+    fn send(&mut self, item: T) -> bool {
         if !self.waiting.is_empty() {
-            self.waiting.push_back(packet);
+            self.waiting.push_back(item);
             return true;
         }
-        match self.tx.try_send(packet) {
+        match self.tx.try_send(item) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(p)) => {
-                self.waiting.push_back(p);
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.waiting.push_back(item);
                 true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
-    /// Moves waiting packets into the channel while it has room.
-    fn flush(&mut self) {
-        while let Some(p) = self.waiting.pop_front() {
-            match self.tx.try_send(p) {
+    /// Moves what waits into the channel while it has room. False (and
+    /// nothing left waiting) when the receiver is gone.
+    fn flush(&mut self) -> bool {
+        while let Some(item) = self.waiting.pop_front() {
+            match self.tx.try_send(item) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(p)) => {
-                    self.waiting.push_front(p);
-                    return;
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.waiting.push_front(item);
+                    return true;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.waiting.clear();
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 }
 
-/// The upstream session's channel, and the commands waiting for room in it.
+/// The upstream session's commands: never dropped (a lost PUBACK or publish
+/// would wait for a reconnect), and a log line when they start and stop
+/// waiting.
 struct UpOutlet {
-    tx: mpsc::Sender<UpCmd>,
-    backlog: VecDeque<UpCmd>,
+    out: Ordered<UpCmd>,
     instance: String,
 }
 
 impl UpOutlet {
-    /// Hands a command to the upstream session, in order: when its channel
-    /// is full the command waits (never dropped: a lost PUBACK or publish
-    /// would wait for a reconnect).
     fn send(&mut self, cmd: UpCmd) {
-        if !self.backlog.is_empty() {
-            self.backlog.push_back(cmd);
-            return;
-        }
-        match self.tx.try_send(cmd) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(cmd)) => {
-                tracing::warn!(instance = %self.instance, "the upstream session is behind: its commands wait in order");
-                self.backlog.push_back(cmd);
-            }
-            // the upstream task is gone: flowgate is stopping
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        let was_behind = !self.out.waiting.is_empty();
+        // false: the upstream task is gone, flowgate is stopping
+        let _ = self.out.send(cmd);
+        if !was_behind && !self.out.waiting.is_empty() {
+            tracing::warn!(instance = %self.instance, "the upstream session is behind: its commands wait in order");
         }
     }
 
-    /// Moves waiting commands into the channel while it has room.
     fn flush(&mut self) {
-        while let Some(cmd) = self.backlog.pop_front() {
-            match self.tx.try_send(cmd) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(cmd)) => {
-                    self.backlog.push_front(cmd);
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.backlog.clear();
-                    return;
-                }
-            }
+        if self.out.flush() && self.out.waiting.is_empty() {
+            tracing::info!(instance = %self.instance, "the upstream session caught up");
         }
-        tracing::info!(instance = %self.instance, "the upstream session caught up");
     }
 }
 
 /// The dispatcher task of one instance.
 pub struct Driver {
     core: Dispatcher,
-    replicas: HashMap<u16, Outlet>,
+    replicas: HashMap<u16, Ordered<Outgoing>>,
     /// Joins waiting for the dispatcher's "session present".
     present: HashMap<u16, oneshot::Sender<bool>>,
     up: UpOutlet,
@@ -173,8 +163,7 @@ impl Driver {
             replicas: HashMap::new(),
             present: HashMap::new(),
             up: UpOutlet {
-                tx: up,
-                backlog: VecDeque::new(),
+                out: Ordered::new(up),
                 instance,
             },
             fetches: JoinSet::new(),
@@ -192,15 +181,15 @@ impl Driver {
     ) {
         let mut tick = tokio::time::interval(self.core.tick_period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let up = self.up.tx.clone();
+        let up = self.up.out.tx.clone();
         loop {
             let room = self.core.takes_upstream();
             // the upstream session is behind: replicas wait (their sessions
             // stop reading), the broker's events go on (its acks free room)
-            let replicas_wait = self.up.backlog.len() >= BACKLOG_PAUSE;
+            let replicas_wait = self.up.out.waiting.len() >= BACKLOG_PAUSE;
             tokio::select! {
-                permit = up.reserve(), if !self.up.backlog.is_empty() => {
-                    if let (Ok(permit), Some(cmd)) = (permit, self.up.backlog.pop_front()) {
+                permit = up.reserve(), if !self.up.out.waiting.is_empty() => {
+                    if let (Ok(permit), Some(cmd)) = (permit, self.up.out.waiting.pop_front()) {
                         permit.send(cmd);
                         self.up.flush();
                     }
@@ -240,13 +229,7 @@ impl Driver {
                 limits,
                 present,
             } => {
-                self.replicas.insert(
-                    slot,
-                    Outlet {
-                        tx,
-                        waiting: VecDeque::new(),
-                    },
-                );
+                self.replicas.insert(slot, Ordered::new(tx));
                 if let Some(p) = present {
                     self.present.insert(slot, p);
                 }
@@ -365,15 +348,14 @@ mod tests {
     fn upstream_commands_wait_in_order_when_the_channel_is_full() {
         let (tx, mut up_rx) = mpsc::channel(2);
         let mut up = UpOutlet {
-            tx,
-            backlog: VecDeque::new(),
+            out: Ordered::new(tx),
             instance: "line1".into(),
         };
         for pkid in 1..=5 {
             up.send(UpCmd::PubAck(pkid));
         }
         // two fit, three wait: none dropped
-        assert_eq!(up.backlog.len(), 3);
+        assert_eq!(up.out.waiting.len(), 3);
         let mut got = Vec::new();
         while got.len() < 5 {
             while let Ok(cmd) = up_rx.try_recv() {
@@ -393,16 +375,13 @@ mod tests {
             got.push(pkid_of(&cmd));
         }
         assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
-        assert!(up.backlog.is_empty());
+        assert!(up.out.waiting.is_empty());
     }
 
     #[test]
     fn a_replica_s_packets_wait_in_order_when_its_channel_is_full() {
         let (tx, mut rx) = mpsc::channel(2);
-        let mut o = Outlet {
-            tx,
-            waiting: VecDeque::new(),
-        };
+        let mut o = Ordered::new(tx);
         for pkid in 1..=5 {
             assert!(o.send(Outgoing::PubComp(pkid)));
         }
