@@ -188,6 +188,26 @@ impl Rig {
         self.to.remove(&slot).unwrap_or_default()
     }
 
+    /// What each SUBACK `slot` got since the test last looked granted.
+    fn subacks(&mut self, slot: u16) -> Vec<Vec<u8>> {
+        (self.sent(slot).into_iter())
+            .filter_map(|p| match p {
+                Outgoing::SubAck { granted, .. } => Some(granted),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The packet ids of the SUBSCRIBEs sent upstream (they stay in `up`).
+    fn up_subscribes(&self) -> Vec<u16> {
+        (self.up.iter())
+            .filter_map(|c| match c {
+                UpCmd::Subscribe { pkid, .. } => Some(*pkid),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Which of replicas 0 and 1 got the one job sent, and its packet id.
     fn holder(&mut self) -> (u16, u16) {
         match self.got(0).first() {
@@ -646,34 +666,16 @@ fn a_replicas_suback_waits_for_the_brokers() {
     rig.joined(0, ReplicaLimits::default(), None);
     rig.subscribe(0, "a/#", 2);
     rig.subscribe(0, "b/#", 2);
-    let pkids: Vec<u16> = rig
-        .up
-        .iter()
-        .filter_map(|c| match c {
-            UpCmd::Subscribe { pkid, .. } => Some(*pkid),
-            _ => None,
-        })
-        .collect();
+    let pkids = rig.up_subscribes();
     assert_eq!(pkids.len(), 2);
-    assert!(rig
-        .sent(0)
-        .iter()
-        .all(|p| !matches!(p, Outgoing::SubAck { .. })));
+    assert!(rig.subacks(0).is_empty());
     // the broker grants QoS 1 to the first and refuses the second
     let suback = |pkid, code| Incoming::SubAck(pkid, vec![code], AckProps::default());
     rig.send(Event::Upstream(UpEvent::Packets(vec![
         suback(pkids[0], 1),
         suback(pkids[1], 0x87),
     ])));
-    let granted: Vec<Vec<u8>> = rig
-        .sent(0)
-        .into_iter()
-        .filter_map(|p| match p {
-            Outgoing::SubAck { granted, .. } => Some(granted),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(granted, [vec![1], vec![0x87]]);
+    assert_eq!(rig.subacks(0), [vec![1], vec![0x87]]);
 }
 
 #[test]
@@ -687,17 +689,12 @@ fn shared_and_forbidden_subscriptions_are_refused() {
     rig.joined(0, ReplicaLimits::default(), None);
     rig.subscribe(0, "$share/g/jobs/#", 2);
     rig.subscribe(0, "secret/#", 2);
-    let codes: Vec<u8> = rig
-        .sent(0)
-        .into_iter()
-        .filter_map(|p| match p {
-            Outgoing::SubAck { granted, .. } => Some(granted[0]),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        codes,
-        [wire::SUB_SHARED_NOT_SUPPORTED, wire::SUB_NOT_AUTHORIZED]
+        rig.subacks(0),
+        [
+            vec![wire::SUB_SHARED_NOT_SUPPORTED],
+            vec![wire::SUB_NOT_AUTHORIZED]
+        ]
     );
     rig.result(0, "secret/x", 1, 1);
     assert_eq!(
@@ -712,14 +709,7 @@ fn retained_messages_are_fetched_on_subscribe_for_that_join_only() {
     let mut rig = Rig::new();
     rig.joined(0, ReplicaLimits::default(), None);
     rig.subscribe(0, "cfg/#", 0);
-    let pkid = rig
-        .up
-        .iter()
-        .find_map(|c| match c {
-            UpCmd::Subscribe { pkid, .. } => Some(*pkid),
-            _ => None,
-        })
-        .expect("subscribed upstream");
+    let pkid = *rig.up_subscribes().first().expect("subscribed upstream");
     assert!(rig.fetches.is_empty(), "not before the SUBACK");
     rig.send(Event::Upstream(UpEvent::Packets(vec![Incoming::SubAck(
         pkid,
