@@ -115,6 +115,20 @@ wait_port "$MOSQ_PORT" "$MOSQ_PID" mosquitto
 
 wanted() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
+# start_mosquitto NAME [SED_ARGS...]: another Mosquitto like the first, its
+# config passed through `sed SED_ARGS`, on a free port; sets STARTED_PORT and
+# STARTED_PID
+start_mosquitto() {
+    local name=$1
+    shift
+    STARTED_PORT=$(free_port)
+    sed -e "s/^listener $MOSQ_PORT /listener $STARTED_PORT /" "$@" "$WORK/mosquitto.conf" >"$WORK/$name.conf"
+    mosquitto -c "$WORK/$name.conf" 2>"$WORK/$name.log" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    wait_port "$STARTED_PORT" "$STARTED_PID" "$name"
+}
+
 # start_flowgate NAME CONFIG: runs flowgate on CONFIG; sets FG_STARTED_PID and
 # FG_STARTED_ADDR
 start_flowgate() {
@@ -151,12 +165,8 @@ FG_ADMIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admi
 # --- flowgate (dispatch mode), in front of a second, identical Mosquitto ----
 # (its persistent upstream session subscribes bench/# and would otherwise
 # receive, and make the broker queue, every other target's messages)
-MOSQ2_PORT=$(free_port)
-sed -e "s/^listener $MOSQ_PORT /listener $MOSQ2_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-2.conf"
-mosquitto -c "$WORK/mosquitto-2.conf" 2>"$WORK/mosquitto-2.log" &
-MOSQ2_PID=$!
-PIDS+=("$MOSQ2_PID")
-wait_port "$MOSQ2_PORT" "$MOSQ2_PID" mosquitto-2
+start_mosquitto mosquitto-2
+MOSQ2_PORT=$STARTED_PORT MOSQ2_PID=$STARTED_PID
 sed -e 's/mode = "share"/mode = "dispatch"/' -e 's/node_id = "bench"/node_id = "benchd"/' \
     -e "s/127.0.0.1:$MOSQ_PORT/127.0.0.1:$MOSQ2_PORT/" \
     "$WORK/flowgate.toml" >"$WORK/flowgate-dispatch.toml"
@@ -165,12 +175,8 @@ FGD_PID=$FG_STARTED_PID FGD_ADDR=$FG_STARTED_ADDR
 
 # --- flowgate (dispatch mode, 3.1.1 upstream session), a third Mosquitto ------
 # (the upstream session as it was before MQTT 5 upstream, in the same run)
-MOSQ3_PORT=$(free_port)
-sed -e "s/^listener $MOSQ_PORT /listener $MOSQ3_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-3.conf"
-mosquitto -c "$WORK/mosquitto-3.conf" 2>"$WORK/mosquitto-3.log" &
-MOSQ3_PID=$!
-PIDS+=("$MOSQ3_PID")
-wait_port "$MOSQ3_PORT" "$MOSQ3_PID" mosquitto-3
+start_mosquitto mosquitto-3
+MOSQ3_PORT=$STARTED_PORT MOSQ3_PID=$STARTED_PID
 sed -e "s/127.0.0.1:$MOSQ2_PORT\"/127.0.0.1:$MOSQ3_PORT\"\nupstream_protocol = \"3.1.1\"/" \
     -e 's/node_id = "benchd"/node_id = "benchd3"/' \
     "$WORK/flowgate-dispatch.toml" >"$WORK/flowgate-dispatch3.toml"
@@ -181,12 +187,8 @@ FGD3_PID=$FG_STARTED_PID FGD3_ADDR=$FG_STARTED_ADDR
 # (the load tool's subscribers publish a result done/{publisher} per message)
 MOSQ4_PID=$MOSQ_PID FGDC_PID=$MOSQ_PID
 if wanted dispatch-complete; then
-    MOSQ4_PORT=$(free_port)
-    sed -e "s/^listener $MOSQ_PORT /listener $MOSQ4_PORT /" "$WORK/mosquitto.conf" >"$WORK/mosquitto-4.conf"
-    mosquitto -c "$WORK/mosquitto-4.conf" 2>"$WORK/mosquitto-4.log" &
-    MOSQ4_PID=$!
-    PIDS+=("$MOSQ4_PID")
-    wait_port "$MOSQ4_PORT" "$MOSQ4_PID" mosquitto-4
+    start_mosquitto mosquitto-4
+    MOSQ4_PORT=$STARTED_PORT MOSQ4_PID=$STARTED_PID
     sed -e "s/127.0.0.1:$MOSQ2_PORT/127.0.0.1:$MOSQ4_PORT/" -e 's/node_id = "benchd"/node_id = "benchdc"/' \
         "$WORK/flowgate-dispatch.toml" >"$WORK/flowgate-dispatch-complete.toml"
     echo 'complete = { topic = "done/#", correlate = "topic:1" }' >>"$WORK/flowgate-dispatch-complete.toml"
@@ -210,15 +212,10 @@ fi
 
 # --- Mosquitto with persistence on (its default autosave) ------------------------
 if wanted mosquitto-persist; then
-    MOSQP_PORT=$(free_port)
     mkdir -p "$WORK/mosquitto-persist"
-    sed -e "s/^listener $MOSQ_PORT /listener $MOSQP_PORT /" -e 's/^persistence false/persistence true/' \
-        "$WORK/mosquitto.conf" >"$WORK/mosquitto-persist.conf"
-    echo "persistence_location $WORK/mosquitto-persist/" >>"$WORK/mosquitto-persist.conf"
-    mosquitto -c "$WORK/mosquitto-persist.conf" 2>"$WORK/mosquitto-persist.log" &
-    MOSQP_PID=$!
-    PIDS+=("$MOSQP_PID")
-    wait_port "$MOSQP_PORT" "$MOSQP_PID" mosquitto-persist
+    start_mosquitto mosquitto-persist -e 's/^persistence false/persistence true/' \
+        -e "\$a persistence_location $WORK/mosquitto-persist/"
+    MOSQP_PORT=$STARTED_PORT MOSQP_PID=$STARTED_PID
 fi
 
 # --- Mosquitto 2.1.2: bare, with the flowgate plugin, and behind the proxy ----
