@@ -72,8 +72,15 @@ async fn a_client_reset_during_its_handshake_does_not_take_the_broker_down() {
 }
 
 /// One short session: CONNECT, CONNACK, a PINGREQ answered, DISCONNECT and
-/// close. `Err` when the broker closed it before the PINGRESP.
+/// close. `Err` when the broker closed it before the PINGRESP, or it took
+/// longer than the deadline.
 async fn short_session(addr: SocketAddr, id: &str) -> Result<(), String> {
+    tokio::time::timeout(DEADLINE, session_of(addr, id))
+        .await
+        .map_err(|_| format!("{id}: no CONNACK or PINGRESP within {DEADLINE:?}"))?
+}
+
+async fn session_of(addr: SocketAddr, id: &str) -> Result<(), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     s.write_all(&connect_v4(id))
         .await
