@@ -59,11 +59,12 @@ const INSTANCE: &str =
 async fn plugin_broker(node_id: &str, instances: &str) -> PluginBroker {
     let (bin, so) = parts();
     let dir = temp_dir("plugin");
-    let admin: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let toml = dir.join("flowgate.toml");
+    // port 0: the plugin logs the address it bound (a port picked here and
+    // released could be taken by another test before the plugin binds it)
     std::fs::write(
         &toml,
-        format!("node_id = \"{node_id}\"\n[admin]\nlisten = \"{admin}\"\n{instances}"),
+        format!("node_id = \"{node_id}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{instances}"),
     )
     .expect("write the plugin config");
     let broker = Mosquitto::start_bin(
@@ -75,6 +76,7 @@ async fn plugin_broker(node_id: &str, instances: &str) -> PluginBroker {
         ),
     )
     .await;
+    let admin = admin_addr(&broker.log_text()).expect("the plugin logs its admin address");
     eventually("the plugin's admin listener answers", || async {
         tokio::net::TcpStream::connect(admin).await.is_ok()
     })
@@ -84,6 +86,12 @@ async fn plugin_broker(node_id: &str, instances: &str) -> PluginBroker {
         admin,
         toml,
     }
+}
+
+/// The address in the plugin's "admin listener on http://ADDR (...)" line.
+fn admin_addr(log: &str) -> Option<std::net::SocketAddr> {
+    let (_, rest) = log.split_once("admin listener on http://")?;
+    rest.split_once(' ')?.0.parse().ok()
 }
 
 /// A replica or a plain client: payloads it received, v3.1.1 or v5.
@@ -337,8 +345,7 @@ async fn a_bad_config_stops_mosquitto_with_the_reason_and_a_bad_reload_changes_n
     std::fs::write(
         &pb.toml,
         format!(
-            "node_id = \"b1\"\n[admin]\nlisten = \"{}\"\n{}",
-            pb.admin,
+            "node_id = \"b1\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
             INSTANCE.replace("config/#", "alerts/#")
         ),
     )
